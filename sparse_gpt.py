@@ -1,0 +1,745 @@
+"""
+A weight-sparse GPT trained on Python code, after Gao et al. 2025, "Weight-sparse transformers
+have interpretable circuits". One file, read top to bottom: config -> corpus -> tokenizer ->
+batches -> model -> weight sparsity -> optimizer -> training loop.
+
+    python sparse_gpt.py                      # cpu preset without a GPU, gpu preset with one
+    python sparse_gpt.py --preset=tiny        # a one-minute smoke run
+    python sparse_gpt.py --init_from=resume   # continue out/ckpt.pt where it stopped
+"""
+
+import base64
+import hashlib
+import json
+import math
+import os
+import re
+import signal
+import sys
+import sysconfig
+import time
+from collections import Counter
+from dataclasses import dataclass, fields
+
+import numpy as np
+import tiktoken
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+# -----------------------------------------------------------------------------
+# config: flat defaults, overridden by a preset, then by --key=value
+
+DEFAULTS = dict(
+    preset="auto",  # auto = gpu with CUDA, else cpu; see PRESETS
+    out_dir="out",  # checkpoint, tokenizer copy, circuits
+    data_dir="",  # folder of .py files; empty = this interpreter's standard library
+    cache_dir="data",  # tokenizer and token files, keyed by corpus and vocab size
+    init_from="scratch",  # scratch | resume (continue out_dir/ckpt.pt exactly)
+    # model (paper section 1)
+    vocab_size=2048,  # byte-level BPE, end-of-text included
+    n_layer=2,
+    d_model=128,
+    d_head=16,  # small heads are more monosemantic
+    d_mlp=512,
+    block_size=128,
+    afrac=0.25,  # fraction of activations AbsTopK keeps at every node location; 1.0 = off
+    attn_sink=True,  # learnable per-head logit of an always-visible zero-valued key
+    bigram_table=True,  # dense vocab x vocab table added to the logits
+    # weight sparsity (paper section 2)
+    density=0.25,  # fraction of each sparse matrix kept at the end of annealing
+    anneal_frac=0.5,  # density anneals linearly from 1.0 over this fraction of training
+    min_per_neuron=4,  # the paper's j: no neuron or q/k/v channel drops below this many weights
+    # optimization
+    batch_size=32,
+    max_iters=2000,
+    learning_rate=3e-3,
+    warmup_frac=0.01,
+    weight_decay=0.1,
+    adam_eps=1e-8,  # the paper uses 0.1; at our small scale that stalls (see README)
+    grad_clip=1.0,  # clip the root-mean-square of the whole gradient to this
+    # loop and system
+    eval_interval=250,
+    eval_iters=20,
+    log_interval=25,
+    device="auto",  # auto | cpu | cuda | mps
+    compile=False,  # torch.compile the model (the gpu preset turns it on)
+    seed=1337,
+    bench=False,  # time sparse vs dense steps on random tokens instead of training
+)
+
+PRESETS = {
+    "tiny": dict(n_layer=1, d_model=64, d_mlp=256, block_size=64, batch_size=16, max_iters=200,
+                 eval_interval=100, eval_iters=5, log_interval=20, learning_rate=1e-2),
+    "cpu": dict(),
+    "gpu": dict(n_layer=8, d_model=1024, d_mlp=4096, block_size=256, batch_size=64,
+                max_iters=10000, density=1 / 32, anneal_frac=0.5, learning_rate=3e-3,
+                eval_interval=500, compile=True),
+}
+
+
+class Config(dict):
+    """A dict whose keys read as attributes: cfg.n_layer."""
+
+    __getattr__ = dict.__getitem__
+
+
+def parse_value(key: str, text: str, default):
+    if isinstance(default, bool):
+        if text.lower() in ("true", "1", "yes"):
+            return True
+        if text.lower() in ("false", "0", "no"):
+            return False
+        raise ValueError
+    return type(default)(text)
+
+
+def parse_config(argv, defaults=DEFAULTS, presets=PRESETS) -> Config:
+    """--key=value overrides, type taken from the default; --preset=NAME applies a preset first.
+    Shared by sparse_gpt.py, tasks.py and prune.py. Bad input exits with one clear line."""
+    pairs = {}
+    for arg in argv:
+        if not arg.startswith("--") or "=" not in arg:
+            sys.exit(f"error: expected --key=value, got '{arg}'")
+        key, text = arg[2:].split("=", 1)
+        if key not in defaults:
+            sys.exit(f"error: unknown config key '{key}'; valid keys: {' '.join(defaults)}")
+        try:
+            pairs[key] = parse_value(key, text, defaults[key])
+        except ValueError:
+            kind = type(defaults[key]).__name__
+            sys.exit(f"error: --{key}={text} is not a valid {kind} (default {defaults[key]!r})")
+    cfg = Config(defaults)
+    if presets:
+        name = pairs.get("preset", cfg.get("preset", "auto"))
+        if name == "auto":
+            name = "gpu" if torch.cuda.is_available() else "cpu"
+        if name not in presets:
+            sys.exit(f"error: unknown preset '{name}'; valid presets: {' '.join(presets)}")
+        cfg.update(presets[name], preset=name)
+    cfg.update(pairs)
+    return cfg
+
+
+# -----------------------------------------------------------------------------
+# corpus: every .py file under a folder, split into train/val by a hash of its path
+
+
+def stdlib_dir() -> str:
+    return sysconfig.get_paths()["stdlib"]
+
+
+def list_py_files(root: str) -> list[str]:
+    if not os.path.isdir(root):
+        sys.exit(f"error: corpus folder '{root}' does not exist; pass --data_dir=PATH")
+    found = []
+    for dirpath, dirnames, filenames in os.walk(root):
+        dirnames[:] = sorted(d for d in dirnames if d != "site-packages")
+        found += [os.path.join(dirpath, f) for f in sorted(filenames) if f.endswith(".py")]
+    if not found:
+        sys.exit(f"error: no .py files under '{root}'; pass --data_dir= a folder of Python code")
+    return found
+
+
+def is_val_file(relpath: str) -> bool:
+    """About 1 file in 20 goes to val, decided by its path alone (stable across machines)."""
+    return int(hashlib.sha1(relpath.encode()).hexdigest(), 16) % 20 == 0
+
+
+def read_corpus(root: str) -> tuple[list[str], list[str]]:
+    """Returns (train_docs, val_docs); unreadable and non-UTF-8 files are skipped, counted."""
+    train, val, skipped = [], [], 0
+    for path in list_py_files(root):
+        try:
+            with open(path, encoding="utf-8") as f:
+                text = f.read()
+        except (OSError, UnicodeDecodeError):
+            skipped += 1
+            continue
+        (val if is_val_file(os.path.relpath(path, root)) else train).append(text)
+    print(f"corpus: {len(train)} train + {len(val)} val files from {root} ({skipped} skipped: "
+          "unreadable or not UTF-8)")
+    if not train or not val:
+        sys.exit(f"error: corpus '{root}' needs more .py files to fill both train and val splits")
+    return train, val
+
+
+# -----------------------------------------------------------------------------
+# tokenizer: byte-level BPE, trained here, used through tiktoken for speed
+
+# Pre-tokenizer: newline+indentation, words with an optional leading space, and runs of
+# punctuation kept together (paper 2), so ("  ')  ]]  ], are single chunks. Newlines are never
+# part of a punctuation run: otherwise BPE merges "]\n" and never learns "]]".
+PRETOKEN_PATTERN = r"""\n[ \t]*| ?\w+| ?[^\s\w]+|[ \t]+(?!\S)|\s"""
+# Tokens the tasks answer with: merged first, so they exist whatever the corpus statistics.
+REQUIRED_TOKENS = ['("', "('", '")', "')", "]]", "],"]
+EOT = "<|endoftext|>"
+
+
+def train_bpe(docs: list[str], vocab_size: int) -> dict[bytes, int]:
+    """Learns vocab_size - 257 merges (256 bytes + end-of-text are fixed). Returns tiktoken
+    ranks. Incremental: a merge only revisits the words that contain its pair."""
+    n_merges = vocab_size - 257
+    if n_merges < len(REQUIRED_TOKENS):
+        sys.exit(f"error: vocab_size={vocab_size} is too small; use at least 263")
+    word_counts = Counter()
+    pretoken = re.compile(PRETOKEN_PATTERN)
+    for doc in docs:
+        word_counts.update(pretoken.findall(doc))
+    words = [list(w.encode()) for w in word_counts]
+    freqs = list(word_counts.values())
+    token_bytes = [bytes([i]) for i in range(256)]
+    pair_count, where = Counter(), {}
+    for i, (w, f) in enumerate(zip(words, freqs)):
+        for pair in zip(w, w[1:]):
+            pair_count[pair] += f
+            where.setdefault(pair, set()).add(i)
+
+    def merge(pair):
+        new_id = len(token_bytes)
+        token_bytes.append(token_bytes[pair[0]] + token_bytes[pair[1]])
+        changed = set()
+        for i in where.pop(pair, ()):
+            w, f = words[i], freqs[i]
+            out, j = [], 0
+            while j < len(w):
+                if j + 1 < len(w) and (w[j], w[j + 1]) == pair:
+                    out.append(new_id)
+                    j += 2
+                else:
+                    out.append(w[j])
+                    j += 1
+            for p in zip(w, w[1:]):
+                pair_count[p] -= f
+                changed.add(p)
+            for p in zip(out, out[1:]):
+                pair_count[p] += f
+                where.setdefault(p, set()).add(i)
+                changed.add(p)
+            words[i] = out
+        pair_count.pop(pair, None)
+        return changed
+
+    for tok in REQUIRED_TOKENS:  # two-byte tokens: one merge each
+        merge(tuple(tok.encode()))
+    # a heap of (-count, pair) with stale entries skipped on pop; ties break on the pair ids
+    import heapq
+
+    heap = [(-c, p) for p, c in pair_count.items() if c > 0]
+    heapq.heapify(heap)
+    while len(token_bytes) < 256 + n_merges and heap:
+        neg, pair = heapq.heappop(heap)
+        if pair_count.get(pair, 0) != -neg or -neg <= 0:
+            continue
+        for p in merge(pair):
+            if pair_count.get(p, 0) > 0:
+                heapq.heappush(heap, (-pair_count[p], p))
+    return {b: rank for rank, b in enumerate(token_bytes)}
+
+
+def make_encoding(ranks: dict[bytes, int], name: str = "sparse_gpt") -> tiktoken.Encoding:
+    return tiktoken.Encoding(name, pat_str=PRETOKEN_PATTERN, mergeable_ranks=ranks,
+                             special_tokens={EOT: len(ranks)})
+
+
+def save_tokenizer(ranks: dict[bytes, int], path: str):
+    """tiktoken's rank-file format: one 'base64(token) rank' per line."""
+    lines = [f"{base64.b64encode(b).decode()} {r}\n" for b, r in sorted(ranks.items(), key=lambda x: x[1])]
+    atomic_write(path, "".join(lines).encode())
+
+
+def load_tokenizer(path: str) -> tiktoken.Encoding:
+    if not os.path.exists(path):
+        sys.exit(f"error: tokenizer file '{path}' not found; rerun python sparse_gpt.py to make it")
+    with open(path) as f:
+        ranks = {base64.b64decode(tok): int(rank) for tok, rank in (line.split() for line in f)}
+    return make_encoding(ranks)
+
+
+def atomic_write(path: str, data: bytes):
+    tmp = path + ".tmp"
+    with open(tmp, "wb") as f:
+        f.write(data)
+    os.replace(tmp, path)
+
+
+# -----------------------------------------------------------------------------
+# token data: uint16 train.bin / val.bin, cached per corpus and vocab size
+
+
+def prepare_data(cfg) -> tuple[str, tiktoken.Encoding]:
+    """Returns (folder with train.bin/val.bin/tokenizer.tiktoken, tokenizer), building them once."""
+    root = os.path.abspath(cfg.data_dir or stdlib_dir())
+    files = list_py_files(root)
+    key = hashlib.sha1(f"{root}|{cfg.vocab_size}|{PRETOKEN_PATTERN}|{REQUIRED_TOKENS}".encode())
+    for path in files:
+        key.update(f"{os.path.relpath(path, root)}:{os.path.getsize(path)}".encode())
+    folder = os.path.join(cfg.cache_dir, f"{os.path.basename(root)}-{key.hexdigest()[:10]}")
+    tok_path = os.path.join(folder, "tokenizer.tiktoken")
+    if os.path.exists(os.path.join(folder, "val.bin")):
+        print(f"data: using cached tokens in {folder}")
+        return folder, load_tokenizer(tok_path)
+    if cfg.vocab_size > 65536:
+        sys.exit(f"error: vocab_size={cfg.vocab_size} does not fit uint16 tokens; use <= 65536")
+    os.makedirs(folder, exist_ok=True)
+    t0 = time.time()
+    train_docs, val_docs = read_corpus(root)
+    ranks = train_bpe(train_docs, cfg.vocab_size)
+    save_tokenizer(ranks, tok_path)
+    enc = make_encoding(ranks)
+    t1 = time.time()
+    print(f"tokenizer: {len(ranks) + 1} tokens trained in {t1 - t0:.1f}s")
+    for split, docs in (("train", train_docs), ("val", val_docs)):
+        ids = [t for doc in enc.encode_ordinary_batch(docs) for t in doc + [enc.eot_token]]
+        atomic_write(os.path.join(folder, f"{split}.bin"), np.array(ids, dtype=np.uint16).tobytes())
+        print(f"data: {split}.bin holds {len(ids):,} tokens")
+    print(f"data: encoded in {time.time() - t1:.1f}s, cached in {folder}")
+    return folder, enc
+
+
+def get_batch(data: np.ndarray, block_size: int, batch_size: int, gen: torch.Generator, device):
+    """Random windows of block_size tokens; the generator makes every batch reproducible."""
+    ix = torch.randint(len(data) - block_size - 1, (batch_size,), generator=gen).tolist()
+    xy = torch.from_numpy(np.stack([data[i : i + block_size + 1].astype(np.int64) for i in ix]))
+    x, y = xy[:, :-1], xy[:, 1:]
+    if device.type == "cuda":
+        return x.pin_memory().to(device, non_blocking=True), y.pin_memory().to(device, non_blocking=True)
+    return x.to(device), y.to(device)
+
+
+# -----------------------------------------------------------------------------
+# model: GPT with RMSNorm, small heads, attention sinks, a bigram table, and AbsTopK at every
+# node location (paper section 1)
+
+
+@dataclass
+class GPTConfig:
+    vocab_size: int = 2048
+    n_layer: int = 2
+    d_model: int = 128
+    d_head: int = 16
+    d_mlp: int = 512
+    block_size: int = 128
+    afrac: float = 0.25
+    attn_sink: bool = True
+    bigram_table: bool = True
+
+    @classmethod
+    def from_config(cls, cfg: dict) -> "GPTConfig":
+        return cls(**{f.name: cfg[f.name] for f in fields(cls)})
+
+
+def abstopk(x: torch.Tensor, k: int) -> torch.Tensor:
+    """Keeps the k largest-magnitude entries of the last dimension, zeroes the rest."""
+    idx = x.abs().topk(k, dim=-1, sorted=False).indices
+    return torch.zeros_like(x).scatter(-1, idx, x.gather(-1, idx))
+
+
+class Node(nn.Module):
+    """One node location: AbsTopK, then a hook. prune.py sets `hook` to a function
+    (name, x) -> x that gates and mean-ablates single nodes (entries of the last dimension)."""
+
+    def __init__(self, name: str, width: int, afrac: float):
+        super().__init__()
+        self.name, self.width = name, width
+        self.k = max(1, round(afrac * width)) if afrac < 1 else None
+        self.hook = None
+
+    def forward(self, x):
+        if self.k is not None:
+            x = abstopk(x, self.k)
+        if self.hook is not None:
+            x = self.hook(self.name, x)
+        return x
+
+
+def attend_with_sink(q, k, v, sink):
+    """Causal attention plus an always-visible key whose logit is `sink` (per head) and whose
+    value is zero. Folded into scaled_dot_product_attention to keep its fast kernels: an extra
+    dimension carries the sink's logit, and a dummy first query keeps the causal mask square so
+    query t sees the sink and keys 0..t."""
+    B, H, T, D = q.shape
+    scale = D**-0.5
+    one, zero = q.new_ones(B, H, T, 1), q.new_zeros(B, H, T, 1)
+    sink_key = torch.cat([q.new_zeros(H, D), (sink / scale).to(q.dtype)[:, None]], dim=-1)
+    first = q.new_zeros(B, H, 1, D + 1)
+    q = torch.cat([first, torch.cat([q, one], -1)], dim=2)
+    k = torch.cat([sink_key.view(1, H, 1, D + 1).expand(B, H, 1, D + 1), torch.cat([k, zero], -1)], dim=2)
+    v = torch.cat([first, torch.cat([v, zero], -1)], dim=2)
+    y = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale)
+    return y[:, :, 1:, :D]
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: GPTConfig, layer: int):
+        super().__init__()
+        d, self.n_head = cfg.d_model, cfg.d_model // cfg.d_head
+        self.c_attn = nn.Linear(d, 3 * d, bias=False)  # rows: q, k, v channels
+        self.c_proj = nn.Linear(d, d, bias=False)  # columns: v channels
+        self.q, self.k, self.v = (Node(f"{layer}.attn.{n}", d, cfg.afrac) for n in "qkv")
+        self.resid_delta = Node(f"{layer}.attn.resid_delta", d, cfg.afrac)
+        self.sink = nn.Parameter(torch.zeros(self.n_head)) if cfg.attn_sink else None
+
+    def forward(self, x):
+        B, T, C = x.shape
+        q, k, v = self.c_attn(x).split(C, dim=2)
+        q, k, v = self.q(q), self.k(k), self.v(v)
+        q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))
+        if self.sink is None:
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        else:
+            y = attend_with_sink(q, k, v, self.sink)
+        return self.resid_delta(self.c_proj(y.transpose(1, 2).reshape(B, T, C)))
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: GPTConfig, layer: int):
+        super().__init__()
+        self.c_fc = nn.Linear(cfg.d_model, cfg.d_mlp, bias=False)
+        self.post_act = Node(f"{layer}.mlp.post_act", cfg.d_mlp, cfg.afrac)
+        self.c_proj = nn.Linear(cfg.d_mlp, cfg.d_model, bias=False)
+        self.resid_delta = Node(f"{layer}.mlp.resid_delta", cfg.d_model, cfg.afrac)
+
+    def forward(self, x):
+        return self.resid_delta(self.c_proj(self.post_act(F.gelu(self.c_fc(x)))))
+
+
+class RMSNorm(nn.Module):
+    """No mean subtraction, so zero keeps its meaning; the gain stays dense (paper 1)."""
+
+    def __init__(self, d: int):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(d))
+
+    def forward(self, x):
+        return F.rms_norm(x, (x.shape[-1],), self.weight, eps=1e-6)
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: GPTConfig, layer: int):
+        super().__init__()
+        self.attn_norm, self.mlp_norm = RMSNorm(cfg.d_model), RMSNorm(cfg.d_model)
+        self.attn_in = Node(f"{layer}.attn.resid_in", cfg.d_model, cfg.afrac)
+        self.mlp_in = Node(f"{layer}.mlp.resid_in", cfg.d_model, cfg.afrac)
+        self.attn, self.mlp = Attention(cfg, layer), MLP(cfg, layer)
+
+    def forward(self, x):
+        x = x + self.attn(self.attn_in(self.attn_norm(x)))
+        return x + self.mlp(self.mlp_in(self.mlp_norm(x)))
+
+
+class GPT(nn.Module):
+    def __init__(self, cfg: GPTConfig):
+        super().__init__()
+        if cfg.d_model % cfg.d_head:
+            sys.exit(f"error: d_model={cfg.d_model} must be a multiple of d_head={cfg.d_head}")
+        self.cfg = cfg
+        self.wte = nn.Embedding(cfg.vocab_size, cfg.d_model)
+        self.blocks = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layer))
+        self.final_norm = RMSNorm(cfg.d_model)
+        self.final_in = Node("final.resid_in", cfg.d_model, cfg.afrac)
+        self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)  # untied
+        self.bigram = nn.Embedding(cfg.vocab_size, cfg.vocab_size) if cfg.bigram_table else None
+        for name, p in self.named_parameters():
+            if p.dim() == 2:
+                std = 0.02 / math.sqrt(2 * cfg.n_layer) if name.endswith("c_proj.weight") else 0.02
+                nn.init.normal_(p, std=std)
+        if self.bigram is not None:
+            nn.init.zeros_(self.bigram.weight)
+
+    def nodes(self) -> list[Node]:
+        return [m for m in self.modules() if isinstance(m, Node)]
+
+    def forward(self, idx, targets=None):
+        x = self.wte(idx)
+        for block in self.blocks:
+            x = block(x)
+        logits = self.lm_head(self.final_in(self.final_norm(x)))
+        if self.bigram is not None:
+            logits = logits + self.bigram(idx)
+        loss = None
+        if targets is not None:
+            loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1))
+        return logits, loss
+
+    @torch.no_grad()
+    def generate(self, idx, n_new: int, temperature=0.8, gen=None):
+        for _ in range(n_new):
+            logits, _ = self(idx[:, -self.cfg.block_size :])
+            probs = F.softmax(logits[:, -1].float() / temperature, dim=-1)
+            idx = torch.cat([idx, torch.multinomial(probs, 1, generator=gen)], dim=1)
+        return idx
+
+
+# -----------------------------------------------------------------------------
+# weight sparsity (paper section 2): after every optimizer step each sparse matrix keeps its
+# ceil(density * numel) largest-magnitude entries, with a floor of min_per_neuron per neuron
+
+
+def sparse_matrices(model: GPT) -> list[tuple[str, nn.Parameter, int | None]]:
+    """(name, weight, floor_dim): every matrix but the bigram table. floor_dim is the dim along
+    which each neuron / q,k,v channel is guaranteed min_per_neuron weights: dim 1 for matrices
+    whose rows are neurons (c_fc, c_attn), dim 0 where columns are (the two c_proj)."""
+    out = []
+    for name, p in model.named_parameters():
+        if p.dim() != 2 or name.startswith("bigram"):
+            continue
+        floor_dim = {"c_fc": 1, "c_attn": 1, "c_proj": 0}.get(name.split(".")[-2])
+        out.append((name, p, floor_dim))
+    return out
+
+
+@torch.no_grad()
+def topk_mask(w: torch.Tensor, k: int, floor_dim: int | None, min_per_neuron: int) -> torch.Tensor:
+    """Boolean mask of the k entries to keep: each neuron's min_per_neuron largest first, then the
+    largest of the rest."""
+    score = w.abs().float()
+    if floor_dim is not None and min_per_neuron > 0:
+        j = min(min_per_neuron, w.shape[floor_dim])
+        idx = score.topk(j, dim=floor_dim, sorted=False).indices
+        score = score.scatter(floor_dim, idx, float("inf"))
+    keep = score.view(-1).topk(k, sorted=False).indices
+    return torch.zeros(w.numel(), dtype=torch.bool, device=w.device).index_fill_(0, keep, True).view_as(w)
+
+
+@torch.no_grad()
+def project_weights(model: GPT, density: float, min_per_neuron: int):
+    if density >= 1.0:
+        return
+    for _, w, floor_dim in sparse_matrices(model):
+        k = math.ceil(density * w.numel())
+        w.mul_(topk_mask(w, k, floor_dim, min_per_neuron))
+
+
+def density_at(it: int, cfg) -> float:
+    """Linear anneal from dense to cfg.density over the first anneal_frac of training."""
+    anneal = cfg.anneal_frac * cfg.max_iters
+    frac = min(1.0, it / anneal) if anneal > 0 else 1.0
+    return 1.0 - (1.0 - cfg.density) * frac
+
+
+def lr_at(it: int, cfg) -> float:
+    """Sharkfin (paper 2): linear warmup, linear decay to zero, times 1/sqrt(density now), so the
+    rate rises while the model gets sparser."""
+    warm = max(1, round(cfg.warmup_frac * cfg.max_iters))
+    if it < warm:
+        base = (it + 1) / warm
+    else:
+        base = (cfg.max_iters - it) / max(1, cfg.max_iters - warm)
+    return cfg.learning_rate * base / math.sqrt(density_at(it, cfg))
+
+
+def make_optimizer(model: GPT, cfg, device_type: str) -> torch.optim.AdamW:
+    decay = [p for p in model.parameters() if p.dim() >= 2]
+    no_decay = [p for p in model.parameters() if p.dim() < 2]  # norm gains, sinks
+    groups = [{"params": decay, "weight_decay": cfg.weight_decay},
+              {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=cfg.learning_rate, betas=(0.9, 0.95), eps=cfg.adam_eps,
+                             fused=device_type == "cuda")
+
+
+def clip_grad_rms_(params, max_rms: float) -> torch.Tensor:
+    """Scales the gradient so its root-mean-square over all parameters is at most max_rms."""
+    params = [p for p in params if p.grad is not None]
+    n = sum(p.numel() for p in params)
+    return torch.nn.utils.clip_grad_norm_(params, max_rms * math.sqrt(n)) / math.sqrt(n)
+
+
+# -----------------------------------------------------------------------------
+# checkpoints
+
+
+def save_checkpoint(path: str, model, optimizer, cfg, iter_num: int, best_val_loss: float, data_path: str):
+    """Atomic: written to a temporary file, then renamed over the old one."""
+    ckpt = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "config": dict(cfg),
+            "iter_num": iter_num, "best_val_loss": best_val_loss, "data_path": data_path}
+    tmp = path + ".tmp"
+    torch.save(ckpt, tmp)
+    os.replace(tmp, path)
+
+
+def read_checkpoint(path: str) -> dict:
+    if not os.path.exists(path):
+        sys.exit(f"error: checkpoint '{path}' not found; train one with python sparse_gpt.py")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as e:
+        sys.exit(f"error: cannot read checkpoint '{path}' ({type(e).__name__}); retrain or pick another")
+    if not isinstance(ckpt, dict) or not {"model", "config"} <= set(ckpt):
+        sys.exit(f"error: '{path}' is not a sparse_gpt checkpoint (no model/config)")
+    return ckpt
+
+
+def load_checkpoint(path: str, device="cpu") -> tuple[GPT, tiktoken.Encoding, Config]:
+    ckpt = read_checkpoint(path)
+    cfg = Config({**DEFAULTS, **ckpt["config"]})
+    model = GPT(GPTConfig.from_config(cfg))
+    try:
+        model.load_state_dict(ckpt["model"])
+    except RuntimeError:
+        sys.exit(f"error: checkpoint '{path}' does not match this model code; retrain it")
+    cfg["data_path"] = ckpt.get("data_path", "")
+    tokenizer = load_tokenizer(os.path.join(os.path.dirname(path) or ".", "tokenizer.tiktoken"))
+    return model.to(device).eval(), tokenizer, cfg
+
+
+# -----------------------------------------------------------------------------
+# training loop
+
+
+def pick_device(name: str) -> torch.device:
+    if name == "auto":
+        if torch.cuda.is_available():
+            name = "cuda"
+        elif torch.backends.mps.is_available():
+            name = "mps"
+        else:
+            name = "cpu"
+    if name == "cuda" and not torch.cuda.is_available():
+        sys.exit("error: --device=cuda but no CUDA GPU is visible; use --device=cpu")
+    return torch.device(name)
+
+
+def batch_generator(seed: int, it: int) -> torch.Generator:
+    """Batch `it` depends only on (seed, it): a resumed run sees exactly the same data."""
+    return torch.Generator().manual_seed(seed * 1_000_003 + it)
+
+
+@torch.no_grad()
+def estimate_loss(model, data: dict, cfg, device, autocast) -> dict:
+    model.eval()
+    out = {}
+    for split, arr in data.items():
+        gen = torch.Generator().manual_seed(cfg.seed)  # same windows every eval
+        losses = []
+        for _ in range(cfg.eval_iters):
+            x, y = get_batch(arr, cfg.block_size, cfg.batch_size, gen, device)
+            with autocast:
+                losses.append(model(x, y)[1].item())
+        out[split] = sum(losses) / len(losses)
+    model.train()
+    return out
+
+
+def sample_text(model, tokenizer, device, prompt="def ", n_new=48) -> str:
+    idx = torch.tensor([tokenizer.encode_ordinary(prompt)], device=device)
+    out = model.generate(idx, n_new, gen=torch.Generator(device=device).manual_seed(0))
+    return tokenizer.decode(out[0].tolist())
+
+
+def train(cfg) -> list[tuple[int, float]]:
+    """Trains per cfg; returns the (step, loss) history. Saves out_dir/ckpt.pt at every eval,
+    on Ctrl-C and at the end."""
+    device = pick_device(cfg.device)
+    torch.manual_seed(cfg.seed)
+    data_path, tokenizer = prepare_data(cfg)
+    if tokenizer.n_vocab != cfg.vocab_size:
+        sys.exit(f"error: tokenizer has {tokenizer.n_vocab} tokens, config says {cfg.vocab_size}")
+    data = {s: np.memmap(os.path.join(data_path, f"{s}.bin"), dtype=np.uint16, mode="r")
+            for s in ("train", "val")}
+    for s, arr in data.items():
+        if len(arr) <= cfg.block_size + 1:
+            sys.exit(f"error: {s} split has {len(arr)} tokens, fewer than block_size+1; add code or lower block_size")
+    os.makedirs(cfg.out_dir, exist_ok=True)
+    ckpt_path = os.path.join(cfg.out_dir, "ckpt.pt")
+    with open(os.path.join(data_path, "tokenizer.tiktoken"), "rb") as f:
+        atomic_write(os.path.join(cfg.out_dir, "tokenizer.tiktoken"), f.read())
+
+    model = GPT(GPTConfig.from_config(cfg)).to(device)
+    optimizer = make_optimizer(model, cfg, device.type)
+    iter_num, best_val_loss = 0, float("inf")
+    if cfg.init_from == "resume":
+        ckpt = read_checkpoint(ckpt_path)
+        saved = ckpt["config"]
+        changed = [k for k in GPTConfig.__dataclass_fields__ if saved.get(k) != cfg[k]]
+        if changed:
+            sys.exit(f"error: --init_from=resume with a different model shape ({', '.join(changed)}); "
+                     "drop those overrides or use another out_dir")
+        model.load_state_dict(ckpt["model"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+        iter_num, best_val_loss = ckpt["iter_num"], ckpt["best_val_loss"]
+        print(f"resuming from {ckpt_path} at step {iter_num}")
+    elif cfg.init_from != "scratch":
+        sys.exit(f"error: --init_from must be scratch or resume, got '{cfg.init_from}'")
+    n_params = sum(p.numel() for _, p, _ in sparse_matrices(model))
+    print(f"model: {cfg.n_layer} layers, d_model {cfg.d_model}, {n_params / 1e6:.2f}M sparse "
+          f"weights -> {math.ceil(cfg.density * n_params):,} nonzero at density {cfg.density:g}")
+
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+        autocast = torch.autocast("cuda", dtype=torch.bfloat16)
+    else:
+        autocast = torch.autocast(device.type, enabled=False)
+    fmodel = torch.compile(model) if cfg.compile else model
+    params = list(model.parameters())
+
+    stop = {"requested": False}
+
+    def on_sigint(signum, frame):
+        if stop["requested"]:
+            raise KeyboardInterrupt
+        stop["requested"] = True
+        print("\nCtrl-C: finishing this step, saving, exiting (press again to abort)")
+
+    old_handler = signal.signal(signal.SIGINT, on_sigint)
+
+    def save():
+        save_checkpoint(ckpt_path, model, optimizer, cfg, iter_num, best_val_loss, data_path)
+
+    history, tokens_per_step = [], cfg.batch_size * cfg.block_size
+    t_start, t_last, start_iter = time.time(), time.time(), iter_num
+    try:
+        while iter_num < cfg.max_iters:
+            lr = lr_at(iter_num, cfg)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            x, y = get_batch(data["train"], cfg.block_size, cfg.batch_size,
+                             batch_generator(cfg.seed, iter_num), device)
+            with autocast:
+                _, loss = fmodel(x, y)
+            loss_val = loss.item()
+            if not math.isfinite(loss_val):
+                sys.exit(f"error: loss is {loss_val} at step {iter_num}; stopped. The last good "
+                         f"checkpoint is kept in {ckpt_path}. Try a lower --learning_rate.")
+            loss.backward()
+            clip_grad_rms_(params, cfg.grad_clip)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            project_weights(model, density_at(iter_num, cfg), cfg.min_per_neuron)
+            iter_num += 1
+            history.append((iter_num, loss_val))
+
+            if iter_num % cfg.log_interval == 0 or iter_num == cfg.max_iters:
+                now = time.time()
+                n = iter_num - max(start_iter, iter_num - cfg.log_interval)
+                tok_s = n * tokens_per_step / max(now - t_last, 1e-9)
+                left = (now - t_start) / (iter_num - start_iter) * (cfg.max_iters - iter_num)
+                print(f"step {iter_num} | loss {loss_val:.3f} | density {density_at(iter_num, cfg):.3f} "
+                      f"| lr {lr:.2e} | {tok_s / 1e3:.1f}k tok/s | {left / 60:.1f} min left")
+                t_last = now
+            if iter_num % cfg.eval_interval == 0 or iter_num == cfg.max_iters:
+                losses = estimate_loss(fmodel, data, cfg, device, autocast)
+                best_val_loss = min(best_val_loss, losses["val"])
+                print(f"eval {iter_num} | train {losses['train']:.3f} | val {losses['val']:.3f}")
+                print("sample: " + repr(sample_text(model, tokenizer, device))[:200])
+                save()
+                t_last = time.time()  # eval time is not training throughput
+            if stop["requested"]:
+                save()
+                print(f"saved {ckpt_path} at step {iter_num}; continue with --init_from=resume")
+                break
+    finally:
+        signal.signal(signal.SIGINT, old_handler)
+    print(f"done: {iter_num} steps in {(time.time() - t_start) / 60:.1f} min, best val loss "
+          f"{best_val_loss:.3f}, checkpoint {ckpt_path}")
+    return history
+
+
+def main(argv=None):
+    cfg = parse_config(sys.argv[1:] if argv is None else argv)
+    print("config: " + " ".join(f"{k}={v}" for k, v in cfg.items()))
+    train(cfg)
+
+
+if __name__ == "__main__":
+    main()
