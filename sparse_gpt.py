@@ -141,26 +141,31 @@ def list_py_files(root: str) -> list[str]:
     return found
 
 
+def path_hash(relpath: str) -> int:
+    return int(hashlib.sha1(relpath.encode()).hexdigest(), 16)
+
+
 def is_val_file(relpath: str) -> bool:
     """About 1 file in 20 goes to val, decided by its path alone (stable across machines)."""
-    return int(hashlib.sha1(relpath.encode()).hexdigest(), 16) % 20 == 0
+    return path_hash(relpath) % 20 == 0
 
 
 def read_corpus(root: str) -> tuple[list[str], list[str]]:
     """Returns (train_docs, val_docs); unreadable and non-UTF-8 files are skipped, counted."""
-    train, val, skipped = [], [], 0
+    docs, skipped = {}, 0
     for path in list_py_files(root):
         try:
             with open(path, encoding="utf-8") as f:
-                text = f.read()
+                docs[os.path.relpath(path, root)] = f.read()
         except (OSError, UnicodeDecodeError):
             skipped += 1
-            continue
-        (val if is_val_file(os.path.relpath(path, root)) else train).append(text)
+    if len(docs) < 2:
+        sys.exit(f"error: corpus '{root}' has {len(docs)} readable .py file(s); it needs at least 2")
+    val_names = [p for p in docs if is_val_file(p)] or [min(docs, key=path_hash)]  # small corpora
+    train = [text for p, text in docs.items() if p not in val_names]
+    val = [docs[p] for p in val_names]
     print(f"corpus: {len(train)} train + {len(val)} val files from {root} ({skipped} skipped: "
           "unreadable or not UTF-8)")
-    if not train or not val:
-        sys.exit(f"error: corpus '{root}' needs more .py files to fill both train and val splits")
     return train, val
 
 
@@ -492,12 +497,13 @@ def sparse_matrices(model: GPT) -> list[tuple[str, nn.Parameter, int | None]]:
 @torch.no_grad()
 def topk_mask(w: torch.Tensor, k: int, floor_dim: int | None, min_per_neuron: int) -> torch.Tensor:
     """Boolean mask of the k entries to keep: each neuron's min_per_neuron largest first, then the
-    largest of the rest."""
+    largest of the rest. If the floors alone need more than k entries, the floors win."""
     score = w.abs().float()
     if floor_dim is not None and min_per_neuron > 0:
         j = min(min_per_neuron, w.shape[floor_dim])
         idx = score.topk(j, dim=floor_dim, sorted=False).indices
         score = score.scatter(floor_dim, idx, float("inf"))
+        k = max(k, idx.numel())
     keep = score.view(-1).topk(k, sorted=False).indices
     return torch.zeros(w.numel(), dtype=torch.bool, device=w.device).index_fill_(0, keep, True).view_as(w)
 

@@ -1,0 +1,314 @@
+"""The test suite: python -m pytest -q test_all.py (CPU, a few minutes on 2 cores)."""
+
+import math
+import os
+import shutil
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+import sparse_gpt as sg
+
+# -----------------------------------------------------------------------------
+# shared fixtures: a small corpus of real stdlib files and a tokenizer trained on it
+
+
+@pytest.fixture(scope="session")
+def corpus_dir(tmp_path_factory):
+    """About 1 MB of the standard library: enough for a 512-token BPE and a tiny model."""
+    root = tmp_path_factory.mktemp("corpus")
+    files = [f for f in sg.list_py_files(sg.stdlib_dir()) if "/test" not in f]
+    picked, size = 0, 0
+    for path in files[::7]:
+        try:
+            text = open(path, encoding="utf-8").read()
+        except UnicodeDecodeError:
+            continue
+        dest = root / os.path.relpath(path, sg.stdlib_dir())
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        dest.write_text(text, encoding="utf-8")
+        size += len(text)
+        picked += 1
+        if size > 1_000_000:
+            break
+    return str(root)
+
+
+@pytest.fixture(scope="session")
+def small_tokenizer(corpus_dir):
+    train, _ = sg.read_corpus(corpus_dir)
+    return sg.make_encoding(sg.train_bpe(train, 512))
+
+
+def tiny_cfg(tmp_path, corpus_dir, **overrides):
+    argv = ["--preset=tiny", f"--data_dir={corpus_dir}", f"--out_dir={tmp_path / 'out'}",
+            f"--cache_dir={tmp_path.parent / 'cache'}", "--vocab_size=512"]
+    cfg = sg.parse_config(argv)
+    cfg.update(overrides)
+    return cfg
+
+
+def small_model(**kw) -> sg.GPT:
+    torch.manual_seed(0)
+    args = dict(vocab_size=64, n_layer=2, d_model=32, d_head=8, d_mlp=64, block_size=16)
+    return sg.GPT(sg.GPTConfig(**{**args, **kw}))
+
+
+# -----------------------------------------------------------------------------
+# weight sparsity
+
+
+def test_every_matrix_keeps_exact_topk_and_neuron_floor():
+    model = small_model()
+    with torch.no_grad():  # starve one neuron and one q channel so only the floor saves them
+        model.blocks[0].mlp.c_fc.weight[5].mul_(1e-6)
+        model.blocks[1].attn.c_attn.weight[3].mul_(1e-6)
+        model.blocks[0].mlp.c_proj.weight[:, 7].mul_(1e-6)
+    density, j = 0.2, 4
+    sg.project_weights(model, density, j)
+    for name, w, floor_dim in sg.sparse_matrices(model):
+        assert (w != 0).sum().item() == math.ceil(density * w.numel()), name
+        if floor_dim is not None:
+            assert (w != 0).sum(dim=floor_dim).min().item() >= j, name
+    assert (model.blocks[0].mlp.c_fc.weight[5] != 0).sum() == j
+    assert (model.blocks[1].attn.c_attn.weight[3] != 0).sum() == j
+    assert (model.blocks[0].mlp.c_proj.weight[:, 7] != 0).sum() == j
+    # so sparse that the floors alone need more than density allows: the floors win
+    sg.project_weights(model, 0.05, j)
+    c_attn = model.blocks[0].attn.c_attn.weight
+    assert ((c_attn != 0).sum(dim=1) == j).all() and (c_attn != 0).sum() == 96 * j
+    assert model.bigram.weight.numel() == 64 * 64  # the bigram table is not projected
+    names = {n for n, _, _ in sg.sparse_matrices(model)}
+    assert "wte.weight" in names and "lm_head.weight" in names and "bigram.weight" not in names
+
+
+def test_projection_keeps_largest_magnitudes():
+    w = torch.tensor([[0.1, -5.0, 0.2], [3.0, 0.0, -0.3]])
+    mask = sg.topk_mask(w, 3, None, 0)
+    assert mask.tolist() == [[False, True, False], [True, False, True]]
+
+
+def test_anneal_and_sharkfin_lr_at_chosen_steps():
+    cfg = sg.Config(sg.DEFAULTS)
+    cfg.update(max_iters=1000, density=0.25, anneal_frac=0.5, warmup_frac=0.01, learning_rate=1e-2)
+    assert sg.density_at(0, cfg) == 1.0
+    assert sg.density_at(250, cfg) == pytest.approx(0.625)
+    assert sg.density_at(500, cfg) == pytest.approx(0.25)
+    assert sg.density_at(900, cfg) == pytest.approx(0.25)
+    assert sg.lr_at(0, cfg) == pytest.approx(1e-3)  # warmup: 1/10 of the way
+    assert sg.lr_at(9, cfg) == pytest.approx(1e-2 / math.sqrt(sg.density_at(9, cfg)))
+    # after annealing: linear decay times 1/sqrt(0.25) = 2
+    assert sg.lr_at(505, cfg) == pytest.approx(1e-2 * (1000 - 505) / 990 * 2)
+    lrs = [sg.lr_at(i, cfg) for i in range(1000)]
+    peak = max(range(1000), key=lambda i: lrs[i])
+    assert 10 < peak <= 500  # the shark fin: rises with sparsity after warmup, then decays
+
+
+def test_grad_rms_is_clipped_to_one():
+    p = torch.nn.Parameter(torch.zeros(100))
+    p.grad = torch.full((100,), 3.0)
+    rms = sg.clip_grad_rms_([p], 1.0)
+    assert rms.item() == pytest.approx(3.0)
+    assert p.grad.pow(2).mean().sqrt().item() == pytest.approx(1.0, rel=1e-4)
+
+
+# -----------------------------------------------------------------------------
+# model
+
+
+def test_abstopk_keeps_exactly_k_per_row():
+    x = torch.randn(4, 7, 40)
+    y = sg.abstopk(x, 10)
+    assert ((y != 0).sum(-1) == 10).all()
+    kept = y != 0
+    assert torch.equal(y[kept], x[kept])  # kept values are untouched
+    smallest_kept = torch.where(kept, x.abs(), torch.inf).amin(-1)
+    largest_dropped = torch.where(kept, -torch.inf, x.abs()).amax(-1)
+    assert (smallest_kept >= largest_dropped).all()
+
+
+def test_every_node_location_applies_abstopk():
+    model = small_model(afrac=0.25)
+    seen = {}
+    for node in model.nodes():
+        node.hook = lambda name, x: seen.setdefault(name, x)
+    model(torch.randint(64, (2, 16)))
+    names = {f"{l}.{s}" for l in range(2) for s in ("attn.resid_in", "attn.q", "attn.k", "attn.v",
+             "attn.resid_delta", "mlp.resid_in", "mlp.post_act", "mlp.resid_delta")}
+    assert set(seen) == names | {"final.resid_in"}
+    for name, x in seen.items():
+        assert ((x != 0).sum(-1) <= round(0.25 * x.shape[-1])).all(), name
+
+
+def reference_attention_with_sink(q, k, v, sink):
+    B, H, T, D = q.shape
+    logits = q @ k.transpose(-1, -2) / math.sqrt(D)
+    logits = logits.masked_fill(torch.ones(T, T).triu(1).bool(), -torch.inf)
+    sink_col = sink.view(1, H, 1, 1).expand(B, H, T, 1)
+    probs = torch.cat([sink_col, logits], -1).softmax(-1)[..., 1:]
+    return probs @ v
+
+
+def test_attention_sink_is_a_zero_valued_extra_key():
+    torch.manual_seed(0)
+    q, k, v = torch.randn(3, 2, 4, 9, 8).unbind(0)
+    sink = torch.tensor([0.7, -1.3, 2.0, 0.0])
+    assert torch.allclose(sg.attend_with_sink(q, k, v, sink),
+                          reference_attention_with_sink(q, k, v, sink), atol=1e-5)
+    # a very negative sink is no sink; a very positive one swallows all attention
+    plain = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+    assert torch.allclose(sg.attend_with_sink(q, k, v, torch.full((4,), -1e4)), plain, atol=1e-5)
+    assert sg.attend_with_sink(q, k, v, torch.full((4,), 1e4)).abs().max() < 1e-6
+
+
+def test_bigram_table_adds_the_current_tokens_row():
+    model = small_model(afrac=1.0)
+    idx = torch.randint(64, (2, 16))
+    before, _ = model(idx)
+    with torch.no_grad():
+        model.bigram.weight[idx[0, 3], 11] += 5.0
+    after, _ = model(idx)
+    diff = after - before
+    expected = torch.zeros_like(diff)
+    expected[..., 11] = 5.0 * (idx == idx[0, 3]).float()
+    assert torch.allclose(diff, expected, atol=1e-5)
+    assert small_model(bigram_table=False).bigram is None
+
+
+# -----------------------------------------------------------------------------
+# tokenizer and data
+
+
+def test_tokenizer_round_trips_code_and_keeps_punctuation_tokens(small_tokenizer):
+    enc = small_tokenizer
+    code = 'x = [[1, 2], [3]]\nprint("é ü", \'a\')\n\tif d[k]]: return {"k": v}  # ß\n\r\n'
+    assert enc.decode(enc.encode_ordinary(code)) == code
+    rng = np.random.default_rng(0)
+    noise = bytes(rng.integers(32, 127, 2000).tolist()).decode()
+    assert enc.decode(enc.encode_ordinary(noise)) == noise
+    for tok in ['("', "('", '")', "')", "]]", "],"]:
+        assert len(enc.encode_ordinary(tok)) == 1, tok
+    ids = enc.encode_ordinary('foo("a")\nbar = [[1], [2]]')
+    pieces = [enc.decode([i]) for i in ids]
+    assert '("' in pieces and '")' in pieces and "]]" in pieces and "]," in pieces
+    assert enc.n_vocab == 512 and enc.eot_token == 511
+
+
+def test_tokenizer_is_deterministic_and_saves_in_tiktoken_format(corpus_dir, tmp_path):
+    train, _ = sg.read_corpus(corpus_dir)
+    ranks = sg.train_bpe(train[:20], 300)
+    assert ranks == sg.train_bpe(train[:20], 300)
+    sg.save_tokenizer(ranks, str(tmp_path / "tok.tiktoken"))
+    enc = sg.load_tokenizer(str(tmp_path / "tok.tiktoken"))
+    assert enc._mergeable_ranks == ranks
+    first = (tmp_path / "tok.tiktoken").read_text().splitlines()[0]
+    assert first == "AA== 0"  # base64 of byte 0, rank 0
+
+
+def test_corpus_split_is_by_path_and_skips_bad_files(tmp_path, capsys):
+    for i in range(60):
+        (tmp_path / f"m{i}.py").write_text(f"x = {i}\n")
+    (tmp_path / "bad.py").write_bytes(b"\xff\xfe not utf-8 \xc3\x28")
+    train, val = sg.read_corpus(str(tmp_path))
+    assert len(train) + len(val) == 60 and len(val) > 0
+    assert "1 skipped" in capsys.readouterr().out
+    val_files = {f"x = {i}\n" for i in range(60) if sg.is_val_file(f"m{i}.py")}
+    assert set(val) == (val_files or {f"x = {min(range(60), key=lambda i: sg.path_hash(f'm{i}.py'))}\n"})
+    assert sg.read_corpus(str(tmp_path)) == (train, val)
+
+
+# -----------------------------------------------------------------------------
+# config and errors
+
+
+def test_bad_keys_values_and_corpus_give_clear_errors(tmp_path):
+    with pytest.raises(SystemExit, match="unknown config key 'n_layers'.*valid keys:.*n_layer"):
+        sg.parse_config(["--n_layers=3"])
+    with pytest.raises(SystemExit, match="--n_layer=three is not a valid int"):
+        sg.parse_config(["--n_layer=three"])
+    with pytest.raises(SystemExit, match="--compile=maybe is not a valid bool"):
+        sg.parse_config(["--compile=maybe"])
+    with pytest.raises(SystemExit, match="expected --key=value"):
+        sg.parse_config(["n_layer=3"])
+    with pytest.raises(SystemExit, match="unknown preset 'huge'"):
+        sg.parse_config(["--preset=huge"])
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(SystemExit, match="no .py files under"):
+        sg.list_py_files(str(tmp_path / "empty"))
+    with pytest.raises(SystemExit, match="does not exist"):
+        sg.list_py_files(str(tmp_path / "nowhere"))
+    with pytest.raises(SystemExit, match="checkpoint .* not found"):
+        sg.load_checkpoint(str(tmp_path / "nowhere.pt"))
+    (tmp_path / "junk.pt").write_bytes(b"not a checkpoint")
+    with pytest.raises(SystemExit, match="cannot read checkpoint"):
+        sg.load_checkpoint(str(tmp_path / "junk.pt"))
+    cfg = sg.parse_config(["--preset=tiny", "--n_layer=3", "--afrac=1", "--attn_sink=false"])
+    assert cfg.n_layer == 3 and cfg.afrac == 1.0 and cfg.attn_sink is False
+    assert cfg.d_model == sg.PRESETS["tiny"]["d_model"]
+
+
+# -----------------------------------------------------------------------------
+# training loop
+
+
+def test_atomic_save_survives_an_interrupted_write(tmp_path, monkeypatch):
+    model = small_model()
+    opt = sg.make_optimizer(model, sg.Config(sg.DEFAULTS), "cpu")
+    path = str(tmp_path / "ckpt.pt")
+    sg.save_checkpoint(path, model, opt, sg.DEFAULTS, 5, 1.0, "")
+
+    def crash(obj, f):
+        open(f, "wb").write(b"half a checkpoint")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(torch, "save", crash)
+    with pytest.raises(KeyboardInterrupt):
+        sg.save_checkpoint(path, model, opt, sg.DEFAULTS, 6, 0.5, "")
+    ckpt = sg.read_checkpoint(path)
+    assert ckpt["iter_num"] == 5 and ckpt["best_val_loss"] == 1.0
+
+
+def test_resume_reproduces_an_uninterrupted_run(tmp_path, corpus_dir, monkeypatch):
+    cfg = tiny_cfg(tmp_path, corpus_dir, max_iters=12, eval_interval=6, eval_iters=1, log_interval=6)
+    real_save = sg.save_checkpoint
+    copies = []
+
+    def save_and_copy(path, *args):
+        real_save(path, *args)
+        copies.append(shutil.copy(path, f"{path}.{args[3]}"))  # args[3] is iter_num
+
+    monkeypatch.setattr(sg, "save_checkpoint", save_and_copy)
+    full = dict(sg.train(cfg))
+    shutil.copy(os.path.join(cfg.out_dir, "ckpt.pt.6"), os.path.join(cfg.out_dir, "ckpt.pt"))
+    cfg.update(init_from="resume")
+    resumed = dict(sg.train(cfg))
+    assert sorted(resumed) == list(range(7, 13))
+    for step, loss in resumed.items():
+        assert loss == pytest.approx(full[step], abs=1e-6), step
+
+
+def test_resume_with_another_model_shape_is_a_clear_error(tmp_path, corpus_dir):
+    cfg = tiny_cfg(tmp_path, corpus_dir, max_iters=2, eval_interval=2, eval_iters=1)
+    sg.train(cfg)
+    cfg.update(init_from="resume", d_model=32)
+    with pytest.raises(SystemExit, match="different model shape \\(d_model\\)"):
+        sg.train(cfg)
+
+
+def test_tiny_preset_learns_well_below_the_unigram_baseline(tmp_path, corpus_dir):
+    cfg = tiny_cfg(tmp_path, corpus_dir)
+    sg.train(cfg)
+    model, tokenizer, saved = sg.load_checkpoint(os.path.join(cfg.out_dir, "ckpt.pt"))
+    val = np.fromfile(os.path.join(saved.data_path, "val.bin"), dtype=np.uint16)
+    train = np.fromfile(os.path.join(saved.data_path, "train.bin"), dtype=np.uint16)
+    counts = np.bincount(train, minlength=cfg.vocab_size) + 1
+    p = counts / counts.sum()
+    unigram = float(-np.log(p[val]).mean())  # cross-entropy of the best context-free guess
+    x = torch.from_numpy(val[: 8 * 65].astype(np.int64)).view(8, 65)
+    with torch.no_grad():
+        _, loss = model(x[:, :-1], x[:, 1:])
+    assert loss.item() < unigram - 1.0, (loss.item(), unigram)
+    for _, w, _ in sg.sparse_matrices(model):  # the checkpoint is at the target density
+        assert (w != 0).sum().item() == math.ceil(cfg.density * w.numel())
