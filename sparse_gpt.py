@@ -741,10 +741,93 @@ def train(cfg) -> list[tuple[int, float]]:
     return history
 
 
+# -----------------------------------------------------------------------------
+# benchmark: what weight and activation sparsity cost per step (--bench=True)
+
+
+def peak_flops(device) -> float:
+    """bf16 dense peak of the GPU, for MFU; 0 when unknown."""
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else ""
+    return next((v for k, v in {"H100": 989e12, "H200": 989e12, "A100": 312e12}.items() if k in name), 0.0)
+
+
+def bench(cfg, warmup=3, rounds=10):
+    """Times sparse and dense (density=1, afrac=1) versions of the configured model on random
+    tokens, interleaved step by step in one process, at the target density (annealing done)."""
+    device = pick_device(cfg.device)
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
+    variants = {"sparse": Config(cfg), "dense": Config(cfg, density=1.0, afrac=1.0)}
+    if device.type == "cuda":  # also compare eager with torch.compile
+        variants = {f"{n} {mode}": Config(c, compile=mode == "compile")
+                    for n, c in variants.items() for mode in ("eager", "compile")}
+    runs = {}
+    for name, vcfg in variants.items():
+        torch.manual_seed(cfg.seed)
+        model = GPT(GPTConfig.from_config(vcfg)).to(device)
+        project_weights(model, vcfg.density, vcfg.min_per_neuron)
+        runs[name] = dict(model=model, fmodel=torch.compile(model) if vcfg.compile else model,
+                          opt=make_optimizer(model, vcfg, device.type), cfg=vcfg,
+                          times=[], peak=0)
+    gen = torch.Generator().manual_seed(cfg.seed)
+    x, y = torch.randint(cfg.vocab_size, (2, cfg.batch_size, cfg.block_size), generator=gen).to(device)
+    for step in range(warmup + rounds):
+        for run in runs.values():
+            if device.type == "cuda":
+                torch.cuda.reset_peak_memory_stats(device)
+            sync()
+            t0 = time.perf_counter()
+            with autocast:
+                _, loss = run["fmodel"](x, y)
+            loss.backward()
+            clip_grad_rms_(run["model"].parameters(), cfg.grad_clip)
+            sync()
+            t1 = time.perf_counter()
+            run["opt"].step()
+            run["opt"].zero_grad(set_to_none=True)
+            sync()
+            t2 = time.perf_counter()
+            project_weights(run["model"], run["cfg"].density, cfg.min_per_neuron)
+            sync()
+            t3 = time.perf_counter()
+            if step >= warmup:
+                run["times"].append((t1 - t0, t2 - t1, t3 - t2))
+            if device.type == "cuda":
+                run["peak"] = max(run["peak"], torch.cuda.max_memory_allocated(device))
+    tokens = cfg.batch_size * cfg.block_size
+    n_params = sum(p.numel() for _, p, _ in sparse_matrices(next(iter(runs.values()))["model"]))
+    flops_per_token = 6 * n_params + 12 * cfg.n_layer * cfg.d_model * cfg.block_size
+    step_ms = {}
+    print(f"bench: {cfg.preset} preset on {device.type}, {tokens} tokens/step, median of {rounds} "
+          "steps after warmup, variants interleaved")
+    for name, run in runs.items():
+        fb, opt, proj = (1e3 * float(np.median(t)) for t in zip(*run["times"]))
+        step_ms[name] = total = fb + opt + proj
+        dense_fb = np.median([t[0] for t in runs[name.replace("sparse", "dense")]["times"]]) * 1e3
+        topk_share = max(0.0, fb - dense_fb) / total if "sparse" in name else 0.0
+        line = (f"{name:15s} | step {total:7.1f} ms | fwd+bwd {fb:7.1f} | optimizer {opt:6.1f} | "
+                f"projection {proj:6.1f} ({proj / total:5.1%}) | AbsTopK ~{topk_share:5.1%} | "
+                f"{tokens / total:8.1f}k tok/s")
+        if device.type == "cuda":
+            mfu = flops_per_token * tokens / (total / 1e3) / peak_flops(device) if peak_flops(device) else 0
+            line += f" | MFU {mfu:5.1%} | peak {run['peak'] / 2**30:.2f} GiB"
+        print(line)
+    for name in step_ms:
+        if "sparse" in name:
+            print(f"ratio {name} / {name.replace('sparse', 'dense')}: "
+                  f"{step_ms[name] / step_ms[name.replace('sparse', 'dense')]:.2f}")
+    if device.type != "cuda":
+        import resource
+
+        print(f"peak memory (whole process, both models): "
+              f"{resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20:.2f} GiB")
+    return step_ms
+
+
 def main(argv=None):
     cfg = parse_config(sys.argv[1:] if argv is None else argv)
     print("config: " + " ".join(f"{k}={v}" for k, v in cfg.items()))
-    train(cfg)
+    bench(cfg) if cfg.bench else train(cfg)
 
 
 if __name__ == "__main__":
