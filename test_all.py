@@ -90,6 +90,27 @@ def test_projection_keeps_largest_magnitudes():
     assert mask.tolist() == [[False, True, False], [True, False, True]]
 
 
+def sort_based_topk_mask(w, k, floor_dim, j):
+    """The slow reference: torch.topk per neuron for the floors, then over the whole matrix."""
+    score = w.abs()
+    if floor_dim is not None:
+        idx = score.topk(j, dim=floor_dim).indices
+        score = score.scatter(floor_dim, idx, float("inf"))
+        k = max(k, idx.numel())
+    keep = score.view(-1).topk(k).indices
+    return torch.zeros(w.numel(), dtype=torch.bool).index_fill_(0, keep, True).view_as(w)
+
+
+def test_fast_projection_keeps_the_same_weights_as_sort_based_topk():
+    torch.manual_seed(0)
+    for shape, floor_dim in [((96, 32), 1), ((32, 128), 0), ((300, 64), None), ((64, 64), 1)]:
+        for density in (0.02, 0.1, 0.25, 0.6):
+            w = torch.randn(shape) * torch.rand(shape[0], 1)  # rows of very different scale
+            k = math.ceil(density * w.numel())
+            fast = sg.topk_mask(w, k, floor_dim, 4)
+            assert torch.equal(fast, sort_based_topk_mask(w, k, floor_dim, 4)), (shape, density)
+
+
 def test_anneal_and_sharkfin_lr_at_chosen_steps():
     cfg = sg.Config(sg.DEFAULTS)
     cfg.update(max_iters=1000, density=0.25, anneal_frac=0.5, warmup_frac=0.01, learning_rate=1e-2)
@@ -127,6 +148,13 @@ def test_abstopk_keeps_exactly_k_per_row():
     smallest_kept = torch.where(kept, x.abs(), torch.inf).amin(-1)
     largest_dropped = torch.where(kept, -torch.inf, x.abs()).amax(-1)
     assert (smallest_kept >= largest_dropped).all()
+
+
+def test_abstopk_passes_gradient_only_to_kept_entries():
+    x = torch.randn(5, 64, requires_grad=True)
+    y = sg.abstopk(x, 16)
+    y.backward(torch.ones_like(y))
+    assert torch.equal(x.grad, (y != 0).float())
 
 
 def test_every_node_location_applies_abstopk():
