@@ -639,7 +639,9 @@ def estimate_loss(model, data: dict, cfg, device, autocast) -> dict:
 
 def sample_text(model, tokenizer, device, prompt="def ", n_new=48) -> str:
     idx = torch.tensor([tokenizer.encode_ordinary(prompt)], device=device)
+    model.eval()
     out = model.generate(idx, n_new, gen=torch.Generator(device=device).manual_seed(0))
+    model.train()
     return tokenizer.decode(out[0].tolist())
 
 

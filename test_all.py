@@ -340,3 +340,21 @@ def test_tiny_preset_learns_well_below_the_unigram_baseline(tmp_path, corpus_dir
     assert loss.item() < unigram - 1.0, (loss.item(), unigram)
     for _, w, _ in sg.sparse_matrices(model):  # the checkpoint is at the target density
         assert (w != 0).sum().item() == math.ceil(cfg.density * w.numel())
+
+
+def test_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path, corpus_dir, monkeypatch):
+    cfg = tiny_cfg(tmp_path, corpus_dir, max_iters=6, eval_interval=2, eval_iters=1)
+    real_forward, calls = sg.GPT.forward, []
+
+    def forward_that_blows_up(self, idx, targets=None):
+        logits, loss = real_forward(self, idx, targets)
+        if self.training and loss is not None:
+            calls.append(1)
+            if len(calls) == 4:  # the 4th training step
+                loss = loss * float("nan")
+        return logits, loss
+
+    monkeypatch.setattr(sg.GPT, "forward", forward_that_blows_up)
+    with pytest.raises(SystemExit, match="loss is nan at step 3.*last good checkpoint is kept"):
+        sg.train(cfg)
+    assert sg.read_checkpoint(os.path.join(cfg.out_dir, "ckpt.pt"))["iter_num"] == 2
