@@ -52,7 +52,7 @@ DEFAULTS = dict(
     min_per_neuron=4,  # the paper's j: no neuron or q/k/v channel drops below this many weights
     # optimization
     batch_size=32,
-    max_iters=2000,
+    max_iters=3000,
     learning_rate=3e-3,
     warmup_frac=0.01,
     weight_decay=0.1,
@@ -596,6 +596,9 @@ def load_checkpoint(path: str, device="cpu") -> tuple[GPT, tiktoken.Encoding, Co
         sys.exit(f"error: checkpoint '{path}' does not match this model code; retrain it")
     cfg["data_path"] = ckpt.get("data_path", "")
     tokenizer = load_tokenizer(os.path.join(os.path.dirname(path) or ".", "tokenizer.tiktoken"))
+    if tokenizer.n_vocab != cfg.vocab_size:
+        sys.exit(f"error: the tokenizer beside '{path}' has {tokenizer.n_vocab} tokens, the model "
+                 f"{cfg.vocab_size}; copy the run's own tokenizer.tiktoken next to it")
     return model.to(device).eval(), tokenizer, cfg
 
 

@@ -3,6 +3,7 @@
 import math
 import os
 import shutil
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -10,6 +11,7 @@ import torch
 import torch.nn.functional as F
 
 import sparse_gpt as sg
+import tasks
 
 # -----------------------------------------------------------------------------
 # shared fixtures: a small corpus of real stdlib files and a tokenizer trained on it
@@ -358,3 +360,197 @@ def test_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path, cor
     with pytest.raises(SystemExit, match="loss is nan at step 3.*last good checkpoint is kept"):
         sg.train(cfg)
     assert sg.read_checkpoint(os.path.join(cfg.out_dir, "ckpt.pt"))["iter_num"] == 2
+
+
+# -----------------------------------------------------------------------------
+# tasks.py
+
+PAPER_TASKS = ("single_double_quote final_kwarg set_or_string set_or_string_fixedvarname "
+               "class_init with_as bracket_brace with_open bracket_counting for_while else_elif "
+               "fstring_brace if_ternary var_swap indent_for lambda_func if_equals enumerate_range "
+               "var_if while_return_true").split()
+ALL_NAMES = list(tasks.ALL)
+
+
+@pytest.fixture(scope="session")
+def task_ranks():
+    """A 1024-token BPE on about 0.8 MB of the standard library plus task text of another seed:
+    the text makes the answer tokens exist at this small vocabulary; what the tests check is that
+    each one is produced on its own after every prompt of seed 0."""
+    files = [f for f in sg.list_py_files(sg.stdlib_dir()) if "/test" not in f][::12]
+    docs, size = [], 0
+    for path in files:
+        try:
+            docs.append(open(path, encoding="utf-8").read())
+        except UnicodeDecodeError:
+            continue
+        size += len(docs[-1])
+        if size > 800_000:
+            break
+    for name in tasks.ALL:
+        docs += [f"{p.prompt_a}{p.token_a}\n\n{p.prompt_b}{p.token_b}\n\n"
+                 for p in tasks.make_pairs(name, 200, seed=1)]
+    return sg.train_bpe(docs, 1024)
+
+
+@pytest.fixture(scope="session")
+def task_tokenizer(task_ranks):
+    return sg.make_encoding(task_ranks)
+
+
+class ContextBlind(torch.nn.Module):
+    """A model whose logits ignore the input: one fixed vector over the vocabulary."""
+
+    def __init__(self, logits: torch.Tensor, block_size: int = 64):
+        super().__init__()
+        self.cfg = SimpleNamespace(block_size=block_size)
+        self.logits = torch.nn.Parameter(logits)
+
+    def forward(self, idx):
+        return self.logits.expand(*idx.shape, -1), None
+
+
+def tiny_gpt(vocab_size: int, block_size: int) -> sg.GPT:
+    torch.manual_seed(0)
+    cfg = sg.GPTConfig(vocab_size=vocab_size, n_layer=1, d_model=32, d_head=8, d_mlp=64,
+                       block_size=block_size)
+    model = sg.GPT(cfg)
+    torch.nn.init.normal_(model.bigram.weight, std=0.1)  # so answers' logits differ by prompt
+    return model
+
+
+def test_tasks_are_the_papers_20_and_attacks_are_apart():
+    assert list(tasks.TASKS) == PAPER_TASKS
+    assert list(tasks.ATTACKS) == ["bracket_counting_distractor", "bracket_counting_long"]
+
+
+@pytest.mark.parametrize("name", ALL_NAMES)
+def test_every_task_makes_n_distinct_pairs_deterministically(name):
+    pairs = tasks.make_pairs(name, 30, seed=3)
+    assert len(pairs) == 30
+    assert pairs == tasks.make_pairs(name, 30, seed=3)
+    assert pairs != tasks.make_pairs(name, 30, seed=4)
+    for p in pairs:
+        assert all(isinstance(s, str) for s in p)
+        assert p.prompt_a != p.prompt_b and p.token_a != p.token_b
+    assert len({p.prompt_a for p in pairs}) > 20  # varied, not one template
+
+
+@pytest.mark.parametrize("name", ALL_NAMES)
+def test_train_and_test_never_share_a_prompt(name):
+    prompts = {split: {s for p in tasks.make_pairs(name, 200, split=split) for s in p[:2]}
+               for split in ("train", "test")}
+    assert not prompts["train"] & prompts["test"]
+
+
+@pytest.mark.parametrize("name", ALL_NAMES)
+def test_answers_are_single_tokens_produced_right_after_every_prompt(name, task_tokenizer):
+    for split in ("train", "test"):
+        tasks.check_pairs(task_tokenizer, name, tasks.make_pairs(name, 100, split=split))
+
+
+@pytest.fixture(scope="session")
+def stdlib_tokenizer():
+    """The tokenizer `python sparse_gpt.py` trains by default (2048 tokens on the stdlib)."""
+    train, _ = sg.read_corpus(sg.stdlib_dir())
+    return sg.make_encoding(sg.train_bpe(train, 2048))
+
+
+def test_every_task_passes_the_check_under_the_default_tokenizer(stdlib_tokenizer):
+    """The tokenizer users evaluate with; its prompts also fit the cpu preset's 128 tokens."""
+    tokenizer = stdlib_tokenizer
+    for name in ALL_NAMES:
+        pairs = tasks.make_pairs(name, 200, split="test")
+        tasks.check_pairs(tokenizer, name, pairs)
+        assert max(len(tokenizer.encode_ordinary(s)) for p in pairs for s in p[:2]) <= 128, name
+
+
+def test_a_bad_answer_is_a_clear_error_naming_task_and_token(task_tokenizer):
+    merges = tasks.Pair("    print(", "    len(", '"', "x")  # (" is one token, so " is not
+    with pytest.raises(ValueError, match=r"""task demo: answer '"' merges with the end"""):
+        tasks.check_pairs(task_tokenizer, "demo", [merges])
+    too_long = tasks.Pair("    for i, x in", "    for i in", " enumerate_all", " range")
+    with pytest.raises(ValueError, match=r"task demo: answer ' enumerate_all' is \d+ tokens"):
+        tasks.check_pairs(task_tokenizer, "demo", [too_long])
+
+
+@pytest.mark.parametrize("name", ALL_NAMES)
+def test_a_context_blind_model_scores_exactly_half(name, task_tokenizer):
+    """Both prompts of a pair get the same logits, so exactly one of the two is right: the
+    pairing makes every task impossible without reading the context."""
+    pairs = tasks.make_pairs(name, 20, split="test")
+    logits = torch.randn(task_tokenizer.n_vocab, generator=torch.Generator().manual_seed(0))
+    logits[task_tokenizer.encode_ordinary(pairs[0].token_a)[0]] = 10.0  # always prefers token_a
+    loss, acc = tasks.task_loss(ContextBlind(logits), task_tokenizer, pairs)
+    assert acc == 0.5
+    assert loss.item() >= math.log(2) - 1e-6
+
+
+def test_left_truncation_keeps_the_answer_position(task_tokenizer):
+    block_size = 16
+    model = tiny_gpt(task_tokenizer.n_vocab, block_size).eval()
+    short = tasks.Pair("x = [[1", "x = [1", "]]", "]")
+    pairs = tasks.make_pairs("bracket_counting_long", 3) + [short] + tasks.make_pairs("with_as", 3)
+    lengths = [len(task_tokenizer.encode_ordinary(s)) for p in pairs for s in p[:2]]
+    assert min(lengths) < block_size < max(lengths)  # some prompts are padded, some truncated
+    right, wrong = tasks.answer_logits(model, task_tokenizer, pairs)
+    assert right.shape == wrong.shape == (2 * len(pairs),)
+    for i, p in enumerate(pairs):
+        both = ((p.prompt_a, p.token_a, p.token_b), (p.prompt_b, p.token_b, p.token_a))
+        for j, (prompt, ok, bad) in enumerate(both):
+            ids = task_tokenizer.encode_ordinary(prompt)[-block_size:]
+            last = model(torch.tensor([ids]))[0][0, -1]
+            ok_id, bad_id = (task_tokenizer.encode_ordinary(t)[0] for t in (ok, bad))
+            torch.testing.assert_close(right[2 * i + j], last[ok_id], rtol=1e-4, atol=1e-4)
+            torch.testing.assert_close(wrong[2 * i + j], last[bad_id], rtol=1e-4, atol=1e-4)
+
+
+def test_task_loss_is_the_differentiable_two_way_cross_entropy(task_tokenizer):
+    model = tiny_gpt(task_tokenizer.n_vocab, 64)
+    pairs = tasks.make_pairs("single_double_quote", 4)
+    loss, acc = tasks.task_loss(model, task_tokenizer, pairs)
+    right, wrong = tasks.answer_logits(model, task_tokenizer, pairs)
+    two_way = torch.stack([right, wrong], dim=1)
+    expected = F.cross_entropy(two_way, torch.zeros(len(right), dtype=torch.long))
+    torch.testing.assert_close(loss, expected)
+    assert acc == (right > wrong).float().mean().item()
+    loss.backward()
+    assert model.lm_head.weight.grad.abs().sum() > 0
+
+
+def test_evaluate_gives_loss_accuracy_and_n_per_task(task_tokenizer):
+    model = ContextBlind(torch.randn(task_tokenizer.n_vocab))
+    out = tasks.evaluate(model, task_tokenizer, ["for_while", "class_init"], n=10, batch_pairs=4)
+    assert set(out) == {"for_while", "class_init"}
+    for loss, acc, n in out.values():
+        assert acc == 0.5 and n == 10 and loss >= math.log(2) - 1e-6
+
+
+def test_cli_prints_examples_a_table_and_clear_errors(tmp_path, task_ranks, capsys):
+    tasks.main([])
+    out = capsys.readouterr().out
+    assert all(f"=== {name}:" in out for name in ALL_NAMES)
+    # a tiny checkpoint with its tokenizer beside it, as sparse_gpt.py saves them
+    cfg = sg.parse_config(["--preset=tiny", f"--vocab_size={len(task_ranks) + 1}"])
+    model = sg.GPT(sg.GPTConfig.from_config(cfg))
+    ckpt = str(tmp_path / "ckpt.pt")
+    sg.save_checkpoint(ckpt, model, sg.make_optimizer(model, cfg, "cpu"), cfg, 0, float("inf"), "")
+    sg.save_tokenizer(task_ranks, str(tmp_path / "tokenizer.tiktoken"))
+    tasks.main([f"--ckpt={ckpt}", "--n=4", "--device=cpu"])
+    table = capsys.readouterr().out
+    rows = table.splitlines()
+    for name in ALL_NAMES:
+        assert any(row.startswith(name + " ") and row.endswith(" 4") for row in rows)
+    assert "mean over 20 tasks" in table
+    # a tokenizer with only its first 300 merges lacks most answer tokens: each such task says so
+    sg.save_tokenizer(dict(list(task_ranks.items())[:300]), str(tmp_path / "tokenizer.tiktoken"))
+    tasks.main([f"--ckpt={ckpt}", "--n=4", "--device=cpu", "--tasks=if_ternary,bracket_counting"])
+    table = capsys.readouterr().out
+    assert "not evaluated: task if_ternary: answer ' else' is" in table
+    assert any(line.startswith("bracket_counting ") and "%" in line for line in table.splitlines())
+    for argv, message in ((["--tasks=for_while,nope"], "error: unknown task 'nope'"),
+                          ([f"--ckpt={tmp_path / 'missing.pt'}"], "error: checkpoint"),
+                          (["--split=val"], "error: --split must be train or test"),
+                          (["--n=0"], "error: --n must be at least 1")):
+        with pytest.raises(SystemExit, match=message):
+            tasks.main(argv)

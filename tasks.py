@@ -1,0 +1,482 @@
+"""
+The paper's 20 binary next-token tasks on Python code (Gao et al. 2025, Table 1), and the loss
+and accuracy of a model on them. A datapoint is a pair of prompts that differ minimally: after
+prompt_a the next token should be token_a rather than token_b, after prompt_b the reverse, so a
+model that ignores the context scores exactly 50%. prune.py finds the circuit of one task.
+
+    python tasks.py                                 # two example pairs of every task
+    python tasks.py --ckpt=out/ckpt.pt              # accuracy and task loss of a checkpoint
+    python tasks.py --ckpt=out/ckpt.pt --tasks=bracket_counting,for_while --n=500
+"""
+
+import hashlib
+import random
+import sys
+from collections import namedtuple
+
+import torch
+import torch.nn.functional as F
+
+import sparse_gpt
+
+DEFAULTS = dict(
+    ckpt="",  # checkpoint to evaluate; empty = print two example pairs of every task
+    tasks="all",  # comma-separated names; all = the 20 tasks and the two bracket attacks
+    n=200,  # pairs per task (2n prompts)
+    seed=0,
+    split="test",  # train | test: the two never share a prompt (prune.py fits on train)
+    device="auto",
+)
+
+Pair = namedtuple("Pair", "prompt_a prompt_b token_a token_b")
+
+# -----------------------------------------------------------------------------
+# little helpers that make prompts read like the standard library, from a seeded random.Random
+
+NOUNS = ("name value path data key item line text size index result node message header source "
+         "mode state module block code type count entry buffer field record token offset limit "
+         "prefix target flags config options parent label chunk width timeout level").split()
+ADJECTIVES = "new old raw max min last next full base default first current".split()
+PLURALS = ("items lines names values paths entries records nodes tokens fields parts args keys "
+           "files rows").split()
+VERBS = "get load read parse make build check update handle process find format split add".split()
+CLASSES = ("Parser Reader Writer Handler Cache Record Config Node Entry Client Server Request "
+           "Loader Builder Buffer Token Table Queue Session Archive").split()
+# Names that answers copy (class_init, var_swap): common nouns that are one token after a space
+# in a stdlib tokenizer (checked for the 2048-token one), so the copied name is one answer token.
+ONE_TOKEN_NAMES = ("name value path data key item line text size index result node message "
+                   "header source mode state module block code type").split()
+
+
+def name(rng) -> str:
+    """A variable name: 'line' or 'raw_line'."""
+    noun = rng.choice(NOUNS)
+    return noun if rng.random() < 0.6 else f"{rng.choice(ADJECTIVES)}_{noun}"
+
+
+def value(rng) -> str:
+    return rng.choice(["None", "0", "1", "-1", "True", "False", "''", "[]", "{}",
+                       str(rng.randint(2, 100)), repr(rng.choice(NOUNS))])
+
+
+def message(rng) -> str:
+    """An error message or a comment; it ends in a word, so a quote or brace after it stays a
+    token of its own."""
+    noun, other = rng.choice(NOUNS), rng.choice(NOUNS)
+    return rng.choice([f"cannot {rng.choice(VERBS)} {noun}", f"invalid {noun}",
+                       f"expected a {noun}", f"unknown {noun}", f"missing {noun} in {other}",
+                       f"no such {noun}", f"{noun} must not be empty", f"bad {noun} for {other}"])
+
+
+def statement(rng, ind: str, comments: bool = True) -> str:
+    """One unrelated line (or a two-line if) of a function body at indentation ind."""
+    x, y = name(rng), name(rng)
+    kind = rng.randrange(6 if comments else 5)
+    if kind == 0:
+        return f"{ind}{x} = {value(rng)}\n"
+    if kind == 1:
+        return f"{ind}{x} = {rng.choice(VERBS)}_{rng.choice(NOUNS)}({y})\n"
+    if kind == 2:
+        return f"{ind}{y}.append({x})\n"
+    if kind == 3:
+        return f"{ind}{x} = len({y})\n"
+    if kind == 4:
+        return f"{ind}if {x} is None:\n{ind}    {x} = {value(rng)}\n"
+    return f"{ind}# {message(rng)}\n"
+
+
+def preamble(rng, method: bool | None = None) -> tuple[str, str]:
+    """The start of a function or of a method, with a few body lines. Returns (text, indent) so
+    the task's own line can follow at that indent."""
+    method = rng.random() < 0.5 if method is None else method
+    args = ", ".join(rng.sample(NOUNS, rng.randint(1, 2)))
+    text = rng.choice(["", "", f"import {rng.choice(['os', 're', 'sys', 'io'])}\n\n\n"])
+    fname = f"{rng.choice(VERBS)}_{rng.choice(NOUNS)}"
+    if method:
+        text += f"class {rng.choice(CLASSES)}:\n\n    def {fname}(self, {args}):\n"
+        ind = " " * 8
+    else:
+        text += f"def {fname}({args}):\n"
+        ind = " " * 4
+    if rng.random() < 0.3:
+        text += f'{ind}"""{message(rng).capitalize()}."""\n'
+    return text + "".join(statement(rng, ind) for _ in range(rng.randint(0, 3))), ind
+
+
+# -----------------------------------------------------------------------------
+# the 20 tasks, in the order of the paper's Table 1. Answers are tokens the corpus tokenization
+# produces at that point (paper A.7): ("  ')  ]]  are single tokens, so a quote or bracket is
+# answered together with the punctuation that follows it.
+
+
+def single_double_quote(rng) -> Pair:
+    """Close a string with the quote it was opened with."""
+    head, ind = preamble(rng)
+    call = rng.choice(["raise ValueError", "raise TypeError", "print", "log.debug", "warnings.warn",
+                       "parser.error", "lines.append"])
+    text = message(rng)
+    return Pair(f'{head}{ind}{call}("{text}', f"{head}{ind}{call}('{text}", '")', "')")
+
+
+def final_kwarg(rng) -> Pair:
+    """After a parameter with a default, the next one needs a default too."""
+    head = rng.choice(["", f"class {rng.choice(CLASSES)}:\n\n"])
+    ind = "    " if head else ""
+    params = rng.sample(NOUNS, rng.randint(3, 5))
+    pos = ["self"] * bool(head) + params[:-2]
+    kw, last = params[-2:]
+    start = f"{head}{ind}def {rng.choice(VERBS)}_{rng.choice(NOUNS)}({', '.join(pos)}"
+    return Pair(f"{start}, {kw}={value(rng)}, {last}", f"{start}, {kw}, {last}", "=", "):")
+
+
+def set_or_string(rng, var: str | None = None) -> Pair:
+    """A variable made as set() is extended with .add, one made as "" with +=."""
+    var = var or name(rng)
+    head, ind = preamble(rng)
+    item, seq = rng.choice(NOUNS), rng.choice(PLURALS)
+    loop = f"{ind}for {item} in {seq}:\n"
+    if rng.random() < 0.5:
+        loop += f"{ind}    if not {item}:\n{ind}        continue\n"
+    end = loop + f"{ind}    {var}"
+    empty = rng.choice(["''", '""'])
+    return Pair(f"{head}{ind}{var} = set()\n{end}", f"{head}{ind}{var} = {empty}\n{end}",
+                ".", " +=")
+
+
+def set_or_string_fixedvarname(rng) -> Pair:
+    """The same, the variable always named current (one of the paper's worked circuits)."""
+    return set_or_string(rng, "current")
+
+
+def class_init(rng) -> Pair:
+    """self.x = x: copy the attribute's name from the line being written."""
+    params = rng.sample(ONE_TOKEN_NAMES, rng.randint(2, 4))
+    x, y = rng.sample(params, 2)
+    done = [p for p in params if p not in (x, y) and rng.random() < 0.5]
+    head = f"class {rng.choice(CLASSES)}:\n\n    def __init__(self, {', '.join(params)}):\n"
+    head += "".join(f"        self.{p} = {p}\n" for p in done)
+    return Pair(f"{head}        self.{x} =", f"{head}        self.{y} =", f" {x}", f" {y}")
+
+
+def with_as(rng) -> Pair:
+    """with open(...) as f: vs f = open(...)."""
+    head, ind = preamble(rng)
+    opener = rng.choice(["open", "io.open", "gzip.open", "tarfile.open", "zipfile.ZipFile"])
+    arg = rng.choice([name(rng), f"{name(rng)}, 'rb'", f"{name(rng)}, encoding='utf-8'"])
+    call, f = f"{opener}({arg})", rng.choice(["f", "fp", "fh", "stream", "archive"])
+    return Pair(f"{head}{ind}with {call}", f"{head}{ind}{f} = {call}", " as", "\n" + ind)
+
+
+def bracket_brace(rng) -> Pair:
+    """The first element of a dict is followed by ':', of a list by ','."""
+    head, ind = preamble(rng)
+    var = name(rng)
+    first = rng.choice([name(rng).upper(), str(rng.randint(0, 999)), name(rng)])
+    gap = rng.choice(["", f"\n{ind}    "])
+    return Pair(f"{head}{ind}{var} = {{{gap}{first}", f"{head}{ind}{var} = [{gap}{first}", ":", ",")
+
+
+def with_open(rng) -> Pair:
+    """open(name, 'r') or 'w', read from the file's name."""
+    head, ind = preamble(rng)
+    read, write = rng.choice([("input", "output"), ("src", "dst"), ("source", "target"),
+                              ("in", "out"), ("infile", "outfile"), ("read", "write")])
+    kind = rng.choice(["path", "file", "name", "filename"])
+    return Pair(f"{head}{ind}with open({read}_{kind}, '", f"{head}{ind}with open({write}_{kind}, '",
+                "r", "w")
+
+
+def element(rng) -> str:
+    return rng.choice([str(rng.randint(0, 99)), str(-rng.randint(1, 9)), f"{rng.random():.1f}",
+                       name(rng)])
+
+
+def bracket_counting(rng, comment: str = "") -> Pair:
+    """Close a nested list with ]] and a flat one with ]."""
+    head, ind = preamble(rng)
+    items = ", ".join(element(rng) for _ in range(rng.randint(1, 6)))
+    if comment:
+        head += f"{ind}{comment}\n"
+    start = f"{head}{ind}{name(rng)} = "
+    return Pair(f"{start}[[{items}", f"{start}[{items}", "]]", "]")
+
+
+def for_while(rng) -> Pair:
+    """for x in ... vs while x:."""
+    head, ind = preamble(rng)
+    var = name(rng)
+    return Pair(f"{head}{ind}for {var}", f"{head}{ind}while {var}", " in", ":")
+
+
+def condition(rng, var: str) -> str:
+    """A condition that ends in a word, so the ':' after it is a token of its own."""
+    return rng.choice([var, f"not {var}", f"{var} is None", f"{var} is not None",
+                       f"{var} > {rng.randint(0, 9)}", f"len({var}) > {rng.randint(0, 9)}",
+                       f"{var} == {rng.randint(0, 9)}", f"{var} in {rng.choice(PLURALS)}"])
+
+
+def else_elif(rng) -> Pair:
+    """else is followed by ':', elif by a condition (here on self, like the if before it)."""
+    head, ind = preamble(rng, method=True)
+    body = statement(rng, ind + "    ", comments=False)
+    start = f"{head}{ind}if {condition(rng, 'self.' + name(rng))}:\n{body}{ind}"
+    return Pair(f"{start}else", f"{start}elif", ":", " self")
+
+
+def fstring_brace(rng) -> Pair:
+    """An f-string takes {name}; a plain string takes %-formatting."""
+    head, ind = preamble(rng)
+    start = f"{head}{ind}{rng.choice(['raise ValueError(', 'print(', 'msg = ', 'log.info('])}"
+    text = message(rng).capitalize()
+    return Pair(f'{start}f"{text}', f'{start}"{text}', " {", " %")
+
+
+def if_ternary(rng) -> Pair:
+    """if cond: as a statement; a if cond else b inside an expression."""
+    head, ind = preamble(rng)
+    cond = condition(rng, name(rng))
+    return Pair(f"{head}{ind}if {cond}", f"{head}{ind}{name(rng)} = {value(rng)} if {cond}",
+                ":", " else")
+
+
+def var_swap(rng) -> Pair:
+    """x, y = y, x."""
+    head, ind = preamble(rng)
+    x, y = rng.sample(ONE_TOKEN_NAMES, 2)
+    if rng.random() < 0.5:
+        head += f"{ind}if {x} > {y}:\n"
+        ind += "    "
+    return Pair(f"{head}{ind}{x}, {y} = {y},", f"{head}{ind}{y}, {x} = {x},", f" {x}", f" {y}")
+
+
+def indent_for(rng) -> Pair:
+    """The body of a for loop is indented one level deeper than the for."""
+    head, ind = preamble(rng)
+    opener = rng.choice([f"if {condition(rng, name(rng))}:",
+                         f"for {name(rng)} in {rng.choice(PLURALS)}:",
+                         f"with {rng.choice(['lock', 'self._lock', 'open(path)'])}:"])
+    head += f"{ind}{opener}\n{statement(rng, ind + '    ', comments=False)}"
+    loop = f"for {name(rng)} in {rng.choice(PLURALS)}:"
+    inner = ind + "    "
+    return Pair(f"{head}{ind}{loop}", f"{head}{inner}{loop}", "\n" + inner, "\n" + inner + "    ")
+
+
+def lambda_func(rng) -> Pair:
+    """lambda x: vs def f(."""
+    head, ind = preamble(rng)
+    fname = rng.choice([f"{rng.choice(VERBS)}_{rng.choice(NOUNS)}", "key", "callback", "check"])
+    return Pair(f"{head}{ind}{fname} = lambda {name(rng)}", f"{head}{ind}def {fname}", ":", "(")
+
+
+def if_equals(rng) -> Pair:
+    """== in a condition, = in an assignment."""
+    head, ind = preamble(rng)
+    var = name(rng)
+    return Pair(f"{head}{ind}if {var}", f"{head}{ind}{var}", " ==", " =")
+
+
+def enumerate_range(rng) -> Pair:
+    """Two loop variables need an iterable of pairs (zip), one loop variable takes range."""
+    # The paper answers ' enumerate', but that is four tokens in our 2048-token stdlib tokenizer;
+    # ' zip' is one, and separates the same two contexts.
+    head, ind = preamble(rng)
+    i = rng.choice(["i", "n", "idx", "index", "pos", "a", "k"])
+    return Pair(f"{head}{ind}for {i}, {name(rng)} in", f"{head}{ind}for {i} in", " zip", " range")
+
+
+def var_if(rng) -> Pair:
+    """if x == True: vs x = True."""
+    head, ind = preamble(rng)
+    var, const = name(rng), rng.choice(["True", "False"])
+    return Pair(f"{head}{ind}if {var} == {const}", f"{head}{ind}{var} = {const}", ":", "\n" + ind)
+
+
+def while_return_true(rng) -> Pair:
+    """while True: opens a loop; return True ends the function (a blank line follows)."""
+    head, ind = preamble(rng)
+    return Pair(f"{head}{ind}while True", f"{head}{ind}return True", ":", "\n")
+
+
+TASKS = {f.__name__: f for f in [
+    single_double_quote, final_kwarg, set_or_string, set_or_string_fixedvarname, class_init,
+    with_as, bracket_brace, with_open, bracket_counting, for_while, else_elif, fstring_brace,
+    if_ternary, var_swap, indent_for, lambda_func, if_equals, enumerate_range, var_if,
+    while_return_true]}
+
+
+# Attacks on the paper's bracket-counting circuit: it averages an open-bracket detector over
+# the context, so an unmatched [ in a comment fakes depth, and a long list dilutes the average.
+def bracket_counting_distractor(rng) -> Pair:
+    """bracket_counting after a comment with an unmatched [."""
+    comment = rng.choice([f"# {message(rng)} [{name(rng)}", f"# TODO: [{message(rng)}",
+                          f"# e.g. [{element(rng)}, [{element(rng)}"])
+    return bracket_counting(rng, comment=comment)
+
+
+def bracket_counting_long(rng) -> Pair:
+    """bracket_counting with 8 to 36 numbers in the list."""
+    # no preamble: at most about 120 tokens, so a 128-token context still sees the [[
+    items = ", ".join(str(rng.randint(0, 99)) for _ in range(rng.randint(8, 36)))
+    start = f"def {rng.choice(VERBS)}_{rng.choice(NOUNS)}():\n    {name(rng)} = "
+    return Pair(f"{start}[[{items}", f"{start}[{items}", "]]", "]")
+
+
+ATTACKS = {f.__name__: f for f in [bracket_counting_distractor, bracket_counting_long]}
+ALL = {**TASKS, **ATTACKS}
+
+# -----------------------------------------------------------------------------
+# datasets: deterministic by seed; a prompt's split is decided by its hash alone
+
+
+def split_of(prompt: str) -> str:
+    return "test" if hashlib.sha1(prompt.encode()).digest()[0] % 2 else "train"
+
+
+def make_pairs(name: str, n: int, seed: int = 0, split: str = "train") -> list[Pair]:
+    """n pairs of task `name` whose prompts both belong to `split`; pairs that straddle the
+    splits are drawn again, so train and test never share a prompt."""
+    if name not in ALL:
+        raise ValueError(f"unknown task '{name}'; valid tasks: {' '.join(ALL)}")
+    if split not in ("train", "test"):
+        raise ValueError(f"split must be train or test, got '{split}'")
+    rng = random.Random(f"{name}/{seed}")
+    pairs = []
+    while len(pairs) < n:
+        pair = ALL[name](rng)
+        if split_of(pair.prompt_a) == split == split_of(pair.prompt_b):
+            pairs.append(pair)
+    return pairs
+
+
+def answer_id(tokenizer, token: str) -> int:
+    ids = tokenizer.encode_ordinary(token)
+    if len(ids) != 1:
+        raise ValueError(f"answer {token!r} is {len(ids)} tokens under this tokenizer, not one")
+    return ids[0]
+
+
+def check_pairs(tokenizer, name: str, pairs: list[Pair]):
+    """Raises ValueError naming the task and the token unless both answers are single tokens and
+    each would be produced as it is right after every prompt (paper A.7), i.e.
+    encode(prompt + answer) == encode(prompt) + [answer]."""
+    encode = tokenizer.encode_ordinary
+    for pair in pairs:
+        for token in (pair.token_a, pair.token_b):
+            try:
+                tid = answer_id(tokenizer, token)
+            except ValueError as e:
+                raise ValueError(f"task {name}: {e}") from None
+            for prompt in (pair.prompt_a, pair.prompt_b):
+                if encode(prompt + token) != encode(prompt) + [tid]:
+                    raise ValueError(f"task {name}: answer {token!r} merges with the end of the "
+                                     f"prompt ...{prompt[-40:]!r} instead of following it")
+
+
+# -----------------------------------------------------------------------------
+# scoring: the two answers' logits at the last position of each prompt
+
+
+def answer_logits(model, tokenizer, pairs: list[Pair]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(logit of the correct answer, logit of the wrong one), each of shape (2n,): row 2i is
+    prompt_a of pair i, row 2i+1 its prompt_b. One batched forward, differentiable (prune.py
+    trains node masks through it). Prompts longer than the context keep their last block_size
+    tokens, so the answer position survives."""
+    block_size = model.cfg.block_size
+    rows, correct, wrong = [], [], []
+    for pair in pairs:
+        a, b = answer_id(tokenizer, pair.token_a), answer_id(tokenizer, pair.token_b)
+        rows += [tokenizer.encode_ordinary(pair.prompt_a)[-block_size:],
+                 tokenizer.encode_ordinary(pair.prompt_b)[-block_size:]]
+        correct += [a, b]
+        wrong += [b, a]
+    device = next(model.parameters()).device
+    # right-padding is invisible to a causal model at the positions we read
+    idx = torch.zeros(len(rows), max(map(len, rows)), dtype=torch.long)
+    for i, row in enumerate(rows):
+        idx[i, : len(row)] = torch.tensor(row)
+    logits, _ = model(idx.to(device))
+    ends = torch.tensor([len(row) - 1 for row in rows], device=device)
+    last = logits[torch.arange(len(rows), device=device), ends]
+    both = last.gather(1, torch.tensor([correct, wrong], device=device).T).float()
+    return both[:, 0], both[:, 1]
+
+
+def score(right: torch.Tensor, wrong: torch.Tensor) -> tuple[torch.Tensor, float]:
+    """Cross-entropy over just the two answers (= softplus of wrong - right), mean over prompts;
+    accuracy = fraction of prompts whose correct answer has the strictly higher logit."""
+    return F.softplus(wrong - right).mean(), (right > wrong).float().mean().item()
+
+
+def task_loss(model, tokenizer, pairs: list[Pair]) -> tuple[torch.Tensor, float]:
+    """(task loss as a differentiable scalar, accuracy) on these pairs."""
+    return score(*answer_logits(model, tokenizer, pairs))
+
+
+@torch.no_grad()
+def evaluate(model, tokenizer, names, n: int = 200, seed: int = 0, split: str = "test",
+             batch_pairs: int = 32) -> dict[str, tuple[float, float, int]]:
+    """name -> (task loss, accuracy, pairs) on n fresh pairs of each task. Raises ValueError if
+    a task's answers do not tokenize as single tokens under this tokenizer."""
+    out = {}
+    for name in names:
+        pairs = make_pairs(name, n, seed, split)
+        check_pairs(tokenizer, name, pairs)
+        right, wrong = zip(*(answer_logits(model, tokenizer, pairs[i : i + batch_pairs])
+                             for i in range(0, n, batch_pairs)))
+        loss, acc = score(torch.cat(right), torch.cat(wrong))
+        out[name] = (loss.item(), acc, n)
+    return out
+
+
+# -----------------------------------------------------------------------------
+# command line: examples, or an evaluation table
+
+
+def show_examples(names, seed: int):
+    print("every prompt is followed by ⟨correct answer > wrong answer⟩\n")
+    for name in names:
+        print(f"=== {name}: {ALL[name].__doc__}")
+        for pair in make_pairs(name, 2, seed, "train"):
+            for prompt, right, wrong in ((pair.prompt_a, pair.token_a, pair.token_b),
+                                         (pair.prompt_b, pair.token_b, pair.token_a)):
+                print(f"{prompt}⟨{right!r} > {wrong!r}⟩\n")
+
+
+def main(argv=None):
+    cfg = sparse_gpt.parse_config(sys.argv[1:] if argv is None else argv, DEFAULTS, presets=None)
+    names = list(ALL) if cfg.tasks == "all" else cfg.tasks.split(",")
+    unknown = [t for t in names if t not in ALL]
+    if unknown:
+        sys.exit(f"error: unknown task '{unknown[0]}'; valid tasks: {' '.join(ALL)}")
+    if cfg.split not in ("train", "test"):
+        sys.exit(f"error: --split must be train or test, got '{cfg.split}'")
+    if cfg.n < 1:
+        sys.exit(f"error: --n must be at least 1, got {cfg.n}")
+    if not cfg.ckpt:
+        return show_examples(names, cfg.seed)
+    device = sparse_gpt.pick_device(cfg.device)
+    model, tokenizer, _ = sparse_gpt.load_checkpoint(cfg.ckpt, device)
+    print(f"{cfg.ckpt}: {cfg.n} {cfg.split} pairs per task (seed {cfg.seed})")
+    print(f"{'task':<30}{'acc':>7}{'loss':>8}{'n':>6}")
+    solved, accs = [], []
+    for group, title in ((TASKS, ""), (ATTACKS, "attacks on bracket_counting:")):
+        chosen = [t for t in names if t in group]
+        if title and chosen:
+            print(title)
+        for name in chosen:
+            try:
+                loss, acc, n = evaluate(model, tokenizer, [name], cfg.n, cfg.seed, cfg.split)[name]
+            except ValueError as e:  # answers that this tokenizer cannot produce as one token
+                print(f"{name:<30}  not evaluated: {e}")
+                continue
+            print(f"{name:<30}{acc:>7.1%}{loss:>8.3f}{n:>6}")
+            if group is TASKS:
+                accs.append(acc)
+                solved += [name] * (acc >= 0.9)
+    if accs:
+        print(f"{f'mean over {len(accs)} tasks':<30}{sum(accs) / len(accs):>7.1%}")
+        print(f"solved (accuracy >= 90%): {len(solved)} of {len(accs)}: {' '.join(solved) or '-'}")
+
+
+if __name__ == "__main__":
+    main()
