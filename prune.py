@@ -76,10 +76,20 @@ def subset(data: dict, rows) -> dict:
 
 
 def answer_diff(model, data: dict) -> torch.Tensor:
-    """logit(token_a) - logit(token_b) at the last position of every prompt."""
-    logits, _ = model(data["idx"])
-    last = logits[torch.arange(len(data["last"])), data["last"]]
-    return (last.gather(1, data["tok_a"][:, None]) - last.gather(1, data["tok_b"][:, None]))[:, 0]
+    """logit(token_a) - logit(token_b) at the last position of every prompt. GPT.forward, except
+    that only the answer position is unembedded, and only for the two answers: the full
+    vocabulary at every position would cost a third of each mask-training step."""
+    rows = torch.arange(len(data["last"]), device=data["idx"].device)
+    x = model.wte(data["idx"])
+    for block in model.blocks:
+        x = block(x)
+    h = model.final_in(model.final_norm(x[rows, data["last"]][:, None]))[:, 0]
+    w = model.lm_head.weight
+    z = (h * (w[data["tok_a"]] - w[data["tok_b"]])).sum(-1)
+    if model.bigram is not None:
+        table, now = model.bigram.weight, data["idx"][rows, data["last"]]
+        z = z + table[now, data["tok_a"]] - table[now, data["tok_b"]]
+    return z
 
 
 def pair_loss(z, data: dict, scale=1.0, shift=0.0) -> tuple[torch.Tensor, float]:
@@ -259,16 +269,18 @@ def diff_with(model, means, keep, data: dict, chunk=64) -> torch.Tensor:
 
 
 def smallest_circuit(model, means, data, order, target: float, start: int) -> int | None:
-    """Bisects for the smallest k whose first k nodes of `order` reach the target loss; tries
-    `start` (e.g. the nodes the masks kept) then every node as the upper end. None if neither
-    reaches it. Assumes the loss falls as k grows, as bisection must."""
+    """The smallest k whose first k nodes of `order` reach the target loss on `data`, or None.
+    Gallops up from `start` (the masks' own choice of size) by doubling, then bisects between
+    the last size that failed and the first that passed: bisection assumes the loss falls as k
+    grows, which holds near a good ordering's answer but not everywhere."""
     def passes(k):
         return pair_loss(diff_with(model, means, top_k_mask(order, k), data), data)[0].item() <= target
 
-    hi = next((k for k in (start, len(order)) if passes(k)), None)
-    if hi is None:
-        return None
-    lo = -1  # the empty circuit can pass too: the bigram table alone may solve a task
+    lo, hi = -1, min(start, len(order))  # lo = -1: the empty circuit may pass (the bigram table)
+    while not passes(hi):
+        if hi == len(order):
+            return None
+        lo, hi = hi, min(2 * hi + 1, len(order))
     while hi - lo > 1:
         mid = (lo + hi) // 2
         lo, hi = (lo, mid) if passes(mid) else (mid, hi)
@@ -549,7 +561,7 @@ def describe(model, tokenizer, means, keep, train, test, cfg) -> dict:
     names = node_names(model)
     calib = fit_calibration(diff_with(model, means, keep, train), train)
     attr_order = attribution_order(model, means, train)
-    k_attr = smallest_circuit(model, means, train, attr_order, cfg.target_loss, len(means))
+    k_attr = smallest_circuit(model, means, train, attr_order, cfg.target_loss, 1)
     attr_edges = len(circuit_edges(model, top_k_mask(attr_order, k_attr))) if k_attr else None
     n_embed, unembed = token_edges(model, keep, test["idx"].unique().tolist(),
                                    torch.cat([test["tok_a"], test["tok_b"]]).unique().tolist())

@@ -10,7 +10,7 @@ batches -> model -> weight sparsity -> optimizer -> training loop.
 
 import base64
 import hashlib
-import json
+import heapq
 import math
 import os
 import re
@@ -228,8 +228,6 @@ def train_bpe(docs: list[str], vocab_size: int) -> dict[bytes, int]:
     for tok in REQUIRED_TOKENS:  # two-byte tokens: one merge each
         merge(tuple(tok.encode()))
     # a heap of (-count, pair) with stale entries skipped on pop; ties break on the pair ids
-    import heapq
-
     heap = [(-c, p) for p, c in pair_count.items() if c > 0]
     heapq.heapify(heap)
     while len(token_bytes) < 256 + n_merges and heap:
@@ -832,7 +830,7 @@ def bench(cfg, warmup=3, rounds=10):
             print(f"ratio {name} / {name.replace('sparse', 'dense')}: "
                   f"{step_ms[name] / step_ms[name.replace('sparse', 'dense')]:.2f}")
     if device.type != "cuda":
-        import resource
+        import resource  # Unix only, so imported here
 
         print(f"peak memory (whole process, both models): "
               f"{resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20:.2f} GiB")
