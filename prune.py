@@ -32,10 +32,10 @@ DEFAULTS = dict(
     compare="",  # a second checkpoint: prune both on the same tasks, print the edge ratio B/A
     solved_acc=0.9,  # accuracy (train pairs) at which a task counts as solved
     target_loss=0.15,  # task loss (nats) the circuit must reach on the train pairs (paper 5)
-    k_coef="1e-3,1e-2",  # penalty per kept node; one mask run per value, smallest circuit wins
+    k_coef="1e-3,3e-3,1e-2",  # penalty per kept node; one mask run per value, fewest edges wins
     heaviside_temp=1.0,  # temperature of the sigmoid whose derivative is the mask's gradient
-    lr=3e-2,  # the paper's 3e-3 assumes thousands of steps; ours are few (see README)
-    steps=100,  # mask-training steps per k_coef
+    lr=3e-3,  # AdamW on the masks: beta2 0.95, weight decay 1e-3 (paper 5)
+    steps=200,  # mask-training steps per k_coef
     n_pairs=64,  # train pairs and test pairs per task (paper: a batch of 64 datapoints)
     batch_pairs=16,  # pairs per mask-training step
     mean_batches=20,  # val.bin batches (of the checkpoint's batch_size x block_size) for means
@@ -123,6 +123,18 @@ def node_names(model) -> list[str]:
     return names
 
 
+@contextmanager
+def hooked(model, fn):
+    """Sets every node's hook to fn(name, x) -> x for the duration of a with block."""
+    for node in model.nodes():
+        node.hook = fn
+    try:
+        yield
+    finally:
+        for node in model.nodes():
+            node.hook = None
+
+
 @torch.no_grad()
 def compute_means(model, tokens: np.ndarray, n_batches: int, batch_size: int, seed=0) -> torch.Tensor:
     """Mean of every node (after AbsTopK, as the hook sees it) over all positions of n_batches
@@ -151,6 +163,7 @@ def load_means(model, cfg_model, ckpt_path: str, n_batches: int, device) -> torc
     if os.path.exists(path):
         cached = torch.load(path, map_location=device)
         if cached.get("key") == key:
+            print(f"using the cached node means in {path}")
             return cached["means"]
     val_path = os.path.join(cfg_model.data_path, "val.bin")
     if not os.path.exists(val_path):
@@ -167,17 +180,6 @@ def load_means(model, cfg_model, ckpt_path: str, n_batches: int, device) -> torc
 
 # -----------------------------------------------------------------------------
 # masks: a kept node passes through, a pruned one is frozen at its mean (paper 5)
-
-
-@contextmanager
-def hooked(model, fn):
-    for node in model.nodes():
-        node.hook = fn
-    try:
-        yield
-    finally:
-        for node in model.nodes():
-            node.hook = None
 
 
 def ablated(model, means: torch.Tensor, keep: torch.Tensor, record: dict | None = None):
@@ -235,11 +237,12 @@ def train_masks(model, means, train: dict, k_coef: float, cfg, log=print) -> tor
     # every node starts kept: a bias of 0.1 plus noise of 0.01 breaks ties (paper 5)
     tau = (0.1 + 0.01 * torch.randn(len(means), generator=gen)).to(means.device).requires_grad_()
     opt = torch.optim.AdamW([tau], lr=cfg.lr, betas=(0.9, 0.95), weight_decay=1e-3)
-    n_rows, t0 = len(train["last"]), time.time()
+    n_pairs, t0 = len(train["last"]) // 2, time.time()
     for step in range(cfg.steps):
         for group in opt.param_groups:
             group["lr"] = lr_at(step, cfg.steps, cfg.lr)
-        batch = subset(train, torch.randperm(n_rows, generator=gen)[: 2 * cfg.batch_pairs])
+        pick = torch.randperm(n_pairs, generator=gen)[: cfg.batch_pairs]
+        batch = subset(train, torch.stack([2 * pick, 2 * pick + 1], 1).flatten())  # whole pairs
         keep = HeavisideSTE.apply(tau, cfg.heaviside_temp)
         with ablated(model, means, keep):
             task, _ = pair_loss(answer_diff(model, batch), batch)
@@ -304,35 +307,35 @@ def fit_calibration(z: torch.Tensor, data: dict) -> tuple[float, float]:
 
 
 # -----------------------------------------------------------------------------
-# checks: sufficiency, necessity, a random set of the same size, the attribution baseline
-
-
-def attribution_order(model, means, data: dict, chunk=32) -> torch.Tensor:
-    """Nodes by |gradient x (activation - mean)| of the task loss, summed over prompts: the
-    gradient of each prompt's loss with respect to a per-prompt gate at 1."""
-    score = torch.zeros(len(means), device=means.device)
-    for i in range(0, len(data["last"]), chunk):
-        batch = subset(data, slice(i, i + chunk))
-        keep = torch.ones(len(batch["last"]), 1, len(means), device=means.device, requires_grad=True)
-        with ablated(model, means, keep):
-            loss = F.softplus(-batch["sign"] * answer_diff(model, batch)).sum()
-        (grad,) = torch.autograd.grad(loss, keep)
-        score += grad.abs().sum(dim=(0, 1))
-    return score.argsort(descending=True)
+# checks: sufficiency, necessity, a random node set of the same size, the attribution baseline
 
 
 def run_checks(model, means, circuit: torch.Tensor, test: dict, calib, seed: int) -> dict:
-    """Test-split loss and accuracy: the full model, the circuit alone (calibrated), the model
-    without the circuit, and the model without a random node set of the same size."""
-    n = len(means)
-    random_set = top_k_mask(torch.randperm(n, generator=torch.Generator().manual_seed(seed)), int(circuit.sum()))
-    runs = {"full": (torch.ones(n), (1.0, 0.0)), "sufficiency": (circuit, calib),
-            "necessity": (1 - circuit, (1.0, 0.0)), "random_ablation": (1 - random_set, (1.0, 0.0))}
+    """Test-split loss and accuracy of the full model, of the circuit alone (calibrated, and
+    as is), of the model without the circuit, and without a random node set of its size."""
+    every = torch.ones_like(circuit)
+    perm = torch.randperm(len(circuit), generator=torch.Generator().manual_seed(seed))
+    runs = {"full": (every, (1.0, 0.0)), "sufficiency": (circuit, calib),
+            "sufficiency_uncalibrated": (circuit, (1.0, 0.0)), "necessity": (every - circuit, (1.0, 0.0)),
+            "random_ablation": (every - top_k_mask(perm.to(circuit.device), int(circuit.sum())), (1.0, 0.0))}
     out = {}
     for name, (keep, (scale, shift)) in runs.items():
-        loss, acc = pair_loss(diff_with(model, means, keep.to(means.device), test), test, scale, shift)
+        loss, acc = pair_loss(diff_with(model, means, keep, test), test, scale, shift)
         out[name] = {"loss": loss.item(), "acc": acc}
     return out
+
+
+def attribution_order(model, means, data: dict, chunk=32) -> torch.Tensor:
+    """Nodes by |gradient x (activation - mean)| of the task loss, summed over prompts: that is
+    the gradient of each prompt's loss with respect to its own gate, held at 1."""
+    score = torch.zeros_like(means)
+    for i in range(0, len(data["last"]), chunk):
+        batch = subset(data, slice(i, i + chunk))
+        gates = torch.ones(len(batch["last"]), 1, len(means), device=means.device, requires_grad=True)
+        with ablated(model, means, gates):
+            loss = F.softplus(-batch["sign"] * answer_diff(model, batch)).sum()
+        score += torch.autograd.grad(loss, gates)[0].abs().sum(dim=(0, 1))
+    return score.argsort(descending=True)
 
 
 # -----------------------------------------------------------------------------
@@ -341,14 +344,14 @@ def run_checks(model, means, circuit: torch.Tensor, test: dict, calib, seed: int
 
 def weight_links(model) -> list[tuple[torch.Tensor, str, str]]:
     """(weight of shape (targets, sources), source location, target location) for every matrix
-    between two node locations. Residual channels join a write to later reads of the same
-    channel directly; they are drawn as lines, not counted as edges."""
+    between node locations. A write reaches later reads of its residual channel directly: the
+    SVG draws that as a line, and it is not an edge."""
     d, links = model.cfg.d_model, []
     for l, block in enumerate(model.blocks):
         w = block.attn.c_attn.weight
         links += [(w[i * d : (i + 1) * d], f"{l}.attn.resid_in", f"{l}.attn.{kind}")
                   for i, kind in enumerate("qkv")]
-        links += [(block.attn.c_proj.weight, f"{l}.attn.v", f"{l}.attn.resid_delta"),  # y_i = sum of v_i
+        links += [(block.attn.c_proj.weight, f"{l}.attn.v", f"{l}.attn.resid_delta"),  # output i mixes v_i
                   (block.mlp.c_fc.weight, f"{l}.mlp.resid_in", f"{l}.mlp.post_act"),
                   (block.mlp.c_proj.weight, f"{l}.mlp.post_act", f"{l}.mlp.resid_delta")]
     return links
@@ -360,58 +363,93 @@ def circuit_edges(model, keep: torch.Tensor) -> list[tuple[int, int, float]]:
     spans, keep, edges = node_spans(model), keep.cpu().bool(), []
     for w, src, dst in weight_links(model):
         (s0, s1), (d0, d1) = spans[src], spans[dst]
-        live = (w.cpu() != 0) & keep[d0:d1, None] & keep[None, s0:s1]
+        w = w.cpu()
+        live = (w != 0) & keep[d0:d1, None] & keep[None, s0:s1]
         edges += [(s0 + j, d0 + i, w[i, j].item()) for i, j in live.nonzero().tolist()]
     return edges
 
 
 @torch.no_grad()
 def token_edges(model, keep: torch.Tensor, prompt_tokens, answer_tokens) -> tuple[int, list]:
-    """Embedding edges (nonzero wte entries from the task's prompt tokens to a channel some kept
-    read node reads) and unembedding edges (final read node -> answer token), reported apart."""
-    spans, keep, d = node_spans(model), keep.cpu().bool(), model.cfg.d_model
-    reads = [spans[n.name] for n in model.nodes() if n.name.endswith("resid_in")]
-    channels = torch.stack([keep[a:b] for a, b in reads]).any(0)
-    n_embed = int((model.wte.weight.cpu()[prompt_tokens][:, channels] != 0).sum())
-    a = spans["final.resid_in"][0]
-    unembed = [(a + c, tok, model.lm_head.weight[tok, c].item()) for tok in answer_tokens
-               for c in range(d) if keep[a + c] and model.lm_head.weight[tok, c] != 0]
+    """Counted apart from the circuit's edges: embedding edges (a nonzero wte weight from a token
+    of the task's prompts to a channel that a kept node reads) and unembedding edges
+    (final.resid_in node -> answer logit, as (node, token, weight))."""
+    spans, keep = node_spans(model), keep.cpu().bool()
+    read = torch.stack([keep[a:b] for n, (a, b) in spans.items() if n.endswith("resid_in")]).any(0)
+    n_embed = int((model.wte.weight.cpu()[prompt_tokens][:, read] != 0).sum())
+    start, lm_head = spans["final.resid_in"][0], model.lm_head.weight.cpu()
+    unembed = [(start + c, t, lm_head[t, c].item()) for c in keep[start:].nonzero()[:, 0].tolist()
+               for t in answer_tokens if lm_head[t, c] != 0]
     return n_embed, unembed
 
 
 # -----------------------------------------------------------------------------
-# what each kept node responds to, for the listing
+# the search: a small k_coef sweep, then everything reported about the winner
+
+
+def find_circuit(model, means, train: dict, cfg, log=print) -> tuple[torch.Tensor | None, float, list]:
+    """One mask run per k_coef, each discretized; the circuit with the fewest edges (then nodes)
+    that reaches the target wins. Returns (its 0/1 keep vector or None, its k_coef, the sweep)."""
+    best, sweep = (None, None, None), []
+    for k_coef in (float(k) for k in str(cfg.k_coef).split(",")):
+        tau = train_masks(model, means, train, k_coef, cfg, log)
+        order = tau.argsort(descending=True)
+        k = smallest_circuit(model, means, train, order, cfg.target_loss, int((tau > 0).sum()))
+        n_edges = None if k is None else len(circuit_edges(model, top_k_mask(order, k)))
+        sweep.append({"k_coef": k_coef, "masks_kept": int((tau > 0).sum()), "n_nodes": k, "n_edges": n_edges})
+        log(f"  k_coef {k_coef:g}: " + ("no node set reaches the target loss" if k is None
+                                         else f"{k} nodes, {n_edges} edges reach the target loss"))
+        if k is not None and (best[0] is None or (n_edges, k) < best[0]):
+            best = ((n_edges, k), top_k_mask(order, k), k_coef)
+    return best[1], best[2], sweep
 
 
 @torch.no_grad()
-def node_profiles(model, means, keep, data: dict, tokenizer, names, n_top=3) -> dict[int, dict]:
-    """For each kept node: mean activation at the answer position on prompt_a vs prompt_b, and
-    the tokens (anywhere in the prompts) where it is largest in magnitude."""
-    record, spans = {}, node_spans(model)
+def node_profiles(model, means, keep, data: dict, tokenizer, n_top=3) -> dict[int, dict]:
+    """For each kept node: its mean at the answer position on prompt_a vs prompt_b, and the
+    tokens (anywhere in the prompts) where it is largest in magnitude, in the circuit alone."""
+    record, out = {}, {}
     with ablated(model, means, keep, record):
         model(data["idx"])
-    rows = torch.arange(len(data["last"]))
-    pad = torch.arange(data["idx"].shape[1])[None] > data["last"][:, None].cpu()
-    out = {}
-    for loc, (a, b) in spans.items():
+    last, idx = data["last"].cpu(), data["idx"].cpu()
+    real = torch.arange(idx.shape[1])[None] <= last[:, None]  # not the padding
+    for loc, (a, b) in node_spans(model).items():
         for i in keep[a:b].nonzero()[:, 0].tolist():
-            acts = record[loc][..., i].cpu().masked_fill(pad, 0.0)
-            at_answer = acts[rows, data["last"].cpu()]
-            top, seen = [], set()
-            for flat in acts.abs().flatten().argsort(descending=True).tolist():
-                tok = int(data["idx"].view(-1)[flat])
-                if tok not in seen:
-                    seen.add(tok)
-                    top.append((tokenizer.decode([tok]), acts.view(-1)[flat].item()))
+            acts = record[loc][..., i].cpu()
+            at_answer = acts[torch.arange(len(last)), last]
+            top = {}
+            for j in acts[real].abs().argsort(descending=True).tolist():
+                top.setdefault(tokenizer.decode([int(idx[real][j])]), round(acts[real][j].item(), 3))
                 if len(top) == n_top:
                     break
             out[a + i] = {"mean_a": at_answer[0::2].mean().item(), "mean_b": at_answer[1::2].mean().item(),
-                          "top_tokens": top}
+                          "top_tokens": list(top.items())}
     return out
 
 
+def describe(model, tokenizer, means, keep, train: dict, test: dict, cfg) -> dict:
+    """Everything the outputs report about one circuit."""
+    names = node_names(model)
+    calib = fit_calibration(diff_with(model, means, keep, train), train)
+    attr_order = attribution_order(model, means, train)
+    k_attr = smallest_circuit(model, means, train, attr_order, cfg.target_loss, 1)
+    edges = circuit_edges(model, keep)
+    n_embed, unembed = token_edges(model, keep, test["idx"].unique().tolist(),
+                                   torch.cat([test["tok_a"], test["tok_b"]]).unique().tolist())
+    profiles = node_profiles(model, means, keep, test, tokenizer)
+    return {"circuit": {"n_nodes": int(keep.sum()), "n_edges": len(edges), "n_embed_edges": n_embed,
+                        "nodes": [names[i] for i in keep.nonzero()[:, 0].tolist()],
+                        "edges": [(names[s], names[d], w) for s, d, w in edges],
+                        "unembed_edges": [(names[s], tokenizer.decode([t]), w) for s, t, w in unembed],
+                        "profiles": {names[i]: p for i, p in profiles.items()}},
+            "calibration": {"scale": calib[0], "shift": calib[1]},
+            "checks": run_checks(model, means, keep, test, calib, cfg.seed),
+            "attribution": {"n_nodes": k_attr, "n_edges": None if k_attr is None else
+                            len(circuit_edges(model, top_k_mask(attr_order, k_attr)))}}
+
+
 # -----------------------------------------------------------------------------
-# writers: <task>.json, <task>.txt, <task>.svg in circuits/ beside the checkpoint
+# writers: <task>.json, <task>.txt and <task>.svg in circuits/ beside the checkpoint
 
 
 def location(name: str) -> str:
@@ -420,51 +458,50 @@ def location(name: str) -> str:
     return ".".join(parts[:3] if parts[2] in ("q", "k", "v") else parts[:-1])
 
 
-def write_json(path: str, result: dict):
-    with open(path, "w") as f:
-        json.dump(result, f, indent=1)
+def all_edges(c: dict) -> list[tuple[str, str, float]]:
+    """The circuit's edges, then the unembedding edges as node -> 'logit <token>'."""
+    return [tuple(e) for e in c["edges"]] + [(s, f"logit {t!r}", w) for s, t, w in c["unembed_edges"]]
 
 
-def write_txt(path: str, result: dict):
-    c, checks = result["circuit"], result["checks"]
-    lines = [f"{result['task']}: {c['n_nodes']} nodes, {c['n_edges']} edges "
-             f"(+{c['n_embed_edges']} embedding, {len(c['unembed_edges'])} unembedding edges)",
-             f"checkpoint {result['ckpt']} | k_coef {result['k_coef']} | target loss {result['target_loss']}",
-             "test split: " + " | ".join(f"{k} loss {v['loss']:.3f} acc {v['acc']:.1%}" for k, v in checks.items()),
-             f"attribution baseline: {result['attribution']['n_nodes']} nodes, "
-             f"{result['attribution']['n_edges']} edges", ""]
+def write_txt(path: str, r: dict):
+    c = r["circuit"]
+    lines = [f"{r['task']}: {c['n_nodes']} nodes, {c['n_edges']} edges (and {c['n_embed_edges']} "
+             f"embedding, {len(c['unembed_edges'])} unembedding edges), k_coef {r['k_coef']:g}",
+             f"checkpoint {r['ckpt']}; target loss {r['target_loss']} on the train pairs; test pairs:"]
+    lines += [f"  {k:<26} loss {v['loss']:.3f}  acc {v['acc']:.1%}" for k, v in r["checks"].items()]
+    lines.append(f"  attribution baseline needs {r['attribution']['n_nodes']} nodes, "
+                 f"{r['attribution']['n_edges']} edges\n")
     into, out_of = {}, {}
-    for src, dst, w in c["edges"] + [(s, f"logit {t!r}", w) for s, t, w in c["unembed_edges"]]:
-        into.setdefault(dst, []).append(f"{src} ({w:+.3f})")
-        out_of.setdefault(src, []).append(f"{dst} ({w:+.3f})")
-    current = None
-    for name in c["nodes"]:
-        if location(name) != current:
-            current = location(name)
-            lines.append(f"[{current}]")
+    for s, d, w in all_edges(c):
+        into.setdefault(d, []).append(f"<- {s} ({w:+.3f})")
+        out_of.setdefault(s, []).append(f"-> {d} ({w:+.3f})")
+    for i, name in enumerate(c["nodes"]):
+        if i == 0 or location(name) != location(c["nodes"][i - 1]):
+            lines.append(f"[{location(name)}]")
         p = c["profiles"][name]
-        tops = ", ".join(f"{tok!r} {v:+.2f}" for tok, v in p["top_tokens"])
-        lines.append(f"  {name}   at answer: a {p['mean_a']:+.3f}  b {p['mean_b']:+.3f}   most active on: {tops}")
-        lines += [f"      <- {e}" for e in into.get(name, [])] + [f"      -> {e}" for e in out_of.get(name, [])]
+        top = ", ".join(f"{tok!r} {v:+.2f}" for tok, v in p["top_tokens"])
+        lines.append(f"  {name}: at the answer {p['mean_a']:+.3f} on prompt_a, {p['mean_b']:+.3f} on "
+                     f"prompt_b; most active on {top}")
+        lines += [f"      {e}" for e in into.get(name, []) + out_of.get(name, [])]
     with open(path, "w") as f:
         f.write("\n".join(lines) + "\n")
 
 
-COL, ROW, BOX_W, BOX_H, LEFT, TOP = 84, 64, 72, 22, 200, 80  # SVG layout, in pixels
+COL, ROW, BOX_W, BOX_H, LEFT, TOP = 84, 64, 72, 22, 190, 110  # SVG layout, in pixels
 FILL = {"resid_in": "#dfe9fa", "resid_delta": "#fadddd", "q": "#dcf1df", "k": "#dcf1df",
         "v": "#dcf1df", "post_act": "#fff0c2", "logit": "#eeeeee"}
 
 
 def row_of(name: str) -> str:
-    """The SVG row of a node: its location, with q, k and v of a layer on one row."""
+    """A node's row in the SVG: its location, q, k and v of a layer sharing one row."""
     if name.startswith("logit"):
         return "answer logits"
     loc = location(name)
     return loc[:-1] + "qkv" if loc[-2:] in (".q", ".k", ".v") else loc
 
 
-def short_label(name: str) -> str:
-    """The text in a box; the row label and the tooltip carry the rest of the name."""
+def box_label(name: str) -> str:
+    """The text in a node's box; the row label and the hover title carry the rest."""
     parts = name.split(".")
     if name.startswith("logit"):
         return name[6:]
@@ -474,8 +511,8 @@ def short_label(name: str) -> str:
 
 
 def svg_layout(nodes: list[str], edges) -> tuple[list[str], dict, list[int]]:
-    """Rows in forward order; each residual read/write sits on its channel's column; every
-    other node as close as it can get to the mean column of its residual neighbours."""
+    """Rows in forward order; each residual read/write on its channel's column; every other node
+    as near as it can get to the mean column of its residual neighbours."""
     rows = list(dict.fromkeys(row_of(n) for n in nodes))
     channels = sorted({int(n.split(".")[-1]) for n in nodes if "resid" in n})
     pos = {n: (LEFT + COL * channels.index(int(n.split(".")[-1])), TOP + ROW * rows.index(row_of(n)))
@@ -486,7 +523,7 @@ def svg_layout(nodes: list[str], edges) -> tuple[list[str], dict, list[int]]:
         near.setdefault(d, []).append(s)
     for r, row in enumerate(rows):
         free = [n for n in nodes if row_of(n) == row and n not in pos]
-        want = {n: np.mean([pos[m][0] for m in near.get(n, []) if m in pos] or [LEFT]) for n in free}
+        want = {n: float(np.mean([pos[m][0] for m in near.get(n, []) if m in pos] or [LEFT])) for n in free}
         x = -math.inf
         for n in sorted(free, key=want.get):
             x = max(want[n], x + COL)
@@ -494,129 +531,53 @@ def svg_layout(nodes: list[str], edges) -> tuple[list[str], dict, list[int]]:
     return rows, pos, channels
 
 
-def write_svg(path: str, result: dict):
-    """In the style of the paper's figures, written as SVG text: layers top to bottom, residual
-    channels as vertical grey lines, nodes as labelled boxes, edges blue (+) / red (-) with width
-    by magnitude, the answer logits at the bottom. Hover a box or edge for its full name."""
-    c = result["circuit"]
-    edges = c["edges"] + [(s, f"logit {t!r}", w) for s, t, w in c["unembed_edges"]]
-    nodes = c["nodes"] + sorted({d for _, d, _ in edges if d.startswith("logit")})
-    rows, pos, channels = svg_layout(nodes, edges)
-    width, height = max(x for x, _ in pos.values()) + BOX_W + 30, TOP + ROW * len(rows)
-    checks = result["checks"]
+def write_svg(path: str, r: dict):
+    """In the style of the paper's figures, as plain SVG text: layers top to bottom, residual
+    channels as vertical lines (solid from their first to last node), nodes as labelled boxes,
+    edges blue (+) or red (-) with width by |weight|, the answer logits at the bottom. Hovering
+    a box or an edge shows its full name and weight."""
+    c, checks = r["circuit"], r["checks"]
+    edges = all_edges(c)
+    rows, pos, channels = svg_layout(c["nodes"] + sorted({d for _, d, _ in edges if d.startswith("logit")}), edges)
+    width, height = max([x for x, _ in pos.values()] + [600]) + BOX_W + 30, TOP + ROW * len(rows)
     out = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{width:.0f}" height="{height}" '
            'font-family="sans-serif" font-size="11">', '<rect width="100%" height="100%" fill="white"/>',
-           f'<text x="10" y="20" font-size="15" font-weight="bold">{html.escape(result["task"])}: '
+           f'<text x="10" y="22" font-size="15" font-weight="bold">{html.escape(r["task"])}: '
            f'{c["n_nodes"]} nodes, {c["n_edges"]} edges</text>',
-           f'<text x="10" y="38" fill="#555">circuit alone: test loss {checks["sufficiency"]["loss"]:.3f}, '
-           f'acc {checks["sufficiency"]["acc"]:.0%}; without it: acc {checks["necessity"]["acc"]:.0%}. '
-           'r/w = residual read/write, n = neuron, blue/red = positive/negative weight</text>']
-    out += [f'<text x="10" y="{TOP + ROW * r + 4}" fill="#333">{html.escape(row)}</text>'
-            for r, row in enumerate(rows)]
+           f'<text x="10" y="42" fill="#555">circuit alone: test loss {checks["sufficiency"]["loss"]:.3f} '
+           f'(uncalibrated {checks["sufficiency_uncalibrated"]["loss"]:.3f}), acc '
+           f'{checks["sufficiency"]["acc"]:.0%}; circuit ablated: acc {checks["necessity"]["acc"]:.0%}</text>',
+           '<text x="10" y="60" fill="#555">r/w = residual read/write, n = MLP neuron, q/k/v hH.C = head H '
+           'channel C; blue/red edges = positive/negative weights</text>']
+    out += [f'<text x="10" y="{TOP + ROW * i + 4}" fill="#333">{html.escape(row)}</text>'
+            for i, row in enumerate(rows)]
     for i, ch in enumerate(channels):
         ys = [y for n, (_, y) in pos.items() if "resid" in n and int(n.split(".")[-1]) == ch]
         x = LEFT + COL * i
-        out.append(f'<line x1="{x}" y1="{min(ys) - 16}" x2="{x}" y2="{max(ys) + 16}" stroke="#c8c8c8" '
-                   f'stroke-width="4"/><text x="{x}" y="{min(ys) - 20}" text-anchor="middle" '
-                   f'fill="#999">ch {ch}</text>')
+        out.append(f'<text x="{x}" y="{TOP - 30}" text-anchor="middle" fill="#888">ch {ch}</text>'
+                   f'<line x1="{x}" y1="{TOP - 24}" x2="{x}" y2="{height - 20}" stroke="#e4e4e4" stroke-width="2"/>'
+                   f'<line x1="{x}" y1="{min(ys)}" x2="{x}" y2="{max(ys)}" stroke="#bbb" stroke-width="4"/>')
     top_w = max([abs(w) for *_, w in edges] or [1.0])
     for s, d, w in edges:
         (x1, y1), (x2, y2) = pos[s], pos[d]
         out.append(f'<line x1="{x1:.0f}" y1="{y1 + BOX_H / 2}" x2="{x2:.0f}" y2="{y2 - BOX_H / 2}" '
-                   f'stroke="{"#2b6cb0" if w > 0 else "#c53030"}" stroke-opacity="0.75" '
-                   f'stroke-width="{0.8 + 4 * abs(w) / top_w:.1f}"><title>'
-                   f'{html.escape(f"{s} -> {d}: {w:+.3f}")}</title></line>')
+                   f'stroke="{"#2b6cb0" if w > 0 else "#c53030"}" stroke-opacity="0.75" stroke-width='
+                   f'"{0.8 + 4 * abs(w) / top_w:.1f}"><title>{html.escape(f"{s} -> {d}: {w:+.3f}")}</title></line>')
     for n, (x, y) in pos.items():
         kind = "logit" if n.startswith("logit") else location(n).split(".")[-1]
         out.append(f'<g><title>{html.escape(n)}</title><rect x="{x - BOX_W / 2:.0f}" y="{y - BOX_H / 2}" '
-                   f'width="{BOX_W}" height="{BOX_H}" rx="4" fill="{FILL[kind]}" stroke="#444"/>'
-                   f'<text x="{x:.0f}" y="{y + 4}" text-anchor="middle">{html.escape(short_label(n))}</text></g>')
+                   f'width="{BOX_W}" height="{BOX_H}" rx="4" fill="{FILL[kind]}" stroke="#444"/><text '
+                   f'x="{x:.0f}" y="{y + 4}" text-anchor="middle">{html.escape(box_label(n))}</text></g>')
     with open(path, "w") as f:
         f.write("\n".join(out + ["</svg>"]) + "\n")
 
 
 # -----------------------------------------------------------------------------
-# main: pick the tasks, prune each on every checkpoint, write, summarise
+# main: pick the tasks, prune them on each checkpoint, write the circuits, summarise
 
 
-def find_circuit(model, means, train: dict, cfg, log=print) -> tuple[torch.Tensor | None, list]:
-    """One mask run per k_coef, each discretized by bisection; the circuit with the fewest edges
-    (then nodes) that reaches the target wins. Returns (0/1 keep vector or None, the sweep)."""
-    best, sweep = None, []
-    for k_coef in (float(k) for k in str(cfg.k_coef).split(",")):
-        tau = train_masks(model, means, train, k_coef, cfg, log)
-        order = tau.argsort(descending=True)
-        k = smallest_circuit(model, means, train, order, cfg.target_loss, int((tau > 0).sum()))
-        n_edges = len(circuit_edges(model, top_k_mask(order, k))) if k else None
-        sweep.append({"k_coef": k_coef, "masks_kept": int((tau > 0).sum()), "n_nodes": k, "n_edges": n_edges})
-        log(f"  k_coef {k_coef:g}: " + (f"{k} nodes, {n_edges} edges reach the target" if k else
-                                         "no node set reaches the target loss"))
-        if k and (best is None or (n_edges, k) < best[0]):
-            best = ((n_edges, k), top_k_mask(order, k))
-    return (best[1] if best else None), sweep
-
-
-def describe(model, tokenizer, means, keep, train, test, cfg) -> dict:
-    """Calibration, checks, edges, node profiles and the attribution baseline of one circuit."""
-    names = node_names(model)
-    calib = fit_calibration(diff_with(model, means, keep, train), train)
-    attr_order = attribution_order(model, means, train)
-    k_attr = smallest_circuit(model, means, train, attr_order, cfg.target_loss, 1)
-    attr_edges = len(circuit_edges(model, top_k_mask(attr_order, k_attr))) if k_attr else None
-    n_embed, unembed = token_edges(model, keep, test["idx"].unique().tolist(),
-                                   torch.cat([test["tok_a"], test["tok_b"]]).unique().tolist())
-    profiles = node_profiles(model, means, keep, test, tokenizer, names)
-    return {"circuit": {
-                "nodes": [names[i] for i in keep.nonzero()[:, 0].tolist()], "n_nodes": int(keep.sum()),
-                "edges": [(names[s], names[d], w) for s, d, w in circuit_edges(model, keep)],
-                "n_embed_edges": n_embed,
-                "unembed_edges": [(names[s], tokenizer.decode([t]), w) for s, t, w in unembed],
-                "profiles": {names[i]: p for i, p in profiles.items()}},
-            "calibration": {"scale": calib[0], "shift": calib[1]},
-            "checks": run_checks(model, means, keep, test, calib, cfg.seed),
-            "attribution": {"n_nodes": k_attr, "n_edges": attr_edges}}
-
-
-def prune_checkpoint(path: str, names: list[str], cfg) -> dict[str, dict]:
-    """Prunes every task on one checkpoint; writes circuits/ beside it; returns task -> result."""
-    device = sparse_gpt.pick_device(cfg.device)
-    model, tokenizer, cfg_model = sparse_gpt.load_checkpoint(path, device)
-    for p in model.parameters():
-        p.requires_grad_(False)
-    means = load_means(model, cfg_model, path, cfg.mean_batches, device)
-    out_dir = os.path.join(os.path.dirname(path) or ".", "circuits")
-    os.makedirs(out_dir, exist_ok=True)
-    results = {}
-    for name in names:
-        t0 = time.time()
-        print(f"{path}: pruning {name} ({len(means)} nodes)")
-        data = {}
-        for split in ("train", "test"):
-            pairs = tasks.make_pairs(name, cfg.n_pairs, cfg.seed, split)
-            tasks.check_pairs(tokenizer, name, pairs)
-            data[split] = encode_pairs(tokenizer, pairs, model.cfg.block_size, device)
-        keep, sweep = find_circuit(model, means, data["train"], cfg)
-        result = {"task": name, "ckpt": path, "target_loss": cfg.target_loss, "sweep": sweep,
-                  "config": dict(cfg)}
-        if keep is None:
-            print(f"{name}: no circuit reaches target loss {cfg.target_loss} (try a larger --target_loss)")
-        else:
-            result["k_coef"] = min((s for s in sweep if s["n_nodes"]), key=lambda s: (s["n_edges"], s["n_nodes"]))["k_coef"]
-            result.update(describe(model, tokenizer, means, keep, data["train"], data["test"], cfg))
-            c = result["circuit"]
-            c["n_edges"] = len(c["edges"])
-            base = os.path.join(out_dir, name)
-            write_json(base + ".json", result)
-            write_txt(base + ".txt", result)
-            write_svg(base + ".svg", result)
-            print(f"{name}: {c['n_nodes']} nodes, {c['n_edges']} edges in {time.time() - t0:.0f}s -> {base}.{{json,txt,svg}}")
-        results[name] = result
-    return results
-
-
-def solved_tasks(path: str, cfg) -> list[str]:
-    """The tasks this checkpoint answers with accuracy >= solved_acc on the train pairs."""
-    model, tokenizer, _ = sparse_gpt.load_checkpoint(path, sparse_gpt.pick_device(cfg.device))
+def solved_tasks(model, tokenizer, cfg) -> list[str]:
+    """The tasks the model answers with accuracy >= solved_acc on the train pairs."""
     solved = []
     for name in tasks.TASKS:
         try:
@@ -625,61 +586,100 @@ def solved_tasks(path: str, cfg) -> list[str]:
             print(f"skipping {name}: {e}")
             continue
         solved += [name] * (acc >= cfg.solved_acc)
-    print(f"{path}: solves {len(solved)} of {len(tasks.TASKS)} tasks at accuracy >= {cfg.solved_acc:.0%}")
     return solved
 
 
-def print_summary(results: dict[str, dict]):
-    print(f"{'task':<28}{'nodes':>6}{'edges':>7}{'suff loss':>10}{'acc':>6}{'nec loss':>9}{'acc':>6}"
-          f"{'rand loss':>10}{'attr edges':>11}")
+def prune_checkpoint(path: str, model, tokenizer, means, names: list[str], cfg) -> dict[str, dict]:
+    """Prunes each task and writes circuits/ beside the checkpoint; returns task -> result."""
+    out_dir = os.path.join(os.path.dirname(path) or ".", "circuits")
+    os.makedirs(out_dir, exist_ok=True)
+    results = {}
+    for name in names:
+        t0 = time.time()
+        print(f"{name}: pruning {len(means)} nodes of {path}")
+        try:
+            pairs = {s: tasks.make_pairs(name, cfg.n_pairs, cfg.seed, s) for s in ("train", "test")}
+            for p in pairs.values():
+                tasks.check_pairs(tokenizer, name, p)
+        except ValueError as e:
+            print(f"{name}: skipped: {e}")
+            continue
+        train, test = (encode_pairs(tokenizer, pairs[s], model.cfg.block_size, means.device) for s in pairs)
+        keep, k_coef, sweep = find_circuit(model, means, train, cfg)
+        results[name] = r = {"task": name, "ckpt": path, "target_loss": cfg.target_loss, "k_coef": k_coef,
+                             "sweep": sweep, "config": dict(cfg)}
+        if keep is None:
+            print(f"{name}: no circuit reaches target loss {cfg.target_loss}, not even the full model")
+            continue
+        r.update(describe(model, tokenizer, means, keep, train, test, cfg))
+        r["seconds"] = round(time.time() - t0, 1)
+        base = os.path.join(out_dir, name)
+        with open(base + ".json", "w") as f:
+            json.dump(r, f, indent=1)
+        write_txt(base + ".txt", r)
+        write_svg(base + ".svg", r)
+        print(f"{name}: {r['circuit']['n_nodes']} nodes, {r['circuit']['n_edges']} edges in "
+              f"{r['seconds']:.0f}s -> {base}.json .txt .svg")
+    return results
+
+
+def geomean(xs) -> float:
+    return math.exp(sum(math.log(x) for x in xs) / len(xs))
+
+
+def print_summary(path: str, results: dict[str, dict]):
+    print(f"\n{path}: circuits, losses on the test pairs (sufficiency calibrated; raw = uncalibrated)")
+    print(f"{'task':<28}{'nodes':>6}{'edges':>7}{'suff loss':>10}{'raw':>7}{'acc':>6}{'nec loss':>9}"
+          f"{'acc':>6}{'rand loss':>10}{'attr edges':>11}")
     edges = []
     for name, r in results.items():
         if "circuit" not in r:
             print(f"{name:<28}  no circuit reaches the target loss")
             continue
         c, ch = r["circuit"], r["checks"]
-        edges.append(c["n_edges"])
+        edges.append(max(c["n_edges"], 1))  # an empty circuit (the bigram table did it) counts as 1
         print(f"{name:<28}{c['n_nodes']:>6}{c['n_edges']:>7}{ch['sufficiency']['loss']:>10.3f}"
-              f"{ch['sufficiency']['acc']:>6.0%}{ch['necessity']['loss']:>9.3f}{ch['necessity']['acc']:>6.0%}"
-              f"{ch['random_ablation']['loss']:>10.3f}{str(r['attribution']['n_edges'] or '-'):>11}")
+              f"{ch['sufficiency_uncalibrated']['loss']:>7.3f}{ch['sufficiency']['acc']:>6.0%}"
+              f"{ch['necessity']['loss']:>9.3f}{ch['necessity']['acc']:>6.0%}"
+              f"{ch['random_ablation']['loss']:>10.3f}{r['attribution']['n_edges'] or '-':>11}")
     if edges:
         print(f"geometric mean of edges over {len(edges)} tasks: {geomean(edges):.1f}")
 
 
-def geomean(xs) -> float:
-    return math.exp(sum(math.log(max(x, 1)) for x in xs) / len(xs))
-
-
 def main(argv=None):
     cfg = sparse_gpt.parse_config(sys.argv[1:] if argv is None else argv, DEFAULTS, presets=None)
+    names = [t for t in cfg.tasks.split(",") if t]
+    unknown = [t for t in names if t not in tasks.ALL]
+    if unknown:
+        sys.exit(f"error: unknown task '{unknown[0]}'; valid tasks: {' '.join(tasks.ALL)}")
+    device = sparse_gpt.pick_device(cfg.device)
     paths = [cfg.ckpt] + [cfg.compare] * bool(cfg.compare)
-    for path in paths:
-        sparse_gpt.read_checkpoint(path)  # a missing or broken file fails here, before any work
-    if cfg.tasks:
-        names = cfg.tasks.split(",")
-        unknown = [t for t in names if t not in tasks.ALL]
-        if unknown:
-            sys.exit(f"error: unknown task '{unknown[0]}'; valid tasks: {' '.join(tasks.ALL)}")
-    else:
-        solved = [solved_tasks(path, cfg) for path in paths]
+    loaded = [sparse_gpt.load_checkpoint(path, device) for path in paths]  # bad files fail here
+    if not names:  # the tasks that every checkpoint solves, so that a comparison is like for like
+        solved = [solved_tasks(model, tokenizer, cfg) for model, tokenizer, _ in loaded]
         names = [t for t in solved[0] if all(t in s for s in solved)]
+        print(f"tasks solved at accuracy >= {cfg.solved_acc:.0%}: {' '.join(names) or 'none'}")
         if not names:
             sys.exit(f"error: no task is solved at accuracy >= {cfg.solved_acc:.0%}; "
-                     "choose some with --tasks=a,b or lower --solved_acc")
-    runs = [prune_checkpoint(path, names, cfg) for path in paths]
+                     "name some with --tasks=a,b or lower --solved_acc")
+    runs = []
+    for path, (model, tokenizer, cfg_model) in zip(paths, loaded):
+        model.requires_grad_(False)  # only the masks learn
+        means = load_means(model, cfg_model, path, cfg.mean_batches, device)
+        runs.append(prune_checkpoint(path, model, tokenizer, means, names, cfg))
     for path, results in zip(paths, runs):
-        print(f"\nsummary for {path} (test split; target loss {cfg.target_loss} on train)")
-        print_summary(results)
+        print_summary(path, results)
     if cfg.compare:
-        print(f"\nedge ratio {cfg.compare} / {cfg.ckpt}")
+        print(f"\nedges: A = {cfg.ckpt}, B = {cfg.compare}\n{'task':<28}{'A':>7}{'B':>7}{'B/A':>7}")
         ratios = []
         for name in names:
-            a, b = (r[name].get("circuit", {}).get("n_edges") for r in runs)
-            if a and b:
-                ratios.append(b / a)
-            print(f"{name:<28}{a or '-':>8}{b or '-':>8}" + (f"{b / a:>8.2f}" if a and b else ""))
+            a, b = (run.get(name, {}).get("circuit", {}).get("n_edges") for run in runs)
+            ratio = None if a is None or b is None else max(b, 1) / max(a, 1)
+            ratios += [ratio] * (ratio is not None)
+            print(f"{name:<28}{'-' if a is None else a:>7}{'-' if b is None else b:>7}"
+                  f"{'-' if ratio is None else f'{ratio:.2f}':>7}")
         if ratios:
-            print(f"geometric mean of the ratio over {len(ratios)} tasks: {geomean(ratios):.2f}")
+            print(f"geometric mean of B/A over {len(ratios)} tasks: {geomean(ratios):.2f}")
 
 
 if __name__ == "__main__":

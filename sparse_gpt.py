@@ -333,12 +333,13 @@ class GPTConfig:
 
 
 def kth_largest(a: torch.Tensor, k: int, dim: int = -1) -> torch.Tensor:
-    """The k-th largest entry of `a` along dim (kept as a size-1 dim). A threshold, not a sort
-    (paper B): on CPU numpy's introselect is several times faster than torch.topk."""
+    """The k-th largest entry of `a` (>= 0) along dim, kept as a size-1 dim. A selection, not a
+    sort (paper B): on CPU numpy's introselect is several times faster than torch.topk, and
+    faster still on the float bits read as int32, which order non-negative floats the same way."""
     n = a.shape[dim]
     if a.device.type == "cpu" and a.dtype == torch.float32:
-        part = np.partition(a.detach().numpy(), n - k, axis=dim)
-        return torch.from_numpy(np.take(part, [n - k], axis=dim))
+        part = np.partition(a.detach().numpy().view(np.int32), n - k, axis=dim)
+        return torch.from_numpy(np.take(part, [n - k], axis=dim).view(np.float32))
     return a.topk(k, dim=dim, sorted=False).values.amin(dim, keepdim=True)
 
 
