@@ -68,6 +68,12 @@ def encode_pairs(tokenizer, pairs, block_size: int, device) -> dict:
     return {k: v.to(device) for k, v in data.items()}
 
 
+def real_positions(data: dict) -> torch.Tensor:
+    """(prompts, positions) booleans: True on the prompts' own tokens, False on the padding."""
+    positions = torch.arange(data["idx"].shape[1], device=data["idx"].device)
+    return positions[None] <= data["last"][:, None]
+
+
 def subset(data: dict, rows) -> dict:
     """Some rows of the task data, padding trimmed to their longest prompt."""
     out = {k: v[rows] for k, v in data.items()}
@@ -136,7 +142,8 @@ def hooked(model, fn):
 
 
 @torch.no_grad()
-def compute_means(model, tokens: np.ndarray, n_batches: int, batch_size: int, seed=0) -> torch.Tensor:
+def compute_means(model, tokens: np.ndarray, n_batches: int, batch_size: int,
+                  seed=0) -> torch.Tensor:
     """Mean of every node (after AbsTopK, as the hook sees it) over all positions of n_batches
     random windows of the token array."""
     spans, device = node_spans(model), next(model.parameters()).device
@@ -173,8 +180,9 @@ def load_means(model, cfg_model, ckpt_path: str, n_batches: int, device) -> torc
     tokens = np.memmap(val_path, dtype=np.uint16, mode="r")
     means = compute_means(model, tokens, n_batches, cfg_model.batch_size)
     torch.save({"key": key, "means": means}, path)
-    print(f"node means: {len(means)} nodes over {n_batches * cfg_model.batch_size * cfg_model.block_size:,} "
-          f"val tokens in {time.time() - t0:.1f}s, cached in {path}")
+    n_tokens = n_batches * cfg_model.batch_size * cfg_model.block_size
+    print(f"node means: {len(means)} nodes over {n_tokens:,} val tokens in "
+          f"{time.time() - t0:.1f}s, cached in {path}")
     return means
 
 
@@ -277,7 +285,8 @@ def smallest_circuit(model, means, data, order, target: float, start: int) -> in
     the last size that failed and the first that passed: bisection assumes the loss falls as k
     grows, which holds near a good ordering's answer but not everywhere."""
     def passes(k):
-        return pair_loss(diff_with(model, means, top_k_mask(order, k), data), data)[0].item() <= target
+        loss, _ = pair_loss(diff_with(model, means, top_k_mask(order, k), data), data)
+        return loss.item() <= target
 
     lo, hi = -1, min(start, len(order))  # lo = -1: the empty circuit may pass (the bigram table)
     while not passes(hi):
@@ -312,12 +321,15 @@ def fit_calibration(z: torch.Tensor, data: dict) -> tuple[float, float]:
 
 def run_checks(model, means, circuit: torch.Tensor, test: dict, calib, seed: int) -> dict:
     """Test-split loss and accuracy of the full model, of the circuit alone (calibrated, and
-    as is), of the model without the circuit, and without a random node set of its size."""
-    every = torch.ones_like(circuit)
+    as is), of the model without the circuit, without a random node set of its size, and with
+    no node kept at all."""
+    every, as_is = torch.ones_like(circuit), (1.0, 0.0)
     perm = torch.randperm(len(circuit), generator=torch.Generator().manual_seed(seed))
-    runs = {"full": (every, (1.0, 0.0)), "sufficiency": (circuit, calib),
-            "sufficiency_uncalibrated": (circuit, (1.0, 0.0)), "necessity": (every - circuit, (1.0, 0.0)),
-            "random_ablation": (every - top_k_mask(perm.to(circuit.device), int(circuit.sum())), (1.0, 0.0))}
+    random_set = top_k_mask(perm.to(circuit.device), int(circuit.sum()))
+    runs = {"full": (every, as_is), "sufficiency": (circuit, calib),
+            "sufficiency_uncalibrated": (circuit, as_is), "necessity": (every - circuit, as_is),
+            "random_ablation": (every - random_set, as_is),
+            "empty_circuit": (0 * every, as_is)}  # what the bigram table and the means do alone
     out = {}
     for name, (keep, (scale, shift)) in runs.items():
         loss, acc = pair_loss(diff_with(model, means, keep, test), test, scale, shift)
@@ -331,7 +343,8 @@ def attribution_order(model, means, data: dict, chunk=32) -> torch.Tensor:
     score = torch.zeros_like(means)
     for i in range(0, len(data["last"]), chunk):
         batch = subset(data, slice(i, i + chunk))
-        gates = torch.ones(len(batch["last"]), 1, len(means), device=means.device, requires_grad=True)
+        gates = torch.ones(len(batch["last"]), 1, len(means), device=means.device)
+        gates.requires_grad_()
         with ablated(model, means, gates):
             loss = F.softplus(-batch["sign"] * answer_diff(model, batch)).sum()
         score += torch.autograd.grad(loss, gates)[0].abs().sum(dim=(0, 1))
@@ -351,7 +364,8 @@ def weight_links(model) -> list[tuple[torch.Tensor, str, str]]:
         w = block.attn.c_attn.weight
         links += [(w[i * d : (i + 1) * d], f"{l}.attn.resid_in", f"{l}.attn.{kind}")
                   for i, kind in enumerate("qkv")]
-        links += [(block.attn.c_proj.weight, f"{l}.attn.v", f"{l}.attn.resid_delta"),  # output i mixes v_i
+        # attention output channel i is a mixture of v channel i, so c_proj's columns are v nodes
+        links += [(block.attn.c_proj.weight, f"{l}.attn.v", f"{l}.attn.resid_delta"),
                   (block.mlp.c_fc.weight, f"{l}.mlp.resid_in", f"{l}.mlp.post_act"),
                   (block.mlp.c_proj.weight, f"{l}.mlp.post_act", f"{l}.mlp.resid_delta")]
     return links
@@ -387,16 +401,18 @@ def token_edges(model, keep: torch.Tensor, prompt_tokens, answer_tokens) -> tupl
 # the search: a small k_coef sweep, then everything reported about the winner
 
 
-def find_circuit(model, means, train: dict, cfg, log=print) -> tuple[torch.Tensor | None, float, list]:
+def find_circuit(model, means, train: dict, cfg, log=print) -> tuple:
     """One mask run per k_coef, each discretized; the circuit with the fewest edges (then nodes)
-    that reaches the target wins. Returns (its 0/1 keep vector or None, its k_coef, the sweep)."""
+    that reaches the target wins. Returns (its 0/1 keep vector or None, its k_coef, the sweep),
+    the sweep holding each run's own result."""
     best, sweep = (None, None, None), []
     for k_coef in (float(k) for k in str(cfg.k_coef).split(",")):
         tau = train_masks(model, means, train, k_coef, cfg, log)
         order = tau.argsort(descending=True)
         k = smallest_circuit(model, means, train, order, cfg.target_loss, int((tau > 0).sum()))
         n_edges = None if k is None else len(circuit_edges(model, top_k_mask(order, k)))
-        sweep.append({"k_coef": k_coef, "masks_kept": int((tau > 0).sum()), "n_nodes": k, "n_edges": n_edges})
+        sweep.append({"k_coef": k_coef, "masks_kept": int((tau > 0).sum()), "n_nodes": k,
+                      "n_edges": n_edges})
         log(f"  k_coef {k_coef:g}: " + ("no node set reaches the target loss" if k is None
                                          else f"{k} nodes, {n_edges} edges reach the target loss"))
         if k is not None and (best[0] is None or (n_edges, k) < best[0]):
@@ -411,19 +427,18 @@ def node_profiles(model, means, keep, data: dict, tokenizer, n_top=3) -> dict[in
     record, out = {}, {}
     with ablated(model, means, keep, record):
         model(data["idx"])
-    last, idx = data["last"].cpu(), data["idx"].cpu()
-    real = torch.arange(idx.shape[1])[None] <= last[:, None]  # not the padding
+    last, real = data["last"].cpu(), real_positions(data).cpu()
+    tokens = [tokenizer.decode([t]) for t in data["idx"].cpu()[real].tolist()]
     for loc, (a, b) in node_spans(model).items():
         for i in keep[a:b].nonzero()[:, 0].tolist():
             acts = record[loc][..., i].cpu()
-            at_answer = acts[torch.arange(len(last)), last]
-            top = {}
-            for j in acts[real].abs().argsort(descending=True).tolist():
-                top.setdefault(tokenizer.decode([int(idx[real][j])]), round(acts[real][j].item(), 3))
+            at_answer, flat, top = acts[torch.arange(len(last)), last], acts[real], {}
+            for j in flat.abs().argsort(descending=True).tolist():
+                top.setdefault(tokens[j], round(flat[j].item(), 3))
                 if len(top) == n_top:
                     break
-            out[a + i] = {"mean_a": at_answer[0::2].mean().item(), "mean_b": at_answer[1::2].mean().item(),
-                          "top_tokens": list(top.items())}
+            out[a + i] = {"mean_a": at_answer[0::2].mean().item(),
+                          "mean_b": at_answer[1::2].mean().item(), "top_tokens": list(top.items())}
     return out
 
 
@@ -434,13 +449,14 @@ def describe(model, tokenizer, means, keep, train: dict, test: dict, cfg) -> dic
     attr_order = attribution_order(model, means, train)
     k_attr = smallest_circuit(model, means, train, attr_order, cfg.target_loss, 1)
     edges = circuit_edges(model, keep)
-    n_embed, unembed = token_edges(model, keep, test["idx"].unique().tolist(),
+    n_embed, unembed = token_edges(model, keep, test["idx"][real_positions(test)].unique().tolist(),
                                    torch.cat([test["tok_a"], test["tok_b"]]).unique().tolist())
     profiles = node_profiles(model, means, keep, test, tokenizer)
     return {"circuit": {"n_nodes": int(keep.sum()), "n_edges": len(edges), "n_embed_edges": n_embed,
                         "nodes": [names[i] for i in keep.nonzero()[:, 0].tolist()],
                         "edges": [(names[s], names[d], w) for s, d, w in edges],
-                        "unembed_edges": [(names[s], tokenizer.decode([t]), w) for s, t, w in unembed],
+                        "unembed_edges": [(names[s], tokenizer.decode([t]), w)
+                                          for s, t, w in unembed],
                         "profiles": {names[i]: p for i, p in profiles.items()}},
             "calibration": {"scale": calib[0], "shift": calib[1]},
             "checks": run_checks(model, means, keep, test, calib, cfg.seed),
@@ -460,14 +476,16 @@ def location(name: str) -> str:
 
 def all_edges(c: dict) -> list[tuple[str, str, float]]:
     """The circuit's edges, then the unembedding edges as node -> 'logit <token>'."""
-    return [tuple(e) for e in c["edges"]] + [(s, f"logit {t!r}", w) for s, t, w in c["unembed_edges"]]
+    unembed = [(s, f"logit {t!r}", w) for s, t, w in c["unembed_edges"]]
+    return [tuple(e) for e in c["edges"]] + unembed
 
 
 def write_txt(path: str, r: dict):
     c = r["circuit"]
     lines = [f"{r['task']}: {c['n_nodes']} nodes, {c['n_edges']} edges (and {c['n_embed_edges']} "
              f"embedding, {len(c['unembed_edges'])} unembedding edges), k_coef {r['k_coef']:g}",
-             f"checkpoint {r['ckpt']}; target loss {r['target_loss']} on the train pairs; test pairs:"]
+             f"checkpoint {r['ckpt']}; target loss {r['target_loss']} on the train pairs; "
+             "on the test pairs:"]
     lines += [f"  {k:<26} loss {v['loss']:.3f}  acc {v['acc']:.1%}" for k, v in r["checks"].items()]
     lines.append(f"  attribution baseline needs {r['attribution']['n_nodes']} nodes, "
                  f"{r['attribution']['n_edges']} edges\n")
@@ -480,8 +498,8 @@ def write_txt(path: str, r: dict):
             lines.append(f"[{location(name)}]")
         p = c["profiles"][name]
         top = ", ".join(f"{tok!r} {v:+.2f}" for tok, v in p["top_tokens"])
-        lines.append(f"  {name}: at the answer {p['mean_a']:+.3f} on prompt_a, {p['mean_b']:+.3f} on "
-                     f"prompt_b; most active on {top}")
+        lines.append(f"  {name}: at the answer {p['mean_a']:+.3f} on prompt_a, "
+                     f"{p['mean_b']:+.3f} on prompt_b; most active on {top}")
         lines += [f"      {e}" for e in into.get(name, []) + out_of.get(name, [])]
     with open(path, "w") as f:
         f.write("\n".join(lines) + "\n")
@@ -515,15 +533,16 @@ def svg_layout(nodes: list[str], edges) -> tuple[list[str], dict, list[int]]:
     as near as it can get to the mean column of its residual neighbours."""
     rows = list(dict.fromkeys(row_of(n) for n in nodes))
     channels = sorted({int(n.split(".")[-1]) for n in nodes if "resid" in n})
-    pos = {n: (LEFT + COL * channels.index(int(n.split(".")[-1])), TOP + ROW * rows.index(row_of(n)))
-           for n in nodes if "resid" in n}
+    pos = {n: (LEFT + COL * channels.index(int(n.split(".")[-1])),
+               TOP + ROW * rows.index(row_of(n))) for n in nodes if "resid" in n}
     near = {}
     for s, d, _ in edges:
         near.setdefault(s, []).append(d)
         near.setdefault(d, []).append(s)
     for r, row in enumerate(rows):
         free = [n for n in nodes if row_of(n) == row and n not in pos]
-        want = {n: float(np.mean([pos[m][0] for m in near.get(n, []) if m in pos] or [LEFT])) for n in free}
+        want = {n: float(np.mean([pos[m][0] for m in near.get(n, []) if m in pos] or [LEFT]))
+                for n in free}
         x = -math.inf
         for n in sorted(free, key=want.get):
             x = max(want[n], x + COL)
@@ -538,36 +557,42 @@ def write_svg(path: str, r: dict):
     a box or an edge shows its full name and weight."""
     c, checks = r["circuit"], r["checks"]
     edges = all_edges(c)
-    rows, pos, channels = svg_layout(c["nodes"] + sorted({d for _, d, _ in edges if d.startswith("logit")}), edges)
+    logits = sorted({d for _, d, _ in edges if d.startswith("logit")})
+    rows, pos, channels = svg_layout(c["nodes"] + logits, edges)
     width, height = max([x for x, _ in pos.values()] + [600]) + BOX_W + 30, TOP + ROW * len(rows)
+    suff, raw, nec = checks["sufficiency"], checks["sufficiency_uncalibrated"], checks["necessity"]
     out = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{width:.0f}" height="{height}" '
-           'font-family="sans-serif" font-size="11">', '<rect width="100%" height="100%" fill="white"/>',
+           'font-family="sans-serif" font-size="11">',
+           '<rect width="100%" height="100%" fill="white"/>',
            f'<text x="10" y="22" font-size="15" font-weight="bold">{html.escape(r["task"])}: '
            f'{c["n_nodes"]} nodes, {c["n_edges"]} edges</text>',
-           f'<text x="10" y="42" fill="#555">circuit alone: test loss {checks["sufficiency"]["loss"]:.3f} '
-           f'(uncalibrated {checks["sufficiency_uncalibrated"]["loss"]:.3f}), acc '
-           f'{checks["sufficiency"]["acc"]:.0%}; circuit ablated: acc {checks["necessity"]["acc"]:.0%}</text>',
-           '<text x="10" y="60" fill="#555">r/w = residual read/write, n = MLP neuron, q/k/v hH.C = head H '
-           'channel C; blue/red edges = positive/negative weights</text>']
+           f'<text x="10" y="42" fill="#555">circuit alone: test loss {suff["loss"]:.3f} '
+           f'(uncalibrated {raw["loss"]:.3f}), acc {suff["acc"]:.0%}; circuit ablated: acc '
+           f'{nec["acc"]:.0%}</text>',
+           '<text x="10" y="60" fill="#555">r/w = residual read/write, n = MLP neuron, '
+           'q/k/v hH.C = head H channel C; blue/red edges = positive/negative weights</text>']
     out += [f'<text x="10" y="{TOP + ROW * i + 4}" fill="#333">{html.escape(row)}</text>'
             for i, row in enumerate(rows)]
     for i, ch in enumerate(channels):
         ys = [y for n, (_, y) in pos.items() if "resid" in n and int(n.split(".")[-1]) == ch]
         x = LEFT + COL * i
         out.append(f'<text x="{x}" y="{TOP - 30}" text-anchor="middle" fill="#888">ch {ch}</text>'
-                   f'<line x1="{x}" y1="{TOP - 24}" x2="{x}" y2="{height - 20}" stroke="#e4e4e4" stroke-width="2"/>'
-                   f'<line x1="{x}" y1="{min(ys)}" x2="{x}" y2="{max(ys)}" stroke="#bbb" stroke-width="4"/>')
+                   f'<line x1="{x}" y1="{TOP - 24}" x2="{x}" y2="{height - 20}" stroke="#e4e4e4" '
+                   f'stroke-width="2"/><line x1="{x}" y1="{min(ys)}" x2="{x}" y2="{max(ys)}" '
+                   'stroke="#bbb" stroke-width="4"/>')
     top_w = max([abs(w) for *_, w in edges] or [1.0])
     for s, d, w in edges:
         (x1, y1), (x2, y2) = pos[s], pos[d]
+        colour, title = "#2b6cb0" if w > 0 else "#c53030", html.escape(f"{s} -> {d}: {w:+.3f}")
         out.append(f'<line x1="{x1:.0f}" y1="{y1 + BOX_H / 2}" x2="{x2:.0f}" y2="{y2 - BOX_H / 2}" '
-                   f'stroke="{"#2b6cb0" if w > 0 else "#c53030"}" stroke-opacity="0.75" stroke-width='
-                   f'"{0.8 + 4 * abs(w) / top_w:.1f}"><title>{html.escape(f"{s} -> {d}: {w:+.3f}")}</title></line>')
+                   f'stroke="{colour}" stroke-opacity="0.75" '
+                   f'stroke-width="{0.8 + 4 * abs(w) / top_w:.1f}"><title>{title}</title></line>')
     for n, (x, y) in pos.items():
         kind = "logit" if n.startswith("logit") else location(n).split(".")[-1]
-        out.append(f'<g><title>{html.escape(n)}</title><rect x="{x - BOX_W / 2:.0f}" y="{y - BOX_H / 2}" '
-                   f'width="{BOX_W}" height="{BOX_H}" rx="4" fill="{FILL[kind]}" stroke="#444"/><text '
-                   f'x="{x:.0f}" y="{y + 4}" text-anchor="middle">{html.escape(box_label(n))}</text></g>')
+        out.append(f'<g><title>{html.escape(n)}</title><rect x="{x - BOX_W / 2:.0f}" '
+                   f'y="{y - BOX_H / 2}" width="{BOX_W}" height="{BOX_H}" rx="4" '
+                   f'fill="{FILL[kind]}" stroke="#444"/><text x="{x:.0f}" y="{y + 4}" '
+                   f'text-anchor="middle">{html.escape(box_label(n))}</text></g>')
     with open(path, "w") as f:
         f.write("\n".join(out + ["</svg>"]) + "\n")
 
@@ -578,14 +603,15 @@ def write_svg(path: str, r: dict):
 
 def solved_tasks(model, tokenizer, cfg) -> list[str]:
     """The tasks the model answers with accuracy >= solved_acc on the train pairs."""
+    print(f"which of the {len(tasks.TASKS)} tasks does the model solve? ({cfg.n_pairs} pairs each)")
     solved = []
     for name in tasks.TASKS:
         try:
-            (_, acc, _), = tasks.evaluate(model, tokenizer, [name], cfg.n_pairs, cfg.seed, "train").values()
+            scores = tasks.evaluate(model, tokenizer, [name], cfg.n_pairs, cfg.seed, "train")
         except ValueError as e:  # an answer that is not one token under this tokenizer
             print(f"skipping {name}: {e}")
             continue
-        solved += [name] * (acc >= cfg.solved_acc)
+        solved += [name] * (scores[name][1] >= cfg.solved_acc)
     return solved
 
 
@@ -604,12 +630,13 @@ def prune_checkpoint(path: str, model, tokenizer, means, names: list[str], cfg) 
         except ValueError as e:
             print(f"{name}: skipped: {e}")
             continue
-        train, test = (encode_pairs(tokenizer, pairs[s], model.cfg.block_size, means.device) for s in pairs)
+        train, test = (encode_pairs(tokenizer, pairs[s], model.cfg.block_size, means.device)
+                       for s in ("train", "test"))
         keep, k_coef, sweep = find_circuit(model, means, train, cfg)
-        results[name] = r = {"task": name, "ckpt": path, "target_loss": cfg.target_loss, "k_coef": k_coef,
-                             "sweep": sweep, "config": dict(cfg)}
+        results[name] = r = {"task": name, "ckpt": path, "target_loss": cfg.target_loss,
+                             "k_coef": k_coef, "sweep": sweep, "config": dict(cfg)}
         if keep is None:
-            print(f"{name}: no circuit reaches target loss {cfg.target_loss}, not even the full model")
+            print(f"{name}: no circuit reaches target loss {cfg.target_loss}, nor does the model")
             continue
         r.update(describe(model, tokenizer, means, keep, train, test, cfg))
         r["seconds"] = round(time.time() - t0, 1)
@@ -628,9 +655,10 @@ def geomean(xs) -> float:
 
 
 def print_summary(path: str, results: dict[str, dict]):
-    print(f"\n{path}: circuits, losses on the test pairs (sufficiency calibrated; raw = uncalibrated)")
-    print(f"{'task':<28}{'nodes':>6}{'edges':>7}{'suff loss':>10}{'raw':>7}{'acc':>6}{'nec loss':>9}"
-          f"{'acc':>6}{'rand loss':>10}{'attr edges':>11}")
+    print(f"\n{path}: circuits; losses on the test pairs (suff = circuit alone, calibrated; raw = "
+          "uncalibrated; nec = circuit ablated; rand = a random node set of its size ablated)")
+    print(f"{'task':<28}{'nodes':>6}{'edges':>7}{'suff loss':>10}{'raw':>7}{'acc':>6}"
+          f"{'nec loss':>9}{'acc':>6}{'rand loss':>10}{'attr edges':>11}")
     edges = []
     for name, r in results.items():
         if "circuit" not in r:

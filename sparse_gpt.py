@@ -277,7 +277,8 @@ def prepare_data(cfg) -> tuple[str, tiktoken.Encoding]:
     key = hashlib.sha1(f"{root}|{cfg.vocab_size}|{PRETOKEN_PATTERN}|{REQUIRED_TOKENS}".encode())
     for path in files:
         key.update(f"{os.path.relpath(path, root)}:{os.path.getsize(path)}".encode())
-    folder = os.path.join(cfg.cache_dir, f"{os.path.basename(root)}-{key.hexdigest()[:10]}")
+    name = f"{os.path.basename(root)}-{key.hexdigest()[:10]}"
+    folder = os.path.abspath(os.path.join(cfg.cache_dir, name))
     tok_path = os.path.join(folder, "tokenizer.tiktoken")
     if os.path.exists(os.path.join(folder, "val.bin")):
         print(f"data: using cached tokens in {folder}")

@@ -1,8 +1,11 @@
 """The test suite: python -m pytest -q test_all.py (CPU, a few minutes on 2 cores)."""
 
+import json
 import math
 import os
+import random
 import shutil
+import xml.etree.ElementTree as ET
 from types import SimpleNamespace
 
 import numpy as np
@@ -10,6 +13,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import prune
 import sparse_gpt as sg
 import tasks
 
@@ -543,7 +547,13 @@ def test_cli_prints_examples_a_table_and_clear_errors(tmp_path, task_ranks, caps
         assert any(row.startswith(name + " ") and row.endswith(" 4") for row in rows)
     assert "mean over 20 tasks" in table
     # a tokenizer with only its first 300 merges lacks most answer tokens: each such task says so
-    sg.save_tokenizer(dict(list(task_ranks.items())[:300]), str(tmp_path / "tokenizer.tiktoken"))
+    short = tmp_path / "short"
+    short.mkdir()
+    cfg = sg.parse_config(["--preset=tiny", "--vocab_size=301"])
+    model = sg.GPT(sg.GPTConfig.from_config(cfg))
+    ckpt = str(short / "ckpt.pt")
+    sg.save_checkpoint(ckpt, model, sg.make_optimizer(model, cfg, "cpu"), cfg, 0, float("inf"), "")
+    sg.save_tokenizer(dict(list(task_ranks.items())[:300]), str(short / "tokenizer.tiktoken"))
     tasks.main([f"--ckpt={ckpt}", "--n=4", "--device=cpu", "--tasks=if_ternary,bracket_counting"])
     table = capsys.readouterr().out
     assert "not evaluated: task if_ternary: answer ' else' is" in table
@@ -554,3 +564,218 @@ def test_cli_prints_examples_a_table_and_clear_errors(tmp_path, task_ranks, caps
                           (["--n=0"], "error: --n must be at least 1")):
         with pytest.raises(SystemExit, match=message):
             tasks.main(argv)
+
+
+# -----------------------------------------------------------------------------
+# prune.py
+# a hand-built model with a planted circuit, on a byte-level tokenizer (vocab 257)
+#
+# The answer after 'X' is 'A' and after 'Y' is 'B'. The embedding writes +1 (X) or -1 (Y) on
+# residual channel 0; neuron 0 fires on +, neuron 1 on -; they write +/- onto channel 1; the
+# unembedding reads channel 1 only for 'A' and 'B'. So the planted circuit is 5 nodes:
+# 0.mlp.resid_in.0 -> 0.mlp.post_act.{0,1} -> 0.mlp.resid_delta.1 -> final.resid_in.1.
+# Channels 2..7, the attention block and neurons 2..7 carry random noise. The means come from
+# text with neither X nor Y, so every planted node's mean is 0 and each one is needed.
+
+PLANTED = ["0.mlp.resid_in.0", "0.mlp.post_act.0", "0.mlp.post_act.1", "0.mlp.resid_delta.1",
+           "final.resid_in.1"]
+NOISE_TEXT = "abcdefghijk"
+
+
+def hand_gpt(**kw) -> sg.GPT:
+    torch.manual_seed(0)
+    args = dict(vocab_size=257, n_layer=1, d_model=8, d_head=4, d_mlp=8, block_size=8)
+    return sg.GPT(sg.GPTConfig(**{**args, **kw}))
+
+
+def byte_tokenizer():
+    return sg.make_encoding({bytes([i]): i for i in range(256)})
+
+
+def planted_model() -> sg.GPT:
+    model = hand_gpt(afrac=1.0, attn_sink=False, bigram_table=False)
+    noise, ab = slice(2, 8), [ord("A"), ord("B")]
+    attn, mlp = model.blocks[0].attn, model.blocks[0].mlp
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() == 2:
+                p.zero_()
+        model.wte.weight[:, noise] = 0.3 * torch.randn(257, 6)
+        model.wte.weight[ord("X"), 0], model.wte.weight[ord("Y"), 0] = 1.0, -1.0
+        for i in range(3):  # q, k and v read the noise channels; the output writes them
+            attn.c_attn.weight[i * 8 + 2 : i * 8 + 8, noise] = torch.randn(6, 6)
+        attn.c_proj.weight[noise, noise] = 0.3 * torch.randn(6, 6)
+        mlp.c_fc.weight[0, 0], mlp.c_fc.weight[1, 0] = 10.0, -10.0  # far into GELU's flat tail
+        mlp.c_fc.weight[2:, noise] = torch.randn(6, 6)
+        mlp.c_proj.weight[1, 0], mlp.c_proj.weight[1, 1] = 1.0, -1.0
+        mlp.c_proj.weight[noise, 2:] = 0.3 * torch.randn(6, 6)
+        model.lm_head.weight[:, noise] = torch.randn(257, 6)
+        model.lm_head.weight[ab] = 0.0
+        model.lm_head.weight[ab, 1] = torch.tensor([1.0, -1.0])  # circuit loss ~0.01, not 0
+    return model.requires_grad_(False)
+
+
+def planted_task(rng) -> tasks.Pair:
+    noise = "".join(rng.choice(NOISE_TEXT) for _ in range(rng.randint(3, 7)))
+    return tasks.Pair(noise + "X", noise + "Y", "A", "B")
+
+
+def noise_tokens(n=4000) -> np.ndarray:
+    return np.random.default_rng(0).choice(list(NOISE_TEXT.encode()), n).astype(np.uint16)
+
+
+def planted_data(n=64) -> dict:
+    pairs = [planted_task(random.Random(i)) for i in range(n)]
+    return prune.encode_pairs(byte_tokenizer(), pairs, 8, torch.device("cpu"))
+
+
+def test_prune_recovers_planted_circuit():
+    model = planted_model()
+    means = prune.compute_means(model, noise_tokens(), n_batches=8, batch_size=16)
+    cfg = sg.parse_config(["--steps=60", "--lr=3e-2"], prune.DEFAULTS, presets=None)  # quick
+    keep, k_coef, sweep = prune.find_circuit(model, means, planted_data(), cfg, log=lambda s: None)
+    names = prune.node_names(model)
+    assert sorted(names[i] for i in keep.nonzero()[:, 0].tolist()) == sorted(PLANTED), sweep
+    edges = {(names[s], names[d]) for s, d, _ in prune.circuit_edges(model, keep)}
+    assert edges == {("0.mlp.resid_in.0", "0.mlp.post_act.0"),
+                     ("0.mlp.resid_in.0", "0.mlp.post_act.1"),
+                     ("0.mlp.post_act.0", "0.mlp.resid_delta.1"),
+                     ("0.mlp.post_act.1", "0.mlp.resid_delta.1")}
+
+
+def test_heaviside_gradient_is_the_sigmoid_derivative():
+    tau = torch.tensor([-1.0, -0.3, 0.0, 0.2, 1.0], requires_grad=True)
+    for temp in (1.0, 0.5):
+        h = prune.HeavisideSTE.apply(tau, temp)
+        assert h.tolist() == [0.0, 0.0, 0.0, 1.0, 1.0]
+        (grad,) = torch.autograd.grad((h * torch.arange(5.0)).sum(), tau)
+        s = torch.sigmoid(tau.detach() / temp)
+        torch.testing.assert_close(grad, torch.arange(5.0) * s * (1 - s) / temp)
+
+
+def test_mean_ablation_keeping_all_is_exact_and_keeping_none_ignores_the_input():
+    # AbsTopK and attention sinks on; no bigram table, whose row would follow the input
+    model = hand_gpt(vocab_size=64, n_layer=2, d_model=32, d_head=8, d_mlp=64, block_size=16,
+                     bigram_table=False)
+    idx = torch.randint(64, (3, 16))
+    means = torch.randn(len(prune.node_names(model)))
+    plain, _ = model(idx)
+    with prune.ablated(model, means, torch.ones_like(means)):
+        assert torch.equal(model(idx)[0], plain)
+    with prune.ablated(model, means, torch.zeros_like(means)):
+        ablated, _ = model(idx)
+        assert torch.equal(model(torch.randint(64, (3, 16)))[0], ablated)
+    assert torch.equal(ablated, ablated[:1, :1].expand_as(ablated))  # the same at every position
+    assert all(node.hook is None for node in model.nodes())
+
+
+def test_answer_diff_matches_tasks_scoring():
+    model = hand_gpt(n_layer=2, d_model=16, d_mlp=32)  # with a bigram table, added by answer_diff
+    with torch.no_grad():
+        model.bigram.weight.normal_()
+    tokenizer, pairs = byte_tokenizer(), [planted_task(random.Random(i)) for i in range(8)]
+    data = prune.encode_pairs(tokenizer, pairs, 8, torch.device("cpu"))
+    right, wrong = tasks.answer_logits(model, tokenizer, pairs)
+    torch.testing.assert_close(data["sign"] * prune.answer_diff(model, data), right - wrong)
+    loss, acc = prune.pair_loss(prune.answer_diff(model, data), data)
+    ref_loss, ref_acc = tasks.task_loss(model, tokenizer, pairs)
+    torch.testing.assert_close(loss, ref_loss)
+    assert acc == ref_acc
+
+
+def test_edge_counting_on_a_hand_made_weight_pattern():
+    model = hand_gpt()
+    attn, mlp = model.blocks[0].attn, model.blocks[0].mlp
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() == 2:
+                p.zero_()
+        attn.c_attn.weight[2, 5] = 0.5  # read 5 -> q channel 2 (head 0)
+        attn.c_attn.weight[8 + 7, 5] = -0.25  # read 5 -> k channel 7 (head 1, ch 3)
+        attn.c_attn.weight[16 + 1, 6] = 2.0  # read 6 (not kept) -> v channel 1
+        attn.c_proj.weight[3, 1] = 1.5  # v channel 1 -> write 3
+        mlp.c_fc.weight[4, 5] = 0.75  # mlp read 5 -> neuron 4
+        mlp.c_proj.weight[0, 4] = -1.0  # neuron 4 -> write 0
+        mlp.c_proj.weight[2, 4] = 1.0  # neuron 4 -> write 2 (not kept)
+    names = prune.node_names(model)
+    kept = ["0.attn.resid_in.5", "0.attn.q.head0.ch2", "0.attn.k.head1.ch3", "0.attn.v.head0.ch1",
+            "0.attn.resid_delta.3", "0.mlp.resid_in.5", "0.mlp.post_act.4", "0.mlp.resid_delta.0"]
+    keep = torch.tensor([float(n in kept) for n in names])
+    edges = {(names[s], names[d], w) for s, d, w in prune.circuit_edges(model, keep)}
+    assert edges == {("0.attn.resid_in.5", "0.attn.q.head0.ch2", 0.5),
+                     ("0.attn.resid_in.5", "0.attn.k.head1.ch3", -0.25),
+                     ("0.attn.v.head0.ch1", "0.attn.resid_delta.3", 1.5),
+                     ("0.mlp.resid_in.5", "0.mlp.post_act.4", 0.75),
+                     ("0.mlp.post_act.4", "0.mlp.resid_delta.0", -1.0)}
+
+
+# -----------------------------------------------------------------------------
+# the command line, end to end, on the planted model saved as a checkpoint
+
+
+@pytest.fixture
+def planted_ckpt(tmp_path, monkeypatch):
+    """out/ckpt.pt + tokenizer + val.bin of noise text; tasks.py knows one task, 'planted'."""
+    model, out, data_dir = planted_model(), tmp_path / "out", tmp_path / "data"
+    out.mkdir()
+    data_dir.mkdir()
+    noise_tokens().tofile(data_dir / "val.bin")
+    shape = {f: getattr(model.cfg, f) for f in sg.GPTConfig.__dataclass_fields__}
+    config = {**sg.DEFAULTS, **shape, "batch_size": 16}
+    ckpt = {"model": model.state_dict(), "config": config, "data_path": str(data_dir)}
+    torch.save(ckpt, out / "ckpt.pt")
+    sg.save_tokenizer({bytes([i]): i for i in range(256)}, str(out / "tokenizer.tiktoken"))
+    monkeypatch.setattr(tasks, "TASKS", {"planted": planted_task})
+    monkeypatch.setattr(tasks, "ALL", {"planted": planted_task})
+    return out / "ckpt.pt"
+
+
+def test_main_writes_json_txt_and_svg_and_compares(planted_ckpt, capsys):
+    prune.main([f"--ckpt={planted_ckpt}", f"--compare={planted_ckpt}", "--steps=60", "--lr=3e-2",
+                "--n_pairs=32", "--mean_batches=4"])
+    out = capsys.readouterr().out
+    assert "node means: 72 nodes" in out and "tasks solved at accuracy >= 90%: planted" in out
+    assert "geometric mean of edges over 1 tasks: 4.0" in out
+    assert "geometric mean of B/A over 1 tasks: 1.00" in out
+    circuits = planted_ckpt.parent / "circuits"
+    result = json.loads((circuits / "planted.json").read_text())
+    assert sorted(result["circuit"]["nodes"]) == sorted(PLANTED)
+    checks = result["checks"]
+    assert checks["sufficiency"]["acc"] == 1.0 and checks["necessity"]["acc"] <= 0.75
+    assert set(checks) == {"full", "sufficiency", "sufficiency_uncalibrated", "necessity",
+                           "random_ablation", "empty_circuit"}
+    unembed = {tuple(e[:2]) for e in result["circuit"]["unembed_edges"]}
+    assert unembed == {("final.resid_in.1", "A"), ("final.resid_in.1", "B")}
+    text = (circuits / "planted.txt").read_text()
+    assert "[0.mlp.post_act]" in text and "-> 0.mlp.resid_delta.1 (+1.000)" in text
+    svg = ET.parse(circuits / "planted.svg").getroot()
+    labels = [t.text for t in svg.iter("{http://www.w3.org/2000/svg}text")]
+    assert {"r0", "n0", "n1", "w1", "r1", "'A'", "'B'"} <= set(labels)
+
+
+def test_means_are_cached_and_keyed_to_the_checkpoint(planted_ckpt, capsys):
+    model, _, cfg_model = sg.load_checkpoint(str(planted_ckpt))
+    first = prune.load_means(model, cfg_model, str(planted_ckpt), 4, torch.device("cpu"))
+    second = prune.load_means(model, cfg_model, str(planted_ckpt), 4, torch.device("cpu"))
+    assert torch.equal(first, second) and capsys.readouterr().out.count("node means:") == 1
+    ckpt = torch.load(planted_ckpt, weights_only=False)
+    ckpt["model"]["wte.weight"][ord("a"), 2] += 1.0  # another checkpoint in the same folder
+    torch.save(ckpt, planted_ckpt)
+    model.load_state_dict(ckpt["model"])
+    third = prune.load_means(model, cfg_model, str(planted_ckpt), 4, torch.device("cpu"))
+    assert capsys.readouterr().out.count("node means:") == 1 and not torch.equal(first, third)
+
+
+def test_bad_checkpoint_or_task_is_a_clear_one_line_error(tmp_path, planted_ckpt):
+    (tmp_path / "junk.pt").write_bytes(b"not a checkpoint")
+    other = {"model": {"wte.weight": torch.zeros(3, 3)}, "config": {"n_layer": 1}}
+    torch.save(other, tmp_path / "other.pt")
+    cases = {f"--ckpt={tmp_path / 'missing.pt'}": "not found",
+             f"--ckpt={tmp_path / 'junk.pt'}": "cannot read checkpoint",
+             f"--ckpt={tmp_path / 'other.pt'}": "does not match this model code",
+             f"--ckpt={planted_ckpt} --tasks=planted,no_such_task": "unknown task 'no_such_task'",
+             "--no_such_key=1": "unknown config key"}
+    for argv, message in cases.items():
+        with pytest.raises(SystemExit) as e:
+            prune.main(argv.split() + ["--tasks=planted"] * ("--tasks" not in argv))
+        assert message in str(e.value) and "\n" not in str(e.value), argv
