@@ -156,6 +156,13 @@ def test_abstopk_keeps_exactly_k_per_row():
     assert (smallest_kept >= largest_dropped).all()
 
 
+def test_kth_largest_matches_torch_topk_on_a_large_input():
+    a = torch.randn(3, 171, 512).abs()  # 262k entries, an MLP-sized AbsTopK input
+    expected = a.topk(128, dim=-1).values[..., -1:]
+    assert torch.equal(sg.kth_largest(a, 128), expected)
+    assert torch.equal(sg.kth_largest(a, 1, dim=1), a.amax(1, keepdim=True))
+
+
 def test_abstopk_passes_gradient_only_to_kept_entries():
     x = torch.randn(5, 64, requires_grad=True)
     y = sg.abstopk(x, 16)
