@@ -49,25 +49,6 @@ LOG_EVERY = 25  # mask-training steps between progress lines
 # task data: tokenized once, reused by every forward of the mask training
 
 
-def encode_pairs(tokenizer, pairs, block_size: int, device) -> dict:
-    """Rows 2i / 2i+1 are prompt_a / prompt_b of pair i, right-padded (invisible to a causal model
-    at the positions we read), exactly as tasks.answer_logits tokenizes them. sign is +1 where
-    token_a is the right answer, -1 where token_b is."""
-    rows, tok_a, tok_b = [], [], []
-    for p in pairs:
-        a, b = tasks.answer_id(tokenizer, p.token_a), tasks.answer_id(tokenizer, p.token_b)
-        rows += [tokenizer.encode_ordinary(p.prompt_a)[-block_size:],
-                 tokenizer.encode_ordinary(p.prompt_b)[-block_size:]]
-        tok_a += [a, a]
-        tok_b += [b, b]
-    idx = torch.zeros(len(rows), max(map(len, rows)), dtype=torch.long)
-    for i, row in enumerate(rows):
-        idx[i, : len(row)] = torch.tensor(row)
-    data = dict(idx=idx, last=torch.tensor([len(r) - 1 for r in rows]), tok_a=torch.tensor(tok_a),
-                tok_b=torch.tensor(tok_b), sign=torch.tensor([1.0, -1.0] * len(pairs)))
-    return {k: v.to(device) for k, v in data.items()}
-
-
 def real_positions(data: dict) -> torch.Tensor:
     """(prompts, positions) booleans: True on the prompts' own tokens, False on the padding."""
     positions = torch.arange(data["idx"].shape[1], device=data["idx"].device)
@@ -630,7 +611,7 @@ def prune_checkpoint(path: str, model, tokenizer, means, names: list[str], cfg) 
         except ValueError as e:
             print(f"{name}: skipped: {e}")
             continue
-        train, test = (encode_pairs(tokenizer, pairs[s], model.cfg.block_size, means.device)
+        train, test = (tasks.encode_pairs(tokenizer, pairs[s], model.cfg.block_size, means.device)
                        for s in ("train", "test"))
         keep, k_coef, sweep = find_circuit(model, means, train, cfg)
         results[name] = r = {"task": name, "ckpt": path, "target_loss": cfg.target_loss,

@@ -376,29 +376,36 @@ def check_pairs(tokenizer, name: str, pairs: list[Pair]):
 # scoring: the two answers' logits at the last position of each prompt
 
 
-def answer_logits(model, tokenizer, pairs: list[Pair]) -> tuple[torch.Tensor, torch.Tensor]:
-    """(logit of the correct answer, logit of the wrong one), each of shape (2n,): row 2i is
-    prompt_a of pair i, row 2i+1 its prompt_b. One batched forward, differentiable (prune.py
-    trains node masks through it). Prompts longer than the context keep their last block_size
-    tokens, so the answer position survives."""
-    block_size = model.cfg.block_size
-    rows, correct, wrong = [], [], []
-    for pair in pairs:
-        a, b = answer_id(tokenizer, pair.token_a), answer_id(tokenizer, pair.token_b)
-        rows += [tokenizer.encode_ordinary(pair.prompt_a)[-block_size:],
-                 tokenizer.encode_ordinary(pair.prompt_b)[-block_size:]]
-        correct += [a, b]
-        wrong += [b, a]
-    device = next(model.parameters()).device
-    # right-padding is invisible to a causal model at the positions we read
+def encode_pairs(tokenizer, pairs: list[Pair], block_size: int, device="cpu") -> dict:
+    """Rows 2i / 2i+1 are prompt_a / prompt_b of pair i, right-padded (invisible to a causal model
+    at the positions we read); last = each row's answer position; sign is +1 where token_a is the
+    right answer, -1 where token_b is. Prompts longer than the context keep their last block_size
+    tokens, so the answer position survives. prune.py reuses this for every mask-training step."""
+    rows, tok_a, tok_b = [], [], []
+    for p in pairs:
+        a, b = answer_id(tokenizer, p.token_a), answer_id(tokenizer, p.token_b)
+        rows += [tokenizer.encode_ordinary(p.prompt_a)[-block_size:],
+                 tokenizer.encode_ordinary(p.prompt_b)[-block_size:]]
+        tok_a += [a, a]
+        tok_b += [b, b]
     idx = torch.zeros(len(rows), max(map(len, rows)), dtype=torch.long)
     for i, row in enumerate(rows):
         idx[i, : len(row)] = torch.tensor(row)
-    logits, _ = model(idx.to(device))
-    ends = torch.tensor([len(row) - 1 for row in rows], device=device)
-    last = logits[torch.arange(len(rows), device=device), ends]
-    both = last.gather(1, torch.tensor([correct, wrong], device=device).T).float()
-    return both[:, 0], both[:, 1]
+    data = dict(idx=idx, last=torch.tensor([len(r) - 1 for r in rows]), tok_a=torch.tensor(tok_a),
+                tok_b=torch.tensor(tok_b), sign=torch.tensor([1.0, -1.0] * len(pairs)))
+    return {k: v.to(device) for k, v in data.items()}
+
+
+def answer_logits(model, tokenizer, pairs: list[Pair]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(logit of the correct answer, logit of the wrong one), each of shape (2n,): row 2i is
+    prompt_a of pair i, row 2i+1 its prompt_b. One batched forward, differentiable."""
+    data = encode_pairs(tokenizer, pairs, model.cfg.block_size, next(model.parameters()).device)
+    logits, _ = model(data["idx"])
+    rows = torch.arange(len(data["last"]), device=logits.device)
+    last = logits[rows, data["last"]].float()
+    a, b = last[rows, data["tok_a"]], last[rows, data["tok_b"]]
+    first_right = data["sign"] > 0
+    return torch.where(first_right, a, b), torch.where(first_right, b, a)
 
 
 def score(right: torch.Tensor, wrong: torch.Tensor) -> tuple[torch.Tensor, float]:

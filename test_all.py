@@ -633,7 +633,7 @@ def noise_tokens(n=4000) -> np.ndarray:
 
 def planted_data(n=64) -> dict:
     pairs = [planted_task(random.Random(i)) for i in range(n)]
-    return prune.encode_pairs(byte_tokenizer(), pairs, 8, torch.device("cpu"))
+    return tasks.encode_pairs(byte_tokenizer(), pairs, 8, torch.device("cpu"))
 
 
 def test_prune_recovers_planted_circuit():
@@ -681,7 +681,7 @@ def test_answer_diff_matches_tasks_scoring():
     with torch.no_grad():
         model.bigram.weight.normal_()
     tokenizer, pairs = byte_tokenizer(), [planted_task(random.Random(i)) for i in range(8)]
-    data = prune.encode_pairs(tokenizer, pairs, 8, torch.device("cpu"))
+    data = tasks.encode_pairs(tokenizer, pairs, 8, torch.device("cpu"))
     right, wrong = tasks.answer_logits(model, tokenizer, pairs)
     torch.testing.assert_close(data["sign"] * prune.answer_diff(model, data), right - wrong)
     loss, acc = prune.pair_loss(prune.answer_diff(model, data), data)
