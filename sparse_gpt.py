@@ -47,7 +47,8 @@ DEFAULTS = dict(
     attn_sink=True,  # learnable per-head logit of an always-visible zero-valued key
     bigram_table=True,  # dense vocab x vocab table added to the logits
     # weight sparsity (paper section 2)
-    density=0.25,  # fraction of each sparse matrix kept at the end of annealing
+    density=1 / 16,  # fraction of each hidden matrix kept at the end of annealing
+    embed_ratio=4.0,  # wte and lm_head keep this many times the hidden density (official ef)
     anneal_frac=0.5,  # density anneals linearly from 1.0 over this fraction of training
     min_per_neuron=4,  # the paper's j: no neuron or q/k/v channel drops below this many weights
     # optimization
@@ -55,9 +56,8 @@ DEFAULTS = dict(
     max_iters=3000,
     learning_rate=3e-3,
     warmup_frac=0.01,
-    weight_decay=0.1,
-    adam_eps=1e-8,  # the paper uses 0.1; at our small scale that stalls (see README)
-    grad_clip=1.0,  # clip the root-mean-square of the whole gradient to this
+    weight_decay=0.1,  # on every matrix but the bigram table (official script)
+    adam_eps=0.1,  # large on purpose (paper 2): the gradient Adam sees always has RMS 1
     # loop and system
     eval_interval=250,
     eval_iters=20,
@@ -453,15 +453,15 @@ class GPT(nn.Module):
         self.wte = nn.Embedding(cfg.vocab_size, cfg.d_model)
         self.blocks = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layer))
         self.final_norm = RMSNorm(cfg.d_model)
-        self.final_in = Node("final.resid_in", cfg.d_model, cfg.afrac)
+        self.final_in = Node("final.resid_in", cfg.d_model, 1.0)  # a node, but no AbsTopK (official)
         self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)  # untied
         self.bigram = nn.Embedding(cfg.vocab_size, cfg.vocab_size) if cfg.bigram_table else None
         for name, p in self.named_parameters():
             if p.dim() == 2:
                 std = 0.02 / math.sqrt(2 * cfg.n_layer) if name.endswith("c_proj.weight") else 0.02
                 nn.init.normal_(p, std=std)
-        if self.bigram is not None:
-            nn.init.zeros_(self.bigram.weight)
+        if self.bigram is not None:  # official init; never decayed
+            nn.init.uniform_(self.bigram.weight, 0.0, 0.02)
 
     def nodes(self) -> list[Node]:
         return [m for m in self.modules() if isinstance(m, Node)]
@@ -519,19 +519,34 @@ def topk_mask(w: torch.Tensor, k: int, floor_dim: int | None, min_per_neuron: in
 
 
 @torch.no_grad()
-def project_weights(model: GPT, density: float, min_per_neuron: int):
-    if density >= 1.0:
-        return
-    for _, w, floor_dim in sparse_matrices(model):
-        k = math.ceil(density * w.numel())
-        w.mul_(topk_mask(w, k, floor_dim, min_per_neuron))
+def project_weights(model: GPT, density: float, min_per_neuron: int, embed_density: float = None):
+    """Hidden matrices keep `density`; wte and lm_head keep `embed_density` (default: the same).
+    The official script makes embeddings denser: hidden weights are the circuits' edges."""
+    for name, w, floor_dim in sparse_matrices(model):
+        d = embed_density if name in EMBEDDINGS and embed_density is not None else density
+        if d < 1.0:
+            w.mul_(topk_mask(w, math.ceil(d * w.numel()), floor_dim, min_per_neuron))
 
 
-def density_at(it: int, cfg) -> float:
-    """Linear anneal from dense to cfg.density over the first anneal_frac of training."""
+EMBEDDINGS = ("wte.weight", "lm_head.weight")
+
+
+def n_sparse(model: GPT, cfg=None) -> int:
+    """Weights of the sparse matrices; with cfg, how many stay nonzero at the target densities
+    (the L0 of the paper's frontier, floors aside)."""
+    if cfg is None:
+        return sum(p.numel() for _, p, _ in sparse_matrices(model))
+    dens = {True: min(1.0, cfg.density * cfg.embed_ratio), False: cfg.density}
+    return sum(math.ceil(dens[n in EMBEDDINGS] * p.numel()) for n, p, _ in sparse_matrices(model))
+
+
+def density_at(it: int, cfg, embed: bool = False) -> float:
+    """Linear anneal from dense to the target over the first anneal_frac of training; the target
+    is cfg.density for hidden matrices, embed_ratio times that (at most 1) for embeddings."""
+    target = min(1.0, cfg.density * cfg.embed_ratio) if embed else cfg.density
     anneal = cfg.anneal_frac * cfg.max_iters
     frac = min(1.0, it / anneal) if anneal > 0 else 1.0
-    return 1.0 - (1.0 - cfg.density) * frac
+    return 1.0 - (1.0 - target) * frac
 
 
 def lr_at(it: int, cfg) -> float:
@@ -546,19 +561,24 @@ def lr_at(it: int, cfg) -> float:
 
 
 def make_optimizer(model: GPT, cfg, device_type: str) -> torch.optim.AdamW:
-    decay = [p for p in model.parameters() if p.dim() >= 2]
-    no_decay = [p for p in model.parameters() if p.dim() < 2]  # norm gains, sinks
+    decay = [p for n, p in model.named_parameters() if p.dim() >= 2 and not n.startswith("bigram")]
+    no_decay = [p for n, p in model.named_parameters()
+                if p.dim() < 2 or n.startswith("bigram")]  # norm gains, sinks, bigram table
     groups = [{"params": decay, "weight_decay": cfg.weight_decay},
               {"params": no_decay, "weight_decay": 0.0}]
     return torch.optim.AdamW(groups, lr=cfg.learning_rate, betas=(0.9, 0.95), eps=cfg.adam_eps,
                              fused=device_type == "cuda")
 
 
-def clip_grad_rms_(params, max_rms: float) -> torch.Tensor:
-    """Scales the gradient so its root-mean-square over all parameters is at most max_rms."""
-    params = [p for p in params if p.grad is not None]
-    n = sum(p.numel() for p in params)
-    return torch.nn.utils.clip_grad_norm_(params, max_rms * math.sqrt(n)) / math.sqrt(n)
+def normalize_grad_rms_(params) -> torch.Tensor:
+    """Divides the whole gradient by its root-mean-square (+1e-5), every step, as the official
+    script does: Adam then always sees RMS 1, which is what eps=0.1 is sized for. Not a clip:
+    the raw RMS is ~1e-4 (the bigram table's many zero gradients count too). Returns the raw RMS."""
+    grads = [p.grad for p in params if p.grad is not None]
+    n = sum(g.numel() for g in grads)
+    rms = torch.sqrt(sum(g.float().pow(2).sum() for g in grads) / n)
+    torch._foreach_div_(grads, rms + 1e-5)
+    return rms
 
 
 # -----------------------------------------------------------------------------
@@ -682,9 +702,9 @@ def train(cfg) -> list[tuple[int, float]]:
         print(f"resuming from {ckpt_path} at step {iter_num}")
     elif cfg.init_from != "scratch":
         sys.exit(f"error: --init_from must be scratch or resume, got '{cfg.init_from}'")
-    n_params = sum(p.numel() for _, p, _ in sparse_matrices(model))
-    print(f"model: {cfg.n_layer} layers, d_model {cfg.d_model}, {n_params / 1e6:.2f}M sparse "
-          f"weights -> {math.ceil(cfg.density * n_params):,} nonzero at density {cfg.density:g}")
+    print(f"model: {cfg.n_layer} layers, d_model {cfg.d_model}, {n_sparse(model) / 1e6:.2f}M "
+          f"sparse weights -> {n_sparse(model, cfg):,} nonzero at density {cfg.density:g} "
+          f"(embeddings {min(1.0, cfg.density * cfg.embed_ratio):g})")
 
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
@@ -723,10 +743,11 @@ def train(cfg) -> list[tuple[int, float]]:
                 sys.exit(f"error: loss is {loss_val} at step {iter_num}; stopped. The last good "
                          f"checkpoint is kept in {ckpt_path}. Try a lower --learning_rate.")
             loss.backward()
-            clip_grad_rms_(params, cfg.grad_clip)
+            normalize_grad_rms_(params)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
-            project_weights(model, density_at(iter_num, cfg), cfg.min_per_neuron)
+            project_weights(model, density_at(iter_num, cfg), cfg.min_per_neuron,
+                            density_at(iter_num, cfg, embed=True))
             iter_num += 1
             history.append((iter_num, loss_val))
 
@@ -780,9 +801,10 @@ def bench(cfg, warmup=3, rounds=10):
     for name, vcfg in variants.items():
         torch.manual_seed(cfg.seed)
         model = GPT(GPTConfig.from_config(vcfg)).to(device)
-        project_weights(model, vcfg.density, vcfg.min_per_neuron)
+        embed = min(1.0, vcfg.density * vcfg.embed_ratio)
+        project_weights(model, vcfg.density, vcfg.min_per_neuron, embed)
         runs[name] = dict(model=model, fmodel=torch.compile(model) if vcfg.compile else model,
-                          opt=make_optimizer(model, vcfg, device.type), cfg=vcfg,
+                          opt=make_optimizer(model, vcfg, device.type), cfg=vcfg, embed=embed,
                           times=[], peak=0)
     gen = torch.Generator().manual_seed(cfg.seed)
     x, y = torch.randint(cfg.vocab_size, (2, cfg.batch_size, cfg.block_size), generator=gen).to(device)
@@ -795,14 +817,14 @@ def bench(cfg, warmup=3, rounds=10):
             with autocast:
                 _, loss = run["fmodel"](x, y)
             loss.backward()
-            clip_grad_rms_(run["model"].parameters(), cfg.grad_clip)
+            normalize_grad_rms_(run["model"].parameters())
             sync()
             t1 = time.perf_counter()
             run["opt"].step()
             run["opt"].zero_grad(set_to_none=True)
             sync()
             t2 = time.perf_counter()
-            project_weights(run["model"], run["cfg"].density, cfg.min_per_neuron)
+            project_weights(run["model"], run["cfg"].density, cfg.min_per_neuron, run["embed"])
             sync()
             t3 = time.perf_counter()
             if step >= warmup:
