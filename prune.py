@@ -32,17 +32,18 @@ DEFAULTS = dict(
     compare="",  # a second checkpoint: prune both on the same tasks, print the edge ratio B/A
     solved_acc=0.9,  # accuracy (train pairs) at which a task counts as solved
     target_loss=0.15,  # task loss (nats) the circuit must reach on the train pairs (paper 5)
-    k_coef="1e-3,3e-3,1e-2",  # penalty per kept node; one mask run per value, fewest edges wins
+    k_coef=1e-4,  # penalty per kept node (paper 5)
     heaviside_temp=1.0,  # temperature of the sigmoid whose derivative is the mask's gradient
     lr=3e-3,  # AdamW on the masks: beta2 0.95, weight decay 1e-3 (paper 5)
-    steps=200,  # mask-training steps per k_coef
-    n_pairs=64,  # train pairs and test pairs per task (paper: a batch of 64 datapoints)
-    batch_pairs=16,  # pairs per mask-training step
+    steps=600,  # mask-training steps, each on all n_pairs train pairs
+    n_pairs=64,  # train pairs and test pairs per task (paper: batches of 64 datapoints)
+    control=True,  # also search the same prompts with shuffled answers (a circuit must beat it)
     mean_batches=20,  # val.bin batches (of the checkpoint's batch_size x block_size) for means
     seed=0,
     device="auto",
 )
-LOG_EVERY = 25  # mask-training steps between progress lines
+LOG_EVERY = 100  # mask-training steps between progress lines
+MAX_SCALE = 4.0  # the calibration may scale the logit difference by at most this much
 
 
 # -----------------------------------------------------------------------------
@@ -226,15 +227,13 @@ def train_masks(model, means, train: dict, k_coef: float, cfg, log=print) -> tor
     # every node starts kept: a bias of 0.1 plus noise of 0.01 breaks ties (paper 5)
     tau = (0.1 + 0.01 * torch.randn(len(means), generator=gen)).to(means.device).requires_grad_()
     opt = torch.optim.AdamW([tau], lr=cfg.lr, betas=(0.9, 0.95), weight_decay=1e-3)
-    n_pairs, t0 = len(train["last"]) // 2, time.time()
+    t0 = time.time()
     for step in range(cfg.steps):
         for group in opt.param_groups:
             group["lr"] = lr_at(step, cfg.steps, cfg.lr)
-        pick = torch.randperm(n_pairs, generator=gen)[: cfg.batch_pairs]
-        batch = subset(train, torch.stack([2 * pick, 2 * pick + 1], 1).flatten())  # whole pairs
         keep = HeavisideSTE.apply(tau, cfg.heaviside_temp)
-        with ablated(model, means, keep):
-            task, _ = pair_loss(answer_diff(model, batch), batch)
+        with ablated(model, means, keep):  # every step sees all train pairs (paper: 64)
+            task, _ = pair_loss(answer_diff(model, train), train)
         (task + k_coef * keep.sum()).backward()
         torch.nn.utils.clip_grad_norm_([tau], 1.0)
         opt.step()
@@ -260,14 +259,19 @@ def diff_with(model, means, keep, data: dict, chunk=64) -> torch.Tensor:
                           for i in range(0, len(data["last"]), chunk)])
 
 
+def circuit_loss(model, means, keep, data: dict) -> float:
+    """The task loss of a node set on `data` after its own calibration (paper 5)."""
+    z = diff_with(model, means, keep, data)
+    return pair_loss(z, data, *fit_calibration(z, data))[0].item()
+
+
 def smallest_circuit(model, means, data, order, target: float, start: int) -> int | None:
-    """The smallest k whose first k nodes of `order` reach the target loss on `data`, or None.
-    Gallops up from `start` (the masks' own choice of size) by doubling, then bisects between
-    the last size that failed and the first that passed: bisection assumes the loss falls as k
-    grows, which holds near a good ordering's answer but not everywhere."""
+    """The smallest k whose first k nodes of `order` reach the target calibrated loss on `data`,
+    or None. Gallops up from `start` (the masks' own choice of size) by doubling, then bisects
+    between the last size that failed and the first that passed: bisection assumes the loss
+    falls as k grows, which holds near a good ordering's answer but not everywhere."""
     def passes(k):
-        loss, _ = pair_loss(diff_with(model, means, top_k_mask(order, k), data), data)
-        return loss.item() <= target
+        return circuit_loss(model, means, top_k_mask(order, k), data) <= target
 
     lo, hi = -1, min(start, len(order))  # lo = -1: the empty circuit may pass (the bigram table)
     while not passes(hi):
@@ -282,18 +286,24 @@ def smallest_circuit(model, means, data, order, target: float, start: int) -> in
 
 def fit_calibration(z: torch.Tensor, data: dict) -> tuple[float, float]:
     """Scale and shift of the logit difference, 16 LBFGS steps (paper 5): pruned circuits are
-    often right but badly calibrated."""
-    params = torch.tensor([1.0, 0.0], device=z.device, requires_grad=True)
+    often right but badly calibrated. The scale stays in (0, MAX_SCALE): unbounded, it would
+    take any node set that merely separates the train pairs to a loss of 0."""
+    params = torch.zeros(2, device=z.device, requires_grad=True)  # starts at scale 1, shift 0
+    start = -math.log(MAX_SCALE - 1)  # MAX_SCALE * sigmoid(start) == 1
+
+    def scale_shift():
+        return MAX_SCALE * torch.sigmoid(params[0] + start), params[1]
+
     opt = torch.optim.LBFGS([params], max_iter=16, line_search_fn="strong_wolfe")
 
     def closure():
         opt.zero_grad()
-        loss = pair_loss(z, data, params[0], params[1])[0]
+        loss = pair_loss(z.detach(), data, *scale_shift())[0]
         loss.backward()
         return loss
 
     opt.step(closure)
-    return params[0].item(), params[1].item()
+    return tuple(v.item() for v in scale_shift())
 
 
 # -----------------------------------------------------------------------------
@@ -379,26 +389,55 @@ def token_edges(model, keep: torch.Tensor, prompt_tokens, answer_tokens) -> tupl
 
 
 # -----------------------------------------------------------------------------
-# the search: a small k_coef sweep, then everything reported about the winner
+# the search: masks, then the fewest nodes that reach the target, then a control
 
 
 def find_circuit(model, means, train: dict, cfg, log=print) -> tuple:
-    """One mask run per k_coef, each discretized; the circuit with the fewest edges (then nodes)
-    that reaches the target wins. Returns (its 0/1 keep vector or None, its k_coef, the sweep),
-    the sweep holding each run's own result."""
-    best, sweep = (None, None, None), []
-    for k_coef in (float(k) for k in str(cfg.k_coef).split(",")):
-        tau = train_masks(model, means, train, k_coef, cfg, log)
-        order = tau.argsort(descending=True)
-        k = smallest_circuit(model, means, train, order, cfg.target_loss, int((tau > 0).sum()))
-        n_edges = None if k is None else len(circuit_edges(model, top_k_mask(order, k)))
-        sweep.append({"k_coef": k_coef, "masks_kept": int((tau > 0).sum()), "n_nodes": k,
-                      "n_edges": n_edges})
-        log(f"  k_coef {k_coef:g}: " + ("no node set reaches the target loss" if k is None
-                                         else f"{k} nodes, {n_edges} edges reach the target loss"))
-        if k is not None and (best[0] is None or (n_edges, k) < best[0]):
-            best = ((n_edges, k), top_k_mask(order, k), k_coef)
-    return best[1], best[2], sweep
+    """Trains the masks, then discretizes: the fewest nodes in order of tau that reach the target
+    calibrated loss, then a pass that drops each remaining node, weakest first, whenever the
+    rest still reach the target (bisection on one ordering leaves some that are not needed).
+    Returns (the 0/1 keep vector or None, a dict of what each stage found)."""
+    tau = train_masks(model, means, train, cfg.k_coef, cfg, log)
+    order = tau.argsort(descending=True)
+    k = smallest_circuit(model, means, train, order, cfg.target_loss, int((tau > 0).sum()))
+    info = {"masks_kept": int((tau > 0).sum()), "bisection_nodes": k}
+    if k is None:
+        log("  no node set reaches the target loss")
+        return None, info
+    keep = top_k_mask(order, k)
+    for i in order[:k].flip(0).tolist():
+        keep[i] = 0.0
+        if circuit_loss(model, means, keep, train) > cfg.target_loss:
+            keep[i] = 1.0
+    z = diff_with(model, means, keep, train)
+    info.update(n_nodes=int(keep.sum()), loss_raw=pair_loss(z, train)[0].item(),
+                loss_calibrated=circuit_loss(model, means, keep, train))
+    log(f"  masks keep {info['masks_kept']} nodes, bisection {k}, after the drop pass "
+        f"{info['n_nodes']}: train loss {info['loss_calibrated']:.3f} calibrated, "
+        f"{info['loss_raw']:.3f} raw")
+    return keep, info
+
+
+def shuffled(data: dict, seed: int) -> dict:
+    """The same prompts with the answers of each pair swapped or not by a coin flip: the labels
+    then carry no signal that a context feature could predict (the control of paper_notes 9)."""
+    flips = torch.randint(2, (len(data["last"]) // 2,), generator=torch.Generator().manual_seed(seed))
+    sign = (2.0 * flips - 1.0).repeat_interleave(2).to(data["sign"].device)
+    return {**data, "sign": data["sign"] * sign}
+
+
+def control(model, means, train: dict, test: dict, cfg, log=print) -> dict:
+    """The same search on shuffled answers: a real circuit should need far more edges than
+    this one, or this one should fail to reach the target at all."""
+    log("  control: the same search with the answers shuffled per pair")
+    train_c, test_c = shuffled(train, cfg.seed + 1), shuffled(test, cfg.seed + 2)
+    keep, info = find_circuit(model, means, train_c, cfg, log)
+    if keep is None:
+        return {"n_nodes": None, "n_edges": None, "test_acc": None, **info}
+    calib = fit_calibration(diff_with(model, means, keep, train_c), train_c)
+    z = diff_with(model, means, keep, test_c)
+    return {**info, "n_edges": len(circuit_edges(model, keep)),
+            "test_acc": pair_loss(z, test_c, *calib)[1]}
 
 
 @torch.no_grad()
@@ -613,9 +652,11 @@ def prune_checkpoint(path: str, model, tokenizer, means, names: list[str], cfg) 
             continue
         train, test = (tasks.encode_pairs(tokenizer, pairs[s], model.cfg.block_size, means.device)
                        for s in ("train", "test"))
-        keep, k_coef, sweep = find_circuit(model, means, train, cfg)
+        keep, search = find_circuit(model, means, train, cfg)
         results[name] = r = {"task": name, "ckpt": path, "target_loss": cfg.target_loss,
-                             "k_coef": k_coef, "sweep": sweep, "config": dict(cfg)}
+                             "k_coef": cfg.k_coef, "search": search, "config": dict(cfg)}
+        if cfg.control:
+            r["control"] = control(model, means, train, test, cfg)
         if keep is None:
             print(f"{name}: no circuit reaches target loss {cfg.target_loss}, nor does the model")
             continue
@@ -637,20 +678,26 @@ def geomean(xs) -> float:
 
 def print_summary(path: str, results: dict[str, dict]):
     print(f"\n{path}: circuits; losses on the test pairs (suff = circuit alone, calibrated; raw = "
-          "uncalibrated; nec = circuit ablated; rand = a random node set of its size ablated)")
+          "uncalibrated; nec = circuit ablated; rand = a random node set of its size ablated; "
+          "control = the same search on shuffled answers: nodes/edges, test acc; fail = no "
+          "circuit reaches the target)")
     print(f"{'task':<28}{'nodes':>6}{'edges':>7}{'suff loss':>10}{'raw':>7}{'acc':>6}"
-          f"{'nec loss':>9}{'acc':>6}{'rand loss':>10}{'attr edges':>11}")
+          f"{'nec loss':>9}{'acc':>6}{'rand loss':>10}{'attr edges':>11}{'control':>17}")
     edges = []
     for name, r in results.items():
+        ctrl = r.get("control")
+        ctrl = "-" if ctrl is None else "fail" if ctrl["n_edges"] is None else \
+            f"{ctrl['n_nodes']}/{ctrl['n_edges']} {ctrl['test_acc']:.0%}"
         if "circuit" not in r:
-            print(f"{name:<28}  no circuit reaches the target loss")
+            print(f"{name:<28}  no circuit reaches the target loss; control {ctrl}")
             continue
         c, ch = r["circuit"], r["checks"]
         edges.append(max(c["n_edges"], 1))  # an empty circuit (the bigram table did it) counts as 1
         print(f"{name:<28}{c['n_nodes']:>6}{c['n_edges']:>7}{ch['sufficiency']['loss']:>10.3f}"
               f"{ch['sufficiency_uncalibrated']['loss']:>7.3f}{ch['sufficiency']['acc']:>6.0%}"
               f"{ch['necessity']['loss']:>9.3f}{ch['necessity']['acc']:>6.0%}"
-              f"{ch['random_ablation']['loss']:>10.3f}{r['attribution']['n_edges'] or '-':>11}")
+              f"{ch['random_ablation']['loss']:>10.3f}{r['attribution']['n_edges'] or '-':>11}"
+              f"{ctrl:>17}")
     if edges:
         print(f"geometric mean of edges over {len(edges)} tasks: {geomean(edges):.1f}")
 

@@ -665,7 +665,10 @@ def planted_model() -> sg.GPT:
         mlp.c_proj.weight[noise, 2:] = 0.3 * torch.randn(6, 6)
         model.lm_head.weight[:, noise] = torch.randn(257, 6)
         model.lm_head.weight[ab] = 0.0
-        model.lm_head.weight[ab, 1] = torch.tensor([1.0, -1.0])  # circuit loss ~0.01, not 0
+        # a logit difference of +-0.56 after the final norm: with the best scale (at most 4x)
+        # and shift, both neurons give task loss 0.10, one alone 0.28, so the 0.15 target
+        # needs the whole planted circuit
+        model.lm_head.weight[ab, 1] = torch.tensor([0.1, -0.1])
     return model.requires_grad_(False)
 
 
@@ -687,9 +690,10 @@ def test_prune_recovers_planted_circuit():
     model = planted_model()
     means = prune.compute_means(model, noise_tokens(), n_batches=8, batch_size=16)
     cfg = sg.parse_config(["--steps=60", "--lr=3e-2"], prune.DEFAULTS, presets=None)  # quick
-    keep, k_coef, sweep = prune.find_circuit(model, means, planted_data(), cfg, log=lambda s: None)
+    keep, info = prune.find_circuit(model, means, planted_data(), cfg, log=lambda s: None)
     names = prune.node_names(model)
-    assert sorted(names[i] for i in keep.nonzero()[:, 0].tolist()) == sorted(PLANTED), sweep
+    assert sorted(names[i] for i in keep.nonzero()[:, 0].tolist()) == sorted(PLANTED), info
+    assert info["loss_calibrated"] <= cfg.target_loss and info["n_nodes"] == 5
     edges = {(names[s], names[d]) for s, d, _ in prune.circuit_edges(model, keep)}
     assert edges == {("0.mlp.resid_in.0", "0.mlp.post_act.0"),
                      ("0.mlp.resid_in.0", "0.mlp.post_act.1"),
@@ -798,6 +802,9 @@ def test_main_writes_json_txt_and_svg_and_compares(planted_ckpt, capsys):
     assert checks["sufficiency"]["acc"] == 1.0 and checks["necessity"]["acc"] <= 0.75
     assert set(checks) == {"full", "sufficiency", "sufficiency_uncalibrated", "necessity",
                            "random_ablation", "empty_circuit"}
+    # shuffled answers carry no signal the model could read: the control finds no circuit
+    assert result["control"]["n_edges"] is None and result["control"]["n_nodes"] is None
+    assert "fail" in out
     unembed = {tuple(e[:2]) for e in result["circuit"]["unembed_edges"]}
     assert unembed == {("final.resid_in.1", "A"), ("final.resid_in.1", "B")}
     text = (circuits / "planted.txt").read_text()
