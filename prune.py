@@ -63,6 +63,14 @@ def subset(data: dict, rows) -> dict:
     return out
 
 
+def answer_diff_all(model, data: dict, rows_per_chunk=32) -> torch.Tensor:
+    """answer_diff of every prompt, computed in chunks of prompts of similar length, each padded
+    only to its own longest: about 40% fewer positions than one padded batch."""
+    chunks = data["last"].argsort().split(rows_per_chunk)
+    z = torch.cat([answer_diff(model, subset(data, rows)) for rows in chunks])
+    return z[torch.cat(chunks).argsort()]  # back to the prompts' own order
+
+
 def answer_diff(model, data: dict) -> torch.Tensor:
     """logit(token_a) - logit(token_b) at the last position of every prompt. GPT.forward, except
     that only the answer position is unembedded, and only for the two answers: the full
@@ -233,7 +241,7 @@ def train_masks(model, means, train: dict, k_coef: float, cfg, log=print) -> tor
             group["lr"] = lr_at(step, cfg.steps, cfg.lr)
         keep = HeavisideSTE.apply(tau, cfg.heaviside_temp)
         with ablated(model, means, keep):  # every step sees all train pairs (paper: 64)
-            task, _ = pair_loss(answer_diff(model, train), train)
+            task, _ = pair_loss(answer_diff_all(model, train), train)
         (task + k_coef * keep.sum()).backward()
         torch.nn.utils.clip_grad_norm_([tau], 1.0)
         opt.step()
@@ -252,11 +260,10 @@ def train_masks(model, means, train: dict, k_coef: float, cfg, log=print) -> tor
 
 
 @torch.no_grad()
-def diff_with(model, means, keep, data: dict, chunk=64) -> torch.Tensor:
-    """answer_diff with the nodes outside keep mean-ablated, in chunks of prompts."""
+def diff_with(model, means, keep, data: dict) -> torch.Tensor:
+    """answer_diff with the nodes outside keep mean-ablated."""
     with ablated(model, means, keep):
-        return torch.cat([answer_diff(model, subset(data, slice(i, i + chunk)))
-                          for i in range(0, len(data["last"]), chunk)])
+        return answer_diff_all(model, data)
 
 
 def circuit_loss(model, means, keep, data: dict) -> float:
