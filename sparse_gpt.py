@@ -75,9 +75,10 @@ PRESETS = {
     "tiny": dict(n_layer=1, d_model=64, d_mlp=256, block_size=64, batch_size=16, max_iters=200,
                  eval_interval=100, eval_iters=5, log_interval=20, learning_rate=1e-2),
     "cpu": dict(),
-    "gpu": dict(n_layer=8, d_model=1024, d_mlp=4096, block_size=256, batch_size=64,
-                max_iters=10000, density=1 / 32, anneal_frac=0.5, learning_rate=3e-3,
-                eval_interval=500, compile=True),
+    # official example's shape and densities, batch sized for 80 GB; ~1 h on an H100 (README)
+    "gpu": dict(n_layer=8, d_model=1024, d_mlp=4096, block_size=256, batch_size=256,
+                max_iters=10000, density=1 / 64, learning_rate=1.1e-3, eval_interval=500,
+                compile=True),
 }
 
 
@@ -306,9 +307,9 @@ def prepare_data(cfg) -> tuple[str, tiktoken.Encoding]:
 
 def get_batch(data: np.ndarray, block_size: int, batch_size: int, gen: torch.Generator, device,
               rank: int = 0, world: int = 1):
-    """Random windows of block_size tokens; the generator makes every batch reproducible. Under
-    DDP every rank draws the same global batch and keeps every world-th window from its rank on."""
-    ix = torch.randint(len(data) - block_size - 1, (batch_size,), generator=gen).tolist()[rank::world]
+    """Random windows of block_size tokens; the generator makes every batch reproducible."""
+    ix = torch.randint(len(data) - block_size - 1, (batch_size,), generator=gen).tolist()
+    ix = ix[rank::world]  # DDP: every rank draws the same global batch and keeps its share
     xy = torch.from_numpy(np.stack([data[i : i + block_size + 1].astype(np.int64) for i in ix]))
     x, y = xy[:, :-1], xy[:, 1:]
     if device.type == "cuda":
@@ -338,19 +339,21 @@ class GPTConfig:
         return cls(**{f.name: cfg[f.name] for f in fields(cls)})
 
 
-NUMPY_SELECT = True  # CPU eager float32 selects with numpy; tests turn it off to run the GPU path
+SELECT = "auto"  # numpy on CPU float32, else torch.topk; tests and --bench set "topk" / "kthvalue"
 
 
 def kth_largest(a: torch.Tensor, k: int, dim: int = -1) -> torch.Tensor:
-    """The k-th largest entry of `a` (>= 0) along dim, kept as a size-1 dim. A selection, not a
-    sort (paper B): on CPU numpy's introselect is several times faster than torch.topk, and
-    faster still on the float bits read as int32, which order non-negative floats the same way.
-    On GPU and in bf16 torch.topk selects (numpy would also break a compiled graph, which on CPU
-    costs less than compiled topk: 470 vs 660 ms per cpu-preset step, measured)."""
-    n = a.shape[dim]
-    if NUMPY_SELECT and a.device.type == "cpu" and a.dtype == torch.float32:
-        part = np.partition(a.detach().numpy().view(np.int32), n - k, axis=dim)
+    """The k-th largest entry of `a` (>= 0) along dim, kept as a size-1 dim, outside autograd. A
+    selection, not a sort (paper B): on CPU numpy's introselect is several times faster than
+    torch.topk, and faster still on the float bits read as int32, which order non-negative floats
+    the same way. On GPU and in bf16 torch selects: numpy would also break a compiled graph (on
+    CPU that costs less than compiled topk: 470 vs 660 ms per cpu-preset step, measured)."""
+    n, a = a.shape[dim], a.detach()  # no gradient, so autograd keeps no topk indices (memory)
+    if SELECT == "auto" and a.device.type == "cpu" and a.dtype == torch.float32:
+        part = np.partition(a.numpy().view(np.int32), n - k, axis=dim)
         return torch.from_numpy(np.take(part, [n - k], axis=dim).view(np.float32))
+    if SELECT == "kthvalue":
+        return a.kthvalue(n - k + 1, dim, keepdim=True).values
     return a.topk(k, dim=dim, sorted=False).values.amin(dim, keepdim=True)
 
 
@@ -650,14 +653,12 @@ def pick_device(name: str) -> torch.device:
 
 
 def setup_ddp(device: torch.device, batch_size: int) -> tuple[int, int, torch.device]:
-    """Under torchrun (RANK is set) joins the process group: NCCL, one GPU per process, or gloo
-    on CPU. Returns (rank, world_size, device); (0, 1, device) for a plain run."""
+    """Under torchrun (RANK set) joins the process group: NCCL, one GPU per process, or gloo."""
     if "RANK" not in os.environ:
         return 0, 1, device
     rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     if batch_size % world:
-        sys.exit(f"error: batch_size={batch_size} (the global batch) is not a multiple of the "
-                 f"{world} processes; pick a multiple or change --nproc_per_node")
+        sys.exit(f"error: global batch_size={batch_size} is not a multiple of {world} processes")
     if device.type == "cuda":
         device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
         torch.cuda.set_device(device)
@@ -745,8 +746,7 @@ def train(cfg) -> list[tuple[int, float]]:
     fmodel = torch.compile(model) if cfg.compile else model
     # DDP averages the gradients during backward, so every rank then sees the same gradient, RMS,
     # Adam step and projection; evaluation uses fmodel, outside DDP, on rank 0 alone
-    ddp_ids = [device.index] if device.type == "cuda" else None
-    train_model = DDP(fmodel, device_ids=ddp_ids) if world > 1 else fmodel
+    train_model = DDP(fmodel) if world > 1 else fmodel
     params = list(model.parameters())
 
     stop = {"requested": False}
@@ -785,7 +785,8 @@ def train(cfg) -> list[tuple[int, float]]:
             project_weights(model, density_at(iter_num, cfg), cfg.min_per_neuron,
                             density_at(iter_num, cfg, embed=True))
             if world > 1:  # log the global batch's loss; a Ctrl-C seen by any rank stops all
-                both = torch.tensor([loss_val / world, stop["requested"]], dtype=torch.float64, device=device)
+                both = torch.tensor([loss_val / world, stop["requested"]], dtype=torch.float64,
+                                    device=device)
                 dist.all_reduce(both)
                 loss_val, stop["requested"] = both[0].item(), both[1].item() > 0
             iter_num += 1
@@ -836,9 +837,12 @@ def bench(cfg, warmup=3, rounds=10):
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
     variants = {"sparse": Config(cfg), "dense": Config(cfg, density=1.0, afrac=1.0)}
-    if device.type == "cuda":  # also compare eager with torch.compile
+    if device.type == "cuda":  # also compare eager with torch.compile, and topk with kthvalue
         variants = {f"{n} {mode}": Config(c, compile=mode == "compile")
                     for n, c in variants.items() for mode in ("eager", "compile")}
+        variants["sparse compile kthvalue"] = Config(cfg, compile=True, select="kthvalue")
+    dense_of = lambda name: name.replace("sparse", "dense").replace(" kthvalue", "")
+    global SELECT
     runs = {}
     for name, vcfg in variants.items():
         torch.manual_seed(cfg.seed)
@@ -852,6 +856,7 @@ def bench(cfg, warmup=3, rounds=10):
     x, y = torch.randint(cfg.vocab_size, (2, cfg.batch_size, cfg.block_size), generator=gen).to(device)
     for step in range(warmup + rounds):
         for run in runs.values():
+            SELECT = run["cfg"].get("select", "auto")
             if device.type == "cuda":
                 torch.cuda.reset_peak_memory_stats(device)
             sync()
@@ -882,9 +887,9 @@ def bench(cfg, warmup=3, rounds=10):
     for name, run in runs.items():
         fb, opt, proj = (1e3 * float(np.median(t)) for t in zip(*run["times"]))
         step_ms[name] = total = fb + opt + proj
-        dense_fb = np.median([t[0] for t in runs[name.replace("sparse", "dense")]["times"]]) * 1e3
+        dense_fb = np.median([t[0] for t in runs[dense_of(name)]["times"]]) * 1e3
         topk_share = max(0.0, fb - dense_fb) / total if "sparse" in name else 0.0
-        line = (f"{name:15s} | step {total:7.1f} ms | fwd+bwd {fb:7.1f} | optimizer {opt:6.1f} | "
+        line = (f"{name:23s} | step {total:7.1f} ms | fwd+bwd {fb:7.1f} | optimizer {opt:6.1f} | "
                 f"projection {proj:6.1f} ({proj / total:5.1%}) | AbsTopK ~{topk_share:5.1%} | "
                 f"{tokens / total:8.1f}k tok/s")
         if device.type == "cuda":
@@ -893,8 +898,8 @@ def bench(cfg, warmup=3, rounds=10):
         print(line)
     for name in step_ms:
         if "sparse" in name:
-            print(f"ratio {name} / {name.replace('sparse', 'dense')}: "
-                  f"{step_ms[name] / step_ms[name.replace('sparse', 'dense')]:.2f}")
+            print(f"ratio {name} / {dense_of(name)}: {step_ms[name] / step_ms[dense_of(name)]:.2f}")
+    SELECT = "auto"
     if device.type != "cuda":
         import resource  # Unix only, so imported here
 

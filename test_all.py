@@ -443,12 +443,12 @@ def test_gpu_selection_path_keeps_exactly_the_numpy_sets_even_with_ties_at_zero(
             sg.abstopk(bf.float(), 16) != 0, sg.kth_largest(x.abs().view(-1), 100, 0)]
 
     numpy_sets = run_all()
-    monkeypatch.setattr(sg, "NUMPY_SELECT", False)
-    torch_sets = run_all()
-    assert torch.equal((sg.abstopk(bf, 16) != 0), numpy_sets[-2])  # bf16 selects in torch only
-    for a, b in zip(numpy_sets, torch_sets):
-        assert torch.equal(a, b)
-    assert numpy_sets[len(cases) - 1].all() or (cases[-1][0] == 0).any()  # sanity: zeros kept
+    for method in ("topk", "kthvalue"):  # topk: what CUDA runs; kthvalue: --bench times it there
+        monkeypatch.setattr(sg, "SELECT", method)
+        assert torch.equal((sg.abstopk(bf, 16) != 0), numpy_sets[-2])  # bf16 selects in torch only
+        for a, b in zip(numpy_sets, run_all()):
+            assert torch.equal(a, b), method
+    assert numpy_sets[len(cases) - 1].all()  # k beyond the nonzeros: every tie at zero is kept
 
 
 def test_gpu_path_compiles_into_one_graph_and_numpy_breaks_are_counted(monkeypatch):
@@ -458,17 +458,18 @@ def test_gpu_path_compiles_into_one_graph_and_numpy_breaks_are_counted(monkeypat
     cpu = torch._dynamo.explain(model)(x, x)  # CPU keeps numpy: every AbsTopK breaks the graph
     assert cpu.graph_break_count > 0
     assert all("numpy" in r.reason for r in cpu.break_reasons)
-    monkeypatch.setattr(sg, "NUMPY_SELECT", False)  # the branch CUDA runs
-    torch._dynamo.reset()
-    gpu = torch._dynamo.explain(model)(x, x)
-    assert gpu.graph_count == 1 and gpu.graph_break_count == 0
+    for method in ("topk", "kthvalue"):  # the branch CUDA runs, and its alternative
+        monkeypatch.setattr(sg, "SELECT", method)
+        torch._dynamo.reset()
+        gpu = torch._dynamo.explain(model)(x, x)
+        assert gpu.graph_count == 1 and gpu.graph_break_count == 0, method
 
 
 def test_compiled_model_matches_eager_in_loss_and_after_a_training_step(monkeypatch):
     """Inductor reorders float32 sums (fused kernels), so the losses differ by ~5e-7 (measured),
     not bit for bit; 1e-5 leaves room and fails on any real difference (one wrong mask moves
     the loss by ~1e-3)."""
-    monkeypatch.setattr(sg, "NUMPY_SELECT", False)  # compile what CUDA would compile
+    monkeypatch.setattr(sg, "SELECT", "topk")  # compile what CUDA would compile
     cfg = sg.Config(sg.DEFAULTS, density=0.25, learning_rate=1e-2)
     x, y = torch.randint(64, (2, 4, 16), generator=torch.Generator().manual_seed(0))
     losses = []
