@@ -541,21 +541,21 @@ def test_ddp_on_two_processes_trains_the_one_process_model(tmp_path, corpus_dir,
     the gap grows to ~1e-2, but one process accumulating the same two halves matches DDP.)"""
     cfg = tiny_cfg(tmp_path / "single", corpus_dir, max_iters=6, eval_interval=3, eval_iters=1,
                    log_interval=3)
-    real_save, copies = sg.save_checkpoint, []
+    real_save = sg.save_checkpoint  # keeps a copy of every checkpoint, named by its step
     monkeypatch.setattr(sg, "save_checkpoint",
-                        lambda path, *a: real_save(path, *a) or copies.append(shutil.copy(path, f"{path}.{a[3]}")))
+                        lambda path, *a: real_save(path, *a) or shutil.copy(path, f"{path}.{a[3]}"))
     single = dict(sg.train(cfg))  # builds the token cache too
     single_weights = sg.read_checkpoint(os.path.join(cfg.out_dir, "ckpt.pt"))["model"]
     resume_dir = tmp_path / "resume"
     resume_dir.mkdir()
     for name in ("ckpt.pt.3", "tokenizer.tiktoken"):  # the single run's checkpoint at step 3
         shutil.copy(os.path.join(cfg.out_dir, name), resume_dir / name.replace(".3", ""))
-    base = [f"--{k}={cfg[k]}" for k in ("preset", "data_dir", "cache_dir", "vocab_size", "max_iters",
-                                        "eval_interval", "eval_iters", "log_interval")]
+    keys = "preset data_dir cache_dir vocab_size max_iters eval_interval eval_iters log_interval"
+    base = [f"--{k}={cfg[k]}" for k in keys.split()]
     argv = {"fresh": base + [f"--out_dir={tmp_path / 'ddp'}"],
             "resumed": base + [f"--out_dir={resume_dir}", "--init_from=resume"]}
-    torch.multiprocessing.spawn(ddp_worker, args=(2, (free_port(), free_port()), argv, str(tmp_path)),
-                                nprocs=2)
+    ports = (free_port(), free_port())  # the resumed run joins a new process group
+    torch.multiprocessing.spawn(ddp_worker, args=(2, ports, argv, str(tmp_path)), nprocs=2)
     ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1)]
     for run in ("fresh", "resumed"):
         (hist0, w0), (hist1, w1) = ranks[0][run], ranks[1][run]
@@ -563,7 +563,7 @@ def test_ddp_on_two_processes_trains_the_one_process_model(tmp_path, corpus_dir,
         assert all(torch.equal(w0[k], w1[k]) for k in w0), run  # bit-identical weights
     fresh, resumed = dict(ranks[0]["fresh"][0]), dict(ranks[0]["resumed"][0])
     assert sorted(fresh) == list(range(1, 7)) and sorted(resumed) == [4, 5, 6]
-    gaps = [abs(fresh[s] - single[s]) for s in fresh] + [abs(resumed[s] - single[s]) for s in resumed]
+    gaps = [abs(run[s] - single[s]) for run in (fresh, resumed) for s in run]
     assert max(gaps) < 1e-5, gaps
     weights = ranks[0]["fresh"][1]
     assert max((weights[k] - single_weights[k]).abs().max().item() for k in weights) < 1e-5
