@@ -5,6 +5,8 @@ import math
 import os
 import random
 import shutil
+import socket
+import sys
 import xml.etree.ElementTree as ET
 from types import SimpleNamespace
 
@@ -418,6 +420,157 @@ def test_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path, cor
     with pytest.raises(SystemExit, match="loss is nan at step 3.*last good checkpoint is kept"):
         sg.train(cfg)
     assert sg.read_checkpoint(os.path.join(cfg.out_dir, "ckpt.pt"))["iter_num"] == 2
+
+
+# -----------------------------------------------------------------------------
+# the GPU path, proven on CPU: torch selection, torch.compile, bf16 autocast, DDP
+
+
+def test_gpu_selection_path_keeps_exactly_the_numpy_sets_even_with_ties_at_zero(monkeypatch):
+    gen = torch.Generator().manual_seed(0)
+    cases = []
+    for shape, floor_dim in [((96, 32), 1), ((32, 128), 0), ((300, 64), None)]:
+        w = torch.randn(shape, generator=gen)
+        w = w * (torch.rand(shape, generator=gen) < 0.3)  # 70% exact zeros: ties at zero
+        for k in (5, w.numel() // 5, (w != 0).sum().item() + 40):  # the last keeps zeros
+            cases.append((w, k, floor_dim))
+    x = torch.randn(4, 9, 64, generator=gen) * (torch.rand(4, 9, 64, generator=gen) < 0.2)
+    bf = x.bfloat16()  # what AbsTopK sees under autocast on a GPU; exact in float32 too
+
+    def run_all():
+        masks = [sg.topk_mask(w, k, floor_dim, 4) for w, k, floor_dim in cases]
+        return masks + [sg.abstopk(x, k) != 0 for k in (3, 16, 40)] + [
+            sg.abstopk(bf.float(), 16) != 0, sg.kth_largest(x.abs().view(-1), 100, 0)]
+
+    numpy_sets = run_all()
+    for method in ("topk", "kthvalue"):  # topk: what CUDA runs; kthvalue: --bench times it there
+        monkeypatch.setattr(sg, "SELECT", method)
+        assert torch.equal((sg.abstopk(bf, 16) != 0), numpy_sets[-2])  # bf16 selects in torch only
+        for a, b in zip(numpy_sets, run_all()):
+            assert torch.equal(a, b), method
+    assert numpy_sets[len(cases) - 1].all()  # k beyond the nonzeros: every tie at zero is kept
+
+
+def test_gpu_path_compiles_into_one_graph_and_numpy_breaks_are_counted(monkeypatch):
+    model = small_model(n_layer=1)
+    x = torch.randint(64, (2, 16))
+    torch._dynamo.reset()
+    cpu = torch._dynamo.explain(model)(x, x)  # CPU keeps numpy: every AbsTopK breaks the graph
+    assert cpu.graph_break_count > 0
+    assert all("numpy" in r.reason for r in cpu.break_reasons)
+    for method in ("topk", "kthvalue"):  # the branch CUDA runs, and its alternative
+        monkeypatch.setattr(sg, "SELECT", method)
+        torch._dynamo.reset()
+        gpu = torch._dynamo.explain(model)(x, x)
+        assert gpu.graph_count == 1 and gpu.graph_break_count == 0, method
+
+
+def test_compiled_model_matches_eager_in_loss_and_after_a_training_step(monkeypatch):
+    """Inductor reorders float32 sums (fused kernels), so the losses differ by ~5e-7 (measured),
+    not bit for bit; 1e-5 leaves room and fails on any real difference (one wrong mask moves
+    the loss by ~1e-3)."""
+    monkeypatch.setattr(sg, "SELECT", "topk")  # compile what CUDA would compile
+    cfg = sg.Config(sg.DEFAULTS, density=0.25, learning_rate=1e-2)
+    x, y = torch.randint(64, (2, 4, 16), generator=torch.Generator().manual_seed(0))
+    losses = []
+    for compiled in (False, True):
+        model = small_model(n_layer=1)
+        fmodel = torch.compile(model) if compiled else model
+        opt = sg.make_optimizer(model, cfg, "cpu")
+        before = fmodel(x, y)[1]
+        before.backward()
+        sg.normalize_grad_rms_(list(model.parameters()))
+        opt.step()
+        sg.project_weights(model, cfg.density, cfg.min_per_neuron)
+        with torch.no_grad():
+            losses.append((before.item(), fmodel(x, y)[1].item()))
+    (eager0, eager1), (comp0, comp1) = losses
+    assert eager1 < eager0 - 0.01  # the step did something worth comparing
+    assert comp0 == pytest.approx(eager0, abs=1e-5) and comp1 == pytest.approx(eager1, abs=1e-5)
+
+
+def test_bf16_autocast_loss_is_close_to_float32():
+    """bf16 keeps 8 bits of mantissa (relative error 2^-9 per rounding); over a tiny model's
+    few matmuls the loss (4.16 nats) moved by 9e-4; 5e-3 leaves room and catches a broken cast."""
+    model = small_model()
+    dtypes = []
+    for node in model.nodes():  # AbsTopK runs on bf16 activations: the torch selection path
+        node.hook = lambda name, x: dtypes.append(x.dtype) or x
+    x = torch.randint(64, (4, 16), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        fp32 = model(x, x)[1].item()
+        assert set(dtypes) == {torch.float32}
+        dtypes.clear()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            bf16 = model(x, x)[1].item()
+    assert torch.bfloat16 in dtypes
+    assert bf16 == pytest.approx(fp32, abs=5e-3)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def ddp_worker(rank, world, ports, argv, out):
+    """One torchrun process: the environment torchrun would set, then main() as the CLI runs it.
+    Saves this rank's history and final weights, and its stdout, for the test to compare."""
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world),
+                      MASTER_ADDR="127.0.0.1", OMP_NUM_THREADS="1")
+    torch.set_num_threads(1)
+    models = []
+    real_project = sg.project_weights
+    sg.project_weights = lambda model, *a: models.append(model) or real_project(model, *a)
+    sys.stdout = open(os.path.join(out, f"stdout{rank}.txt"), "w")
+    results = {}
+    for port, run in zip(ports, ("fresh", "resumed")):
+        os.environ["MASTER_PORT"] = str(port)
+        history = sg.main(argv[run])
+        results[run] = (history, {k: v.clone() for k, v in models[-1].state_dict().items()})
+    sys.stdout.close()
+    torch.save(results, os.path.join(out, f"rank{rank}.pt"))
+
+
+def test_ddp_on_two_processes_trains_the_one_process_model(tmp_path, corpus_dir, monkeypatch):
+    """Two gloo processes on halves of the same global batches against one process on the
+    whole: the ranks must agree bit for bit (DDP hands each the same averaged gradient), the
+    curve with one process to 1e-5. Two half-batch means averaged are not one mean bit for bit:
+    the losses differ by <= 1e-6 over these 6 steps (measured); a wrong shard or an unaveraged
+    gradient moves them by >= 1e-3. (Over 40 steps a weight at the top-k threshold can flip and
+    the gap grows to ~1e-2, but one process accumulating the same two halves matches DDP.)"""
+    cfg = tiny_cfg(tmp_path / "single", corpus_dir, max_iters=6, eval_interval=3, eval_iters=1,
+                   log_interval=3)
+    real_save = sg.save_checkpoint  # keeps a copy of every checkpoint, named by its step
+    monkeypatch.setattr(sg, "save_checkpoint",
+                        lambda path, *a: real_save(path, *a) or shutil.copy(path, f"{path}.{a[3]}"))
+    single = dict(sg.train(cfg))  # builds the token cache too
+    single_weights = sg.read_checkpoint(os.path.join(cfg.out_dir, "ckpt.pt"))["model"]
+    resume_dir = tmp_path / "resume"
+    resume_dir.mkdir()
+    for name in ("ckpt.pt.3", "tokenizer.tiktoken"):  # the single run's checkpoint at step 3
+        shutil.copy(os.path.join(cfg.out_dir, name), resume_dir / name.replace(".3", ""))
+    keys = "preset data_dir cache_dir vocab_size max_iters eval_interval eval_iters log_interval"
+    base = [f"--{k}={cfg[k]}" for k in keys.split()]
+    argv = {"fresh": base + [f"--out_dir={tmp_path / 'ddp'}"],
+            "resumed": base + [f"--out_dir={resume_dir}", "--init_from=resume"]}
+    ports = (free_port(), free_port())  # the resumed run joins a new process group
+    torch.multiprocessing.spawn(ddp_worker, args=(2, ports, argv, str(tmp_path)), nprocs=2)
+    ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1)]
+    for run in ("fresh", "resumed"):
+        (hist0, w0), (hist1, w1) = ranks[0][run], ranks[1][run]
+        assert hist0 == hist1  # every rank logs the same global loss
+        assert all(torch.equal(w0[k], w1[k]) for k in w0), run  # bit-identical weights
+    fresh, resumed = dict(ranks[0]["fresh"][0]), dict(ranks[0]["resumed"][0])
+    assert sorted(fresh) == list(range(1, 7)) and sorted(resumed) == [4, 5, 6]
+    gaps = [abs(run[s] - single[s]) for run in (fresh, resumed) for s in run]
+    assert max(gaps) < 1e-5, gaps
+    weights = ranks[0]["fresh"][1]
+    assert max((weights[k] - single_weights[k]).abs().max().item() for k in weights) < 1e-5
+    # rank 0 alone logs and saves: one checkpoint, in the fresh run's out_dir, and rank 1 silent
+    log0, log1 = ((tmp_path / f"stdout{r}.txt").read_text() for r in (0, 1))
+    assert "eval 6" in log0 and "step 6" in log0 and log1 == ""
+    assert sg.read_checkpoint(str(tmp_path / "ddp" / "ckpt.pt"))["iter_num"] == 6
 
 
 # -----------------------------------------------------------------------------
