@@ -1,5 +1,6 @@
 """The test suite: python -m pytest -q test_all.py (CPU, a few minutes on 2 cores)."""
 
+import hashlib
 import json
 import math
 import os
@@ -321,7 +322,7 @@ def test_bad_keys_values_and_corpus_give_clear_errors(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(SystemExit, match="no .py files under"):
         sg.list_py_files(str(tmp_path / "empty"))
-    with pytest.raises(SystemExit, match="does not exist"):
+    with pytest.raises(SystemExit, match="not found \\(or not a folder\\)"):
         sg.list_py_files(str(tmp_path / "nowhere"))
     with pytest.raises(SystemExit, match="checkpoint .* not found"):
         sg.load_checkpoint(str(tmp_path / "nowhere.pt"))
@@ -344,7 +345,7 @@ def test_atomic_save_survives_an_interrupted_write(tmp_path, monkeypatch):
     sg.save_checkpoint(path, model, opt, sg.DEFAULTS, 5, 1.0, "")
 
     def crash(obj, f):
-        open(f, "wb").write(b"half a checkpoint")
+        f.write(b"half a checkpoint")
         raise KeyboardInterrupt
 
     monkeypatch.setattr(torch, "save", crash)
@@ -352,6 +353,7 @@ def test_atomic_save_survives_an_interrupted_write(tmp_path, monkeypatch):
         sg.save_checkpoint(path, model, opt, sg.DEFAULTS, 6, 0.5, "")
     ckpt = sg.read_checkpoint(path)
     assert ckpt["iter_num"] == 5 and ckpt["best_val_loss"] == 1.0
+    assert os.listdir(tmp_path) == ["ckpt.pt"]  # no .tmp left behind
 
 
 def test_resume_reproduces_an_uninterrupted_run(tmp_path, corpus_dir, monkeypatch):
@@ -377,7 +379,7 @@ def test_resume_with_another_model_shape_is_a_clear_error(tmp_path, corpus_dir):
     cfg = tiny_cfg(tmp_path, corpus_dir, max_iters=2, eval_interval=2, eval_iters=1)
     sg.train(cfg)
     cfg.update(init_from="resume", d_model=32)
-    with pytest.raises(SystemExit, match="different model shape \\(d_model\\)"):
+    with pytest.raises(SystemExit, match="drop the flags that change it \\(d_model\\)"):
         sg.train(cfg)
 
 
@@ -612,10 +614,10 @@ def test_cli_prints_examples_a_table_and_clear_errors(tmp_path, task_ranks, caps
     table = capsys.readouterr().out
     assert "not evaluated: task if_ternary: answer ' else' is" in table
     assert any(line.startswith("bracket_counting ") and "%" in line for line in table.splitlines())
-    for argv, message in ((["--tasks=for_while,nope"], "error: unknown task 'nope'"),
+    for argv, message in ((["--tasks=for_while,nope"], "error: tasks=for_while,nope is invalid"),
                           ([f"--ckpt={tmp_path / 'missing.pt'}"], "error: checkpoint"),
-                          (["--split=val"], "error: --split must be train or test"),
-                          (["--n=0"], "error: --n must be at least 1")):
+                          (["--split=val"], "error: split=val is invalid: it must be train or"),
+                          (["--n=0"], "error: n=0 is invalid: it must be at least 1")):
         with pytest.raises(SystemExit, match=message):
             tasks.main(argv)
 
@@ -827,9 +829,171 @@ def test_bad_checkpoint_or_task_is_a_clear_one_line_error(tmp_path, planted_ckpt
     cases = {f"--ckpt={tmp_path / 'missing.pt'}": "not found",
              f"--ckpt={tmp_path / 'junk.pt'}": "cannot read checkpoint",
              f"--ckpt={tmp_path / 'other.pt'}": "does not match this model code",
-             f"--ckpt={planted_ckpt} --tasks=planted,no_such_task": "unknown task 'no_such_task'",
+             f"--ckpt={planted_ckpt} --tasks=planted,no_such_task": "tasks=planted,no_such_task is",
              "--no_such_key=1": "unknown config key"}
     for argv, message in cases.items():
         with pytest.raises(SystemExit) as e:
             prune.main(argv.split() + ["--tasks=planted"] * ("--tasks" not in argv))
         assert message in str(e.value) and "\n" not in str(e.value), argv
+
+
+# -----------------------------------------------------------------------------
+# bad input: every case exits non-zero with one "error: ..." line, no traceback, and leaves the
+# files already there (a trained run, its tokenizer, its token cache) byte for byte as they were
+
+WORLD_RUN = ["--vocab_size=300", "--n_layer=1", "--d_model=16", "--d_head=8", "--d_mlp=32",
+             "--block_size=16", "--batch_size=2", "--max_iters=2", "--eval_interval=2",
+             "--eval_iters=1", "--log_interval=1", "--density=0.25", "--device=cpu"]
+
+
+class Evil:
+    """A pickle payload: loading it with weights_only=False would create the file `marker`."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+def copy_run(src, dest, **ckpt_changes):
+    """A copy of a run folder, its checkpoint edited; returns the checkpoint's path."""
+    shutil.copytree(src, dest)
+    if ckpt_changes:
+        ckpt = torch.load(dest / "ckpt.pt", weights_only=True)
+        torch.save({**ckpt, **ckpt_changes}, dest / "ckpt.pt")
+    return dest / "ckpt.pt"
+
+
+@pytest.fixture(scope="session")
+def world(tmp_path_factory):
+    """A trained tiny run (run/ckpt.pt, its tokenizer, its token cache) and a folder bad/ of
+    damaged files: missing, empty, truncated, corrupt, of the wrong kind, folders."""
+    root = tmp_path_factory.mktemp("world")
+    for sub in ("corpus", "corpus2", "bad", "empty_dir"):
+        (root / sub).mkdir()
+    for name in ("colorsys.py", "bisect.py", "abc.py", "fnmatch.py", "glob.py", "stat.py"):
+        shutil.copy(os.path.join(sg.stdlib_dir(), name), root / "corpus" / name)
+        shutil.copy(os.path.join(sg.stdlib_dir(), name), root / "corpus2" / ("x" + name))
+    sg.main([f"--data_dir={root / 'corpus'}", f"--cache_dir={root / 'cache'}",
+             f"--out_dir={root / 'run'}"] + WORLD_RUN)
+    run, bad = root / "run", root / "bad"
+    good = (run / "ckpt.pt").read_bytes()
+    (bad / "junk.pt").write_bytes(b"not a checkpoint")
+    (bad / "empty.pt").write_bytes(b"")
+    (bad / "truncated.pt").write_bytes(good[: len(good) // 2])
+    (bad / "folder.pt").mkdir()
+    torch.save({"model": Evil(root / "PWNED"), "config": {}}, bad / "evil.pt")
+    torch.save([1, 2, 3], bad / "list.pt")
+    torch.save({"model": {}, "config": "n_layer=1"}, bad / "config_str.pt")
+    torch.save({"model": {"wte.weight": torch.zeros(3, 3)}, "config": {"n_layer": 1}},
+               bad / "other_model.pt")
+    for name in ("junk", "evil"):
+        (bad / f"{name}_run").mkdir()
+        shutil.copy(bad / f"{name}.pt", bad / f"{name}_run" / "ckpt.pt")
+    copy_run(run, bad / "no_tokenizer")
+    (bad / "no_tokenizer" / "tokenizer.tiktoken").unlink()
+    for name, text in (("garbage_tok", "this is not base64 at all\n"), ("empty_tok", "")):
+        copy_run(run, bad / name)
+        (bad / name / "tokenizer.tiktoken").write_text(text)
+    copy_run(run, bad / "folder_tok")
+    (bad / "folder_tok" / "tokenizer.tiktoken").unlink()
+    (bad / "folder_tok" / "tokenizer.tiktoken").mkdir()
+    copy_run(run, bad / "circuits_file")
+    (bad / "circuits_file" / "circuits").write_text("a file where the circuits folder belongs")
+    data_path = torch.load(run / "ckpt.pt", weights_only=True)["data_path"]
+    shutil.copytree(data_path, bad / "short_cache")
+    (bad / "short_cache" / "val.bin").write_bytes(b"\x01\x00" * 3)  # 3 tokens
+    copy_run(run, bad / "short_val", data_path=str(bad / "short_cache"))
+    copy_run(run, bad / "missing_val", data_path=str(bad / "nowhere"))
+    (bad / "a_file").write_text("x")
+    return root
+
+
+def snapshot(root) -> dict:
+    """path -> sha1 of every file, and None for every folder, under root."""
+    out = {}
+    for dirpath, dirs, names in os.walk(root):
+        out.update({os.path.join(dirpath, d): None for d in dirs})
+        for n in names:
+            with open(os.path.join(dirpath, n), "rb") as f:
+                out[os.path.join(dirpath, n)] = hashlib.file_digest(f, "sha1").hexdigest()
+    return out
+
+
+def bad_input_cases(w):
+    """(script, argv, text the one error line must contain); w is the world's root."""
+    run, bad = w / "run", w / "bad"
+    data = [f"--data_dir={w / 'corpus'}", f"--cache_dir={w / 'cache'}"]
+    ckpt, tasks_ok = f"--ckpt={run / 'ckpt.pt'}", "--tasks=for_while"
+    S = [(["--density=1.5"], "density"), (["--density=0"], "density"), (["--afrac=0"], "afrac"),
+         (["--afrac=1.5"], "afrac"), (["--n_layer=-1"], "n_layer"), (["--d_model=0"], "d_model"),
+         (["--d_head=0"], "d_head"), (["--d_model=100"], "d_head"), (["--d_mlp=0"], "d_mlp"),
+         (["--block_size=0"], "block_size"), (["--batch_size=0"], "batch_size"),
+         (["--max_iters=0"], "max_iters"), (["--learning_rate=nan"], "learning_rate"),
+         (["--learning_rate=-1"], "learning_rate"), (["--learning_rate=inf"], "learning_rate"),
+         (["--adam_eps=0"], "adam_eps"), (["--weight_decay=-0.1"], "weight_decay"),
+         (["--warmup_frac=1.5"], "warmup_frac"), (["--anneal_frac=-1"], "anneal_frac"),
+         (["--embed_ratio=0"], "embed_ratio"), (["--min_per_neuron=-1"], "min_per_neuron"),
+         (["--min_per_neuron=64"], "min_per_neuron"), (["--vocab_size=100"], "vocab_size"),
+         (["--vocab_size=70000"], "vocab_size"), (["--eval_interval=0"], "eval_interval"),
+         (["--eval_iters=0"], "eval_iters"), (["--log_interval=0"], "log_interval"),
+         (["--device=tpu"], "device"), (["--init_from=restart"], "init_from"),
+         (["--preset=huge"], "preset"), (["--n_layers=3"], "n_layers"), (["n_layer=3"], "--key"),
+         (["--n_layer=three"], "n_layer"), (["--compile=maybe"], "compile"),
+         (["--out_dir="], "out_dir"), ([f"--data_dir={w / 'nowhere'}"], "nowhere"),
+         ([f"--data_dir={w / 'empty_dir'}"], "empty_dir"), ([f"--data_dir={bad / 'a_file'}"], "a_file"),
+         ([f"--out_dir={run}"], "ckpt.pt"),  # a scratch run over a trained one
+         (["--init_from=resume", f"--out_dir={w / 'empty_dir'}"], "not found"),
+         (["--init_from=resume", f"--out_dir={run}", "--n_layer=3"], "n_layer"),
+         (["--init_from=resume", f"--out_dir={run}", f"--data_dir={w / 'corpus2'}"], "data_dir"),
+         (["--init_from=resume", f"--out_dir={bad / 'junk_run'}"], "junk_run"),
+         (["--init_from=resume", f"--out_dir={bad / 'evil_run'}"], "evil_run"),
+         (["--vocab_size=9000"], "vocab_size"), (["--block_size=20000"], "block_size"),
+         ([f"--cache_dir={bad / 'a_file'}"], "a_file"), ([f"--out_dir={bad / 'a_file'}"], "a_file"),
+         (["--out_dir=/sys/sparse_gpt_test"], "sparse_gpt_test"),
+         (["--device=mps"], "mps")]
+    T = [(["--n=0"], "n"), (["--n=-5"], "n"), (["--split=val"], "split"), (["--tasks=nope"], "nope"),
+         (["--device=tpu"], "device"), (["--seed=x"], "seed"),
+         ([f"--ckpt={w / 'missing.pt'}"], "missing.pt")]
+    T += [([f"--ckpt={bad / n}", tasks_ok], n) for n in ("junk.pt", "empty.pt", "truncated.pt",
+          "folder.pt", "evil.pt", "list.pt", "config_str.pt", "other_model.pt")]
+    T += [([f"--ckpt={bad / n / 'ckpt.pt'}", tasks_ok], "tokenizer") for n in
+          ("no_tokenizer", "garbage_tok", "empty_tok", "folder_tok")]
+    P = [([ckpt, tasks_ok, f"--{kv}"], kv.split("=")[0]) for kv in
+         ("k_coef=abc", "k_coef=-1", "k_coef=nan", "k_coef=1e-3,,2", "n_pairs=0", "steps=0",
+          "batch_pairs=0", "solved_acc=1.5", "solved_acc=0", "target_loss=0", "lr=0",
+          "heaviside_temp=0", "mean_batches=0", "device=gpu", "tasks=no_such", "ckpt=")]
+    P += [([f"--ckpt={bad / 'evil.pt'}", tasks_ok], "evil.pt"),
+          ([ckpt, tasks_ok, f"--compare={w / 'missing.pt'}"], "missing.pt"),
+          ([f"--ckpt={bad / 'circuits_file' / 'ckpt.pt'}", tasks_ok], "circuits"),
+          ([f"--ckpt={bad / 'short_val' / 'ckpt.pt'}", tasks_ok], "val.bin"),
+          ([f"--ckpt={bad / 'missing_val' / 'ckpt.pt'}", tasks_ok], "val.bin")]
+    tiny_run = data + WORLD_RUN + [f"--out_dir={w / 'new'}"]  # what follows overrides these
+    return ([("sparse_gpt.py", tiny_run + a, m) for a, m in S] + [("tasks.py", a, m) for a, m in T]
+            + [("prune.py", a, m) for a, m in P])
+
+
+N_BAD_CASES = 90
+MAINS = {"sparse_gpt.py": lambda: sg.main, "tasks.py": lambda: tasks.main,
+         "prune.py": lambda: prune.main}
+
+
+@pytest.mark.parametrize("i", range(N_BAD_CASES))
+def test_bad_input_is_one_error_line_and_changes_no_file(i, world, capsys):
+    cases = bad_input_cases(world)
+    assert len(cases) == N_BAD_CASES
+    script, argv, must_name = cases[i]
+    before = snapshot(world)
+    try:
+        with pytest.raises(SystemExit) as e:
+            MAINS[script]()(argv)
+    finally:
+        after = snapshot(world)
+        for path in set(after) - set(before):  # so that one failure cannot spoil the next case
+            shutil.rmtree(path) if after[path] is None else os.remove(path)
+    message = e.value.code
+    assert isinstance(message, str) and message.startswith("error: "), (script, argv, message)
+    assert "\n" not in message and must_name in message, (script, argv, message)
+    assert "Traceback" not in capsys.readouterr().err
+    assert after == before, (script, argv)  # nothing written, nothing changed (no PWNED)
