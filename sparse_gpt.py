@@ -121,11 +121,12 @@ def parse_value(key: str, text: str, default):
 
 def print_help(defaults, presets):
     """Every key, its default and the comment beside it in its script's DEFAULTS."""
-    owner = [m for m in list(sys.modules.values()) if vars(m).get("DEFAULTS") is defaults]
+    owner = [m for m in list(sys.modules.values())
+             if getattr(m, "__dict__", {}).get("DEFAULTS") is defaults]
     text = open(owner[0].__file__).read().split("DEFAULTS = dict(")[1] if owner else ""
     notes = dict(re.findall(r"^    (\w+)=.*?# (.*)$", text.split("\n)")[0], re.M))
     print("\n".join([f"  {f'--{k}={v}':<26} {notes.get(k, '')}" for k, v in defaults.items()]
-                    + [f"presets (--preset=NAME): {' '.join(presets)}"] * bool(presets)))
+                    + [f"presets (--preset=NAME): {' '.join(presets or ())}"] * bool(presets)))
 
 
 def parse_config(argv, defaults=DEFAULTS, presets=PRESETS, rules=RULES) -> Config:

@@ -6,6 +6,9 @@ import math
 import os
 import random
 import shutil
+import signal
+import subprocess
+import sys
 import xml.etree.ElementTree as ET
 from types import SimpleNamespace
 
@@ -997,3 +1000,127 @@ def test_bad_input_is_one_error_line_and_changes_no_file(i, world, capsys):
     assert "\n" not in message and must_name in message, (script, argv, message)
     assert "Traceback" not in capsys.readouterr().err
     assert after == before, (script, argv)  # nothing written, nothing changed (no PWNED)
+
+
+def test_a_pickle_payload_checkpoint_is_refused_and_runs_nothing(tmp_path):
+    torch.save({"model": Evil(tmp_path / "PWNED"), "config": {}}, tmp_path / "ckpt.pt")
+    for script in ("tasks.py", "prune.py"):
+        r = subprocess.run([sys.executable, script, f"--ckpt={tmp_path / 'ckpt.pt'}",
+                            "--tasks=for_while", "--device=cpu"], capture_output=True, text=True,
+                           cwd=os.path.dirname(os.path.abspath(__file__)))
+        assert r.returncode == 1 and "Traceback" not in r.stderr, r.stderr
+        assert r.stderr.strip().splitlines()[-1].endswith("(it holds code, not just data: "
+                                                          "refused); retrain or pick another")
+        assert not (tmp_path / "PWNED").exists()
+
+
+def test_scratch_run_keeps_a_trained_checkpoint_unless_told_to_overwrite(world, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(world / "run", run)
+    argv = [f"--data_dir={world / 'corpus'}", f"--cache_dir={world / 'cache'}",
+            f"--out_dir={run}"] + WORLD_RUN + ["--max_iters=1"]
+    before = snapshot(run)
+    with pytest.raises(SystemExit, match="already holds a model; continue it with --init_from"):
+        sg.main(argv)
+    assert snapshot(run) == before
+    sg.main(argv + ["--overwrite=True"])
+    assert sg.read_checkpoint(str(run / "ckpt.pt"))["iter_num"] == 1
+
+
+def interrupt_at_step(monkeypatch, step: int, times: int = 1):
+    """Sends Ctrl-C (SIGINT) `times` times from inside training step `step`."""
+    real, calls = sg.project_weights, []
+
+    def project_and_interrupt(*args):
+        real(*args)
+        calls.append(1)
+        if len(calls) == step:
+            for _ in range(times):
+                os.kill(os.getpid(), signal.SIGINT)
+
+    monkeypatch.setattr(sg, "project_weights", project_and_interrupt)
+
+
+def test_ctrl_c_saves_exits_130_and_resume_without_flags_is_bit_exact(world, tmp_path, monkeypatch):
+    common = [f"--data_dir={world / 'corpus'}", f"--cache_dir={world / 'cache'}"] + WORLD_RUN
+    long = ["--max_iters=6", "--eval_interval=3"]
+    sg.main(common + long + [f"--out_dir={tmp_path / 'full'}"])
+    interrupt_at_step(monkeypatch, 2)
+    with pytest.raises(SystemExit) as e:
+        sg.main(common + long + [f"--out_dir={tmp_path / 'stopped'}"])
+    assert e.value.code == 130  # stopped, not finished
+    assert sg.read_checkpoint(str(tmp_path / "stopped" / "ckpt.pt"))["iter_num"] == 2
+    monkeypatch.undo()
+    sg.main(["--init_from=resume", f"--out_dir={tmp_path / 'stopped'}"])  # no other flag
+    full, resumed = (sg.read_checkpoint(str(tmp_path / d / "ckpt.pt")) for d in ("full", "stopped"))
+    assert resumed["iter_num"] == 6 and resumed["config"]["max_iters"] == 6
+    for key, w in full["model"].items():
+        assert torch.equal(w, resumed["model"][key]), key
+    for i, state in full["optimizer"]["state"].items():
+        assert torch.equal(state["exp_avg"], resumed["optimizer"]["state"][i]["exp_avg"])
+
+
+def test_second_ctrl_c_and_ctrl_c_in_data_prep_exit_130_leaving_no_half_file(world, tmp_path,
+                                                                             monkeypatch, capsys):
+    common = [f"--data_dir={world / 'corpus'}", f"--cache_dir={tmp_path / 'cache'}"] + WORLD_RUN
+    real_write, stops = sg.atomic_write, []
+
+    def write_half_then_stop(path, write):
+        if path.endswith("val.bin") and not stops:
+            stops.append(path)
+            real_write(path, lambda f: (f.write(b"\0" * 10), os.kill(os.getpid(), signal.SIGINT)))
+        real_write(path, write)
+
+    monkeypatch.setattr(sg, "atomic_write", write_half_then_stop)
+    with pytest.raises(SystemExit) as e:
+        sg.main(common + [f"--out_dir={tmp_path / 'a'}"])
+    assert e.value.code == 130 and stops
+    folder = os.path.dirname(stops[0])
+    assert sorted(os.listdir(folder)) == ["tokenizer.tiktoken", "train.bin"]  # no .tmp, no sha1
+    assert not (tmp_path / "a").exists()
+    monkeypatch.undo()
+    interrupt_at_step(monkeypatch, 1, times=2)
+    with pytest.raises(SystemExit) as e:
+        sg.main(common + [f"--out_dir={tmp_path / 'b'}"])
+    assert e.value.code == 130 and "tokenizer: 300 tokens" in capsys.readouterr().out  # rebuilt
+    assert sorted(os.listdir(folder)) == ["sha1.txt", "tokenizer.tiktoken", "train.bin", "val.bin"]
+    assert not [f for f in os.listdir(tmp_path / "b") if f.endswith(".tmp")]
+
+
+def test_a_damaged_token_cache_is_rebuilt_not_trusted(world, tmp_path, capsys):
+    cfg = sg.parse_config([f"--data_dir={world / 'corpus'}", f"--cache_dir={tmp_path}"] + WORLD_RUN)
+    folder, _ = sg.prepare_data(cfg)
+    good = snapshot(folder)
+    with open(os.path.join(folder, "train.bin"), "r+b") as f:
+        f.truncate(100)
+    capsys.readouterr()
+    sg.prepare_data(cfg)
+    assert "tokenizer: 300 tokens" in capsys.readouterr().out and snapshot(folder) == good
+    sg.prepare_data(cfg)
+    assert "using cached tokens" in capsys.readouterr().out
+
+
+def test_a_damaged_node_means_cache_is_recomputed(planted_ckpt, capsys):
+    model, _, cfg_model = sg.load_checkpoint(str(planted_ckpt))
+    first = prune.load_means(model, cfg_model, str(planted_ckpt), 4, torch.device("cpu"))
+    for junk in (b"", b"garbage", None):  # None: a cache of the right key but the wrong size
+        if junk is None:
+            key = torch.load(planted_ckpt.parent / "node_means.pt", weights_only=True)["key"]
+            torch.save({"key": key, "means": torch.zeros(3)}, planted_ckpt.parent / "node_means.pt")
+        else:
+            (planted_ckpt.parent / "node_means.pt").write_bytes(junk)
+        again = prune.load_means(model, cfg_model, str(planted_ckpt), 4, torch.device("cpu"))
+        assert torch.equal(first, again) and "node means:" in capsys.readouterr().out
+
+
+def test_help_lists_every_key_with_default_and_meaning_and_paths_expand_home(capsys):
+    for main, key, meaning in ((sg.main, "--density=0.0625", "fraction of each hidden matrix"),
+                               (tasks.main, "--n=200", "pairs per task"),
+                               (prune.main, "--k_coef=1e-3,3e-3,1e-2", "penalty per kept node")):
+        with pytest.raises(SystemExit) as e:
+            main(["--help"])
+        out = capsys.readouterr().out
+        assert e.value.code == 0 and key in out and meaning in out
+        defaults = {sg.main: sg.DEFAULTS, tasks.main: tasks.DEFAULTS, prune.main: prune.DEFAULTS}
+        assert len(out.strip().splitlines()) == len(defaults[main]) + (main is sg.main)
+    assert sg.parse_config(["--data_dir=~/code"]).data_dir == os.path.expanduser("~/code")
