@@ -15,6 +15,7 @@ import html
 import json
 import math
 import os
+import re
 import sys
 import time
 from contextlib import contextmanager
@@ -46,17 +47,12 @@ RULES = dict(  # what each value must be (see sparse_gpt.RULES)
     ckpt=(lambda v, c: v != "", "a checkpoint file"), solved_acc=sparse_gpt.FRACTION,
     tasks=(lambda v, c: all(t in tasks.ALL for t in v.split(",") if t),
            "comma-separated task names (python tasks.py shows every task)"),
-    k_coef=(lambda v, c: positive_numbers(v), "comma-separated positive numbers"),
+    k_coef=(lambda v, c: all(re.fullmatch(r"\d*\.?\d+(e[-+]?\d+)?", k, re.I)
+                             and 0 < float(k) < math.inf for k in str(v).split(",")),
+            "comma-separated numbers > 0"),
     target_loss=sparse_gpt.POSITIVE, heaviside_temp=sparse_gpt.POSITIVE, lr=sparse_gpt.POSITIVE,
     steps=sparse_gpt.COUNT, n_pairs=sparse_gpt.COUNT, batch_pairs=sparse_gpt.COUNT,
     mean_batches=sparse_gpt.COUNT, device=sparse_gpt.DEVICE)
-
-
-def positive_numbers(text) -> bool:
-    try:
-        return all(0 < float(k) < math.inf for k in str(text).split(","))
-    except ValueError:
-        return False
 LOG_EVERY = 25  # mask-training steps between progress lines
 
 

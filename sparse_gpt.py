@@ -81,7 +81,7 @@ PRESETS = {
 }
 
 # What each value must be, checked after presets and flags: key -> (test(value, cfg), rule).
-COUNT, POSITIVE = (lambda v, c: v >= 1, "at least 1"), (lambda v, c: v > 0, "positive")
+COUNT, POSITIVE = (lambda v, c: v >= 1, "at least 1"), (lambda v, c: 0 < v < math.inf, "> 0")
 FRACTION, SHARE = (lambda v, c: 0 < v <= 1, "in (0, 1]"), (lambda v, c: 0 <= v <= 1, "in [0, 1]")
 DEVICE = (lambda v, c: v in ("auto", "cpu", "cuda", "mps"), "auto, cpu, cuda or mps")
 RULES = dict(
@@ -93,7 +93,7 @@ RULES = dict(
     density=FRACTION, embed_ratio=POSITIVE, anneal_frac=SHARE, warmup_frac=SHARE,
     min_per_neuron=(lambda v, c: 0 <= v <= c.density * c.d_model, "in [0, density * d_model]"),
     batch_size=COUNT, max_iters=COUNT, learning_rate=POSITIVE, adam_eps=POSITIVE, device=DEVICE,
-    weight_decay=(lambda v, c: v >= 0, ">= 0"), eval_interval=COUNT, eval_iters=COUNT,
+    weight_decay=(lambda v, c: 0 <= v < math.inf, ">= 0"), eval_interval=COUNT, eval_iters=COUNT,
     log_interval=COUNT)
 # what --init_from=resume may change: none of it touches the model, the data or the schedule
 RESUME_MAY_CHANGE = ("out_dir cache_dir init_from overwrite device compile eval_interval "
@@ -113,10 +113,7 @@ def parse_value(key: str, text: str, default):
         if text.lower() in ("false", "0", "no"):
             return False
         raise ValueError
-    value = os.path.expanduser(text) if isinstance(default, str) else type(default)(text)
-    if isinstance(value, float) and not math.isfinite(value):
-        raise ValueError
-    return value
+    return os.path.expanduser(text) if isinstance(default, str) else type(default)(text)
 
 
 def print_help(defaults, presets):
@@ -291,7 +288,7 @@ def save_tokenizer(ranks: dict[bytes, int], path: str):
     atomic_write(path, lambda f: f.write("".join(lines).encode()))
 
 
-def load_tokenizer(path: str, fix: str) -> tiktoken.Encoding:
+def load_tokenizer(path: str, fix: str = "copy a good one there") -> tiktoken.Encoding:
     try:  # fix: what the user should do when the file is missing or damaged
         with open(path) as f:
             ranks = {base64.b64decode(tok, validate=True): int(rank)
@@ -348,8 +345,7 @@ def prepare_data(cfg) -> tuple[str, tiktoken.Encoding]:
     train_docs, val_docs = read_corpus(root)
     ranks = train_bpe(train_docs, cfg.vocab_size)
     if len(ranks) + 1 < cfg.vocab_size:  # BPE ran out of pairs to merge
-        sys.exit(f"error: corpus '{root}' yields only {len(ranks) + 1} tokens; lower --vocab_size "
-                 "to that or pass a larger --data_dir")
+        sys.exit(f"error: corpus '{root}' yields only {len(ranks) + 1} tokens; lower --vocab_size")
     os.makedirs(folder, exist_ok=True)
     save_tokenizer(ranks, tok_path)
     enc = make_encoding(ranks)
@@ -663,7 +659,7 @@ def read_checkpoint(path: str) -> dict:
     except Exception as e:
         why = "it holds code, not just data: refused" if "GLOBAL" in str(e) else type(e).__name__
         sys.exit(f"error: cannot read checkpoint '{path}' ({why}); retrain or pick another")
-    if not isinstance(ckpt, dict) or not isinstance(ckpt.get("config"), dict) or "model" not in ckpt:
+    if not (isinstance(ckpt, dict) and "model" in ckpt and isinstance(ckpt.get("config"), dict)):
         sys.exit(f"error: '{path}' is not a sparse_gpt checkpoint (no model/config)")
     return ckpt
 
@@ -678,8 +674,7 @@ def load_checkpoint(path: str, device="cpu") -> tuple[GPT, tiktoken.Encoding, Co
         sys.exit(f"error: checkpoint '{path}' does not match this model code; retrain it")
     cfg["data_path"] = ckpt.get("data_path", "")
     tokenizer = load_tokenizer(os.path.join(os.path.dirname(path) or ".", "tokenizer.tiktoken"),
-                               "copy the run's own tokenizer.tiktoken (its token cache "
-                               f"{cfg.data_path or 'folder'} holds one) next to the checkpoint")
+                               f"copy the run's own there (its cache {cfg.data_path} has one)")
     if tokenizer.n_vocab != cfg.vocab_size:
         sys.exit(f"error: the tokenizer beside '{path}' has {tokenizer.n_vocab} tokens, the model "
                  f"{cfg.vocab_size}; copy the run's own tokenizer.tiktoken next to it")
@@ -738,17 +733,27 @@ def train(cfg) -> list[tuple[int, float]]:
     on Ctrl-C and at the end. Nothing is written to out_dir until every check has passed."""
     device = pick_device(cfg.device)
     ckpt_path = os.path.join(cfg.out_dir, "ckpt.pt")
-    ckpt = read_checkpoint(ckpt_path) if cfg.init_from == "resume" else None
-    if ckpt:
+    torch.manual_seed(cfg.seed)
+    model = GPT(GPTConfig.from_config(cfg)).to(device)
+    optimizer = make_optimizer(model, cfg, device.type)
+    iter_num, best_val_loss, ckpt = 0, float("inf"), None
+    if cfg.init_from == "resume":
+        ckpt = read_checkpoint(ckpt_path)
         changed = [k for k in DEFAULTS if k not in RESUME_MAY_CHANGE
                    and ckpt["config"].get(k, DEFAULTS[k]) != cfg[k]]
         if changed:
-            sys.exit(f"error: --init_from=resume continues the run's own config; drop the flags that "
-                     f"change it ({', '.join(changed)}), or start a new run in another --out_dir")
+            sys.exit(f"error: --init_from=resume continues the run's own config; drop the flags "
+                     f"that change it ({', '.join(changed)}), or start a new run elsewhere")
+        try:
+            model.load_state_dict(ckpt["model"])
+            optimizer.load_state_dict(ckpt["optimizer"])
+            iter_num, best_val_loss = int(ckpt["iter_num"]), float(ckpt["best_val_loss"])
+        except (KeyError, RuntimeError, ValueError, TypeError) as e:
+            sys.exit(f"error: cannot resume {ckpt_path} ({type(e).__name__}); start a new run")
+        print(f"resuming from {ckpt_path} at step {iter_num}")
     elif os.path.exists(ckpt_path) and not cfg.overwrite:
         sys.exit(f"error: {ckpt_path} already holds a model; continue it with --init_from=resume, "
                  "or pass another --out_dir, or --overwrite=True to replace it")
-    torch.manual_seed(cfg.seed)
     data_path, tokenizer = prepare_data(cfg)
     if ckpt and os.path.basename(ckpt.get("data_path", "")) != os.path.basename(data_path):
         sys.exit(f"error: the corpus or vocabulary differs from the one {ckpt_path} was trained on "
@@ -758,21 +763,8 @@ def train(cfg) -> list[tuple[int, float]]:
     for s, arr in data.items():
         if len(arr) <= cfg.block_size + 1:
             sys.exit(f"error: {s} split has {len(arr)} tokens, fewer than block_size+1; add code or lower block_size")
-
-    model = GPT(GPTConfig.from_config(cfg)).to(device)
-    optimizer = make_optimizer(model, cfg, device.type)
-    iter_num, best_val_loss = 0, float("inf")
-    if ckpt:
-        try:
-            model.load_state_dict(ckpt["model"])
-            optimizer.load_state_dict(ckpt["optimizer"])
-            iter_num, best_val_loss = int(ckpt["iter_num"]), float(ckpt["best_val_loss"])
-        except (KeyError, RuntimeError, ValueError, TypeError) as e:
-            sys.exit(f"error: cannot resume {ckpt_path} ({type(e).__name__}); start a new run")
-        print(f"resuming from {ckpt_path} at step {iter_num}")
     os.makedirs(cfg.out_dir, exist_ok=True)
-    if os.path.exists(ckpt_path + ".tmp"):  # left by a killed save
-        os.remove(ckpt_path + ".tmp")
+    Path(ckpt_path + ".tmp").unlink(missing_ok=True)  # left by a killed save
     with open(os.path.join(data_path, "tokenizer.tiktoken"), "rb") as tok:
         atomic_write(os.path.join(cfg.out_dir, "tokenizer.tiktoken"), lambda f: f.write(tok.read()))
     print(f"model: {cfg.n_layer} layers, d_model {cfg.d_model}, {n_sparse(model) / 1e6:.2f}M "

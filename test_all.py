@@ -945,7 +945,8 @@ def bad_input_cases(w):
          (["--preset=huge"], "preset"), (["--n_layers=3"], "n_layers"), (["n_layer=3"], "--key"),
          (["--n_layer=three"], "n_layer"), (["--compile=maybe"], "compile"),
          (["--out_dir="], "out_dir"), ([f"--data_dir={w / 'nowhere'}"], "nowhere"),
-         ([f"--data_dir={w / 'empty_dir'}"], "empty_dir"), ([f"--data_dir={bad / 'a_file'}"], "a_file"),
+         ([f"--data_dir={w / 'empty_dir'}"], "empty_dir"),
+         ([f"--data_dir={bad / 'a_file'}"], "a_file"),
          ([f"--out_dir={run}"], "ckpt.pt"),  # a scratch run over a trained one
          (["--init_from=resume", f"--out_dir={w / 'empty_dir'}"], "not found"),
          (["--init_from=resume", f"--out_dir={run}", "--n_layer=3"], "n_layer"),
@@ -956,7 +957,8 @@ def bad_input_cases(w):
          ([f"--cache_dir={bad / 'a_file'}"], "a_file"), ([f"--out_dir={bad / 'a_file'}"], "a_file"),
          (["--out_dir=/sys/sparse_gpt_test"], "sparse_gpt_test"),
          (["--device=mps"], "mps")]
-    T = [(["--n=0"], "n"), (["--n=-5"], "n"), (["--split=val"], "split"), (["--tasks=nope"], "nope"),
+    T = [(["--n=0"], "n"), (["--n=-5"], "n"), (["--split=val"], "split"),
+         (["--tasks=nope"], "nope"),
          (["--device=tpu"], "device"), (["--seed=x"], "seed"),
          ([f"--ckpt={w / 'missing.pt'}"], "missing.pt")]
     T += [([f"--ckpt={bad / n}", tasks_ok], n) for n in ("junk.pt", "empty.pt", "truncated.pt",
