@@ -935,8 +935,8 @@ def cli(main):
         except KeyboardInterrupt:
             sys.exit(130)
         except OSError as e:
-            name = str(e.filename).removesuffix(".tmp")
-            sys.exit(f"error: {e.strerror or e}: '{name}'; fix that path or pass another")
+            where = f": '{str(e.filename).removesuffix('.tmp')}'" if e.filename else ""
+            sys.exit(f"error: {e.strerror or e}{where}; fix that path or pass another")
     return run
 
 

@@ -11,7 +11,6 @@ model that ignores the context scores exactly 50%. prune.py finds the circuit of
 
 import hashlib
 import random
-import sys
 from collections import namedtuple
 
 import torch
@@ -429,6 +428,8 @@ def evaluate(model, tokenizer, names, n: int = 200, seed: int = 0, split: str = 
              batch_pairs: int = 32) -> dict[str, tuple[float, float, int]]:
     """name -> (task loss, accuracy, pairs) on n fresh pairs of each task. Raises ValueError if
     a task's answers do not tokenize as single tokens under this tokenizer."""
+    if n < 1:
+        raise ValueError(f"n must be at least 1, got {n}")
     out = {}
     for name in names:
         pairs = make_pairs(name, n, seed, split)

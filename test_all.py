@@ -979,6 +979,53 @@ def bad_input_cases(w):
             + [("prune.py", a, m) for a, m in P])
 
 
+def bad_function_calls(w):
+    """(call, the exception it must raise, text its one-line message must contain)."""
+    bad, run = w / "bad", w / "run"
+    small = sg.parse_config([f"--data_dir={w / 'corpus'}", f"--cache_dir={w / 'cache'}",
+                             f"--out_dir={w / 'new'}"] + WORLD_RUN)
+    loaded = lambda path: sg.load_checkpoint(str(path))  # noqa: E731
+    return [(lambda: sg.parse_config(["--density=2"]), SystemExit, "density"),
+            (lambda: sg.parse_config(["--learning_rate=nan"]), SystemExit, "learning_rate"),
+            (lambda: loaded(bad / "evil.pt"), SystemExit, "evil.pt"),
+            (lambda: loaded(bad / "folder.pt"), SystemExit, "folder.pt"),
+            (lambda: sg.read_checkpoint(str(bad / "list.pt")), SystemExit, "list.pt"),
+            (lambda: sg.load_tokenizer(str(bad / "garbage_tok" / "tokenizer.tiktoken")),
+             SystemExit, "garbage_tok"),
+            (lambda: sg.pick_device("mps"), SystemExit, "mps"),
+            (lambda: sg.list_py_files(str(bad / "a_file")), SystemExit, "a_file"),
+            (lambda: sg.prepare_data(sg.Config(small, vocab_size=9000)), SystemExit, "vocab_size"),
+            (lambda: tasks.make_pairs("nope", 2), ValueError, "unknown task"),
+            (lambda: tasks.make_pairs("for_while", 2, split="val"), ValueError, "split"),
+            (lambda: tasks.evaluate(*loaded(run / "ckpt.pt")[:2], ["for_while"], n=0), ValueError,
+             "n must be at least 1"),
+            (lambda: prune.load_means(*loaded(bad / "short_val" / "ckpt.pt")[::2],
+                                      str(bad / "short_val" / "ckpt.pt"), 2, torch.device("cpu")),
+             SystemExit, "val.bin")]
+
+
+N_BAD_CALLS = 13
+
+
+@pytest.mark.parametrize("i", range(N_BAD_CALLS))
+def test_bad_input_to_public_functions_raises_one_clear_line(i, world):
+    calls = bad_function_calls(world)
+    assert len(calls) == N_BAD_CALLS
+    call, kind, must_name = calls[i]
+    before = snapshot(world)
+    try:
+        with pytest.raises(kind) as e:
+            call()
+    finally:
+        after = snapshot(world)
+        for path in set(after) - set(before):
+            shutil.rmtree(path) if after[path] is None else os.remove(path)
+    message = str(e.value)
+    assert "\n" not in message and must_name in message, message
+    assert message.startswith("error: ") or kind is not SystemExit, message
+    assert after == before
+
+
 N_BAD_CASES = 90
 MAINS = {"sparse_gpt.py": lambda: sg.main, "tasks.py": lambda: tasks.main,
          "prune.py": lambda: prune.main}
