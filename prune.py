@@ -15,6 +15,7 @@ import html
 import json
 import math
 import os
+import re
 import sys
 import time
 from contextlib import contextmanager
@@ -39,9 +40,16 @@ DEFAULTS = dict(
     n_pairs=64,  # train pairs and test pairs per task (paper: batches of 64 datapoints)
     control=True,  # also search the same prompts with shuffled answers (a circuit must beat it)
     mean_batches=20,  # val.bin batches (of the checkpoint's batch_size x block_size) for means
-    seed=0,
-    device="auto",
+    seed=0,  # mask initialisation, batches of pairs, the random-set control
+    device="auto",  # auto | cpu | cuda | mps
 )
+RULES = dict(  # what each value must be (see sparse_gpt.RULES)
+    ckpt=(lambda v, c: v != "", "a checkpoint file"), solved_acc=sparse_gpt.FRACTION,
+    tasks=(lambda v, c: all(t in tasks.ALL for t in v.split(",") if t),
+           "comma-separated task names (python tasks.py shows every task)"),
+    k_coef=sparse_gpt.POSITIVE, target_loss=sparse_gpt.POSITIVE,
+    heaviside_temp=sparse_gpt.POSITIVE, lr=sparse_gpt.POSITIVE, steps=sparse_gpt.COUNT,
+    n_pairs=sparse_gpt.COUNT, mean_batches=sparse_gpt.COUNT, device=sparse_gpt.DEVICE)
 LOG_EVERY = 100  # mask-training steps between progress lines
 MAX_SCALE = 4.0  # the calibration may scale the logit difference by at most this much
 
@@ -157,19 +165,24 @@ def load_means(model, cfg_model, ckpt_path: str, n_batches: int, device) -> torc
     with open(ckpt_path, "rb") as f:
         key = f"{hashlib.sha1(f.read()).hexdigest()}|{n_batches}"
     path = os.path.join(os.path.dirname(ckpt_path) or ".", "node_means.pt")
-    if os.path.exists(path):
-        cached = torch.load(path, map_location=device)
-        if cached.get("key") == key:
+    try:  # a cache that is missing, unreadable, corrupt or another checkpoint's is recomputed
+        cached = torch.load(path, map_location=device, weights_only=True)
+        if cached["key"] == key and cached["means"].shape == (len(node_names(model)),):
             print(f"using the cached node means in {path}")
             return cached["means"]
+    except Exception:
+        pass
     val_path = os.path.join(cfg_model.data_path, "val.bin")
     if not os.path.exists(val_path):
         sys.exit(f"error: {val_path} (the checkpoint's validation tokens) not found; node means "
                  "need it: run from the folder the model was trained in")
     t0 = time.time()
-    tokens = np.memmap(val_path, dtype=np.uint16, mode="r")
+    tokens = np.fromfile(val_path, dtype=np.uint16)
+    if len(tokens) <= cfg_model.block_size + 1 or tokens.max() >= cfg_model.vocab_size:
+        sys.exit(f"error: {val_path} is damaged; rebuild it with python sparse_gpt.py "
+                 f"--init_from=resume --out_dir={os.path.dirname(ckpt_path) or '.'}")
     means = compute_means(model, tokens, n_batches, cfg_model.batch_size)
-    torch.save({"key": key, "means": means}, path)
+    sparse_gpt.atomic_write(path, lambda f: torch.save({"key": key, "means": means}, f))
     n_tokens = n_batches * cfg_model.batch_size * cfg_model.block_size
     print(f"node means: {len(means)} nodes over {n_tokens:,} val tokens in "
           f"{time.time() - t0:.1f}s, cached in {path}")
@@ -709,15 +722,19 @@ def print_summary(path: str, results: dict[str, dict]):
         print(f"geometric mean of edges over {len(edges)} tasks: {geomean(edges):.1f}")
 
 
-def main(argv=None):
-    cfg = sparse_gpt.parse_config(sys.argv[1:] if argv is None else argv, DEFAULTS, presets=None)
+@sparse_gpt.cli
+def main(argv):
+    cfg = sparse_gpt.parse_config(argv, DEFAULTS, presets=None, rules=RULES)
     names = [t for t in cfg.tasks.split(",") if t]
-    unknown = [t for t in names if t not in tasks.ALL]
-    if unknown:
-        sys.exit(f"error: unknown task '{unknown[0]}'; valid tasks: {' '.join(tasks.ALL)}")
     device = sparse_gpt.pick_device(cfg.device)
     paths = [cfg.ckpt] + [cfg.compare] * bool(cfg.compare)
     loaded = [sparse_gpt.load_checkpoint(path, device) for path in paths]  # bad files fail here
+    for path in paths:  # node_means.pt and circuits/ go beside each checkpoint: fail now, not later
+        out = os.path.join(os.path.dirname(path) or ".", "circuits")
+        if not os.access(os.path.dirname(out), os.W_OK) or os.path.exists(out) and not (
+                os.path.isdir(out) and os.access(out, os.W_OK)):
+            sys.exit(f"error: cannot write {out}/ (no permission, or a file in the way); copy the "
+                     "checkpoint and its tokenizer.tiktoken to a writable folder")
     if not names:  # the tasks that every checkpoint solves, so that a comparison is like for like
         solved = [solved_tasks(model, tokenizer, cfg) for model, tokenizer, _ in loaded]
         names = [t for t in solved[0] if all(t in s for s in solved)]

@@ -21,6 +21,7 @@ import sysconfig
 import time
 from collections import Counter
 from dataclasses import dataclass, fields
+from pathlib import Path
 
 import numpy as np
 import tiktoken
@@ -36,16 +37,17 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 DEFAULTS = dict(
     preset="auto",  # auto = gpu with CUDA, else cpu; see PRESETS
     out_dir="out",  # checkpoint, tokenizer copy, circuits
+    overwrite=False,  # let a scratch run replace a checkpoint already in out_dir
     data_dir="",  # folder of .py files; empty = this interpreter's standard library
     cache_dir="data",  # tokenizer and token files, keyed by corpus and vocab size
-    init_from="scratch",  # scratch | resume (continue out_dir/ckpt.pt exactly)
+    init_from="scratch",  # scratch | resume (continue out_dir/ckpt.pt exactly, its own config)
     # model (paper section 1)
     vocab_size=2048,  # byte-level BPE, end-of-text included
-    n_layer=2,
-    d_model=128,
+    n_layer=2,  # transformer blocks
+    d_model=128,  # residual stream width
     d_head=16,  # small heads are more monosemantic
-    d_mlp=512,
-    block_size=128,
+    d_mlp=512,  # MLP neurons per block
+    block_size=128,  # context length in tokens
     afrac=0.25,  # fraction of activations AbsTopK keeps at every node location; 1.0 = off
     attn_sink=True,  # learnable per-head logit of an always-visible zero-valued key
     bigram_table=True,  # dense vocab x vocab table added to the logits
@@ -56,30 +58,50 @@ DEFAULTS = dict(
     min_per_neuron=4,  # the paper's j: no neuron or q/k/v channel drops below this many weights
     # optimization
     batch_size=32,  # the global batch: under torchrun each of N processes takes 1/N of it
-    max_iters=3000,
-    learning_rate=3e-3,
-    warmup_frac=0.01,
+    max_iters=3000,  # training steps
+    learning_rate=3e-3,  # peak, before the 1/sqrt(density) factor of the sharkfin schedule
+    warmup_frac=0.01,  # fraction of training spent warming the learning rate up
     weight_decay=0.1,  # on every matrix but the bigram table (official script)
     adam_eps=0.1,  # large on purpose (paper 2): the gradient Adam sees always has RMS 1
     # loop and system
-    eval_interval=250,
-    eval_iters=20,
-    log_interval=25,
+    eval_interval=250,  # steps between evaluations (each saves the checkpoint)
+    eval_iters=20,  # batches per evaluation
+    log_interval=25,  # steps between log lines
     device="auto",  # auto | cpu | cuda | mps
     compile=False,  # torch.compile the model (the gpu preset turns it on)
-    seed=1337,
+    seed=1337,  # model init and the batch sequence
     bench=False,  # time sparse vs dense steps on random tokens instead of training
 )
 
 PRESETS = {
-    "tiny": dict(n_layer=1, d_model=64, d_mlp=256, block_size=64, batch_size=16, max_iters=200,
-                 eval_interval=100, eval_iters=5, log_interval=20, learning_rate=1e-2),
+    "tiny": dict(out_dir="out/tiny", n_layer=1, d_model=64, d_mlp=256, block_size=64,
+                 batch_size=16, max_iters=200, eval_interval=100, eval_iters=5, log_interval=20,
+                 learning_rate=1e-2),
     "cpu": dict(),
     # official example's shape and densities, batch sized for 80 GB; ~1 h on an H100 (README)
     "gpu": dict(n_layer=8, d_model=1024, d_mlp=4096, block_size=256, batch_size=256,
                 max_iters=10000, density=1 / 64, learning_rate=1.1e-3, eval_interval=500,
                 compile=True),
 }
+
+# What each value must be, checked after presets and flags: key -> (test(value, cfg), rule).
+COUNT, POSITIVE = (lambda v, c: v >= 1, "at least 1"), (lambda v, c: 0 < v < math.inf, "> 0")
+FRACTION, SHARE = (lambda v, c: 0 < v <= 1, "in (0, 1]"), (lambda v, c: 0 <= v <= 1, "in [0, 1]")
+DEVICE = (lambda v, c: v in ("auto", "cpu", "cuda", "mps"), "auto, cpu, cuda or mps")
+RULES = dict(
+    out_dir=(lambda v, c: v != "", "a folder"),
+    init_from=(lambda v, c: v in ("scratch", "resume"), "scratch or resume"),
+    vocab_size=(lambda v, c: 263 <= v <= 65536, "in [263, 65536] (6 task tokens; uint16 ids)"),
+    n_layer=COUNT, d_model=COUNT, d_mlp=COUNT, block_size=COUNT, afrac=FRACTION,
+    d_head=(lambda v, c: v >= 1 and c.d_model % v == 0, "at least 1 and a divisor of d_model"),
+    density=FRACTION, embed_ratio=POSITIVE, anneal_frac=SHARE, warmup_frac=SHARE,
+    min_per_neuron=(lambda v, c: 0 <= v <= c.density * c.d_model, "in [0, density * d_model]"),
+    batch_size=COUNT, max_iters=COUNT, learning_rate=POSITIVE, adam_eps=POSITIVE, device=DEVICE,
+    weight_decay=(lambda v, c: 0 <= v < math.inf, ">= 0"), eval_interval=COUNT, eval_iters=COUNT,
+    log_interval=COUNT)
+# what --init_from=resume may change: none of it touches the model, the data or the schedule
+RESUME_MAY_CHANGE = ("out_dir cache_dir init_from overwrite device compile eval_interval "
+                     "eval_iters log_interval bench").split()
 
 
 class Config(dict):
@@ -95,12 +117,26 @@ def parse_value(key: str, text: str, default):
         if text.lower() in ("false", "0", "no"):
             return False
         raise ValueError
-    return type(default)(text)
+    return os.path.expanduser(text) if isinstance(default, str) else type(default)(text)
 
 
-def parse_config(argv, defaults=DEFAULTS, presets=PRESETS) -> Config:
-    """--key=value overrides, type taken from the default; --preset=NAME applies a preset first.
-    Shared by sparse_gpt.py, tasks.py and prune.py. Bad input exits with one clear line."""
+def print_help(defaults, presets):
+    """Every key, its default and the comment beside it in its script's DEFAULTS."""
+    owner = [m for m in list(sys.modules.values())
+             if getattr(m, "__dict__", {}).get("DEFAULTS") is defaults]
+    text = open(owner[0].__file__).read().split("DEFAULTS = dict(")[1] if owner else ""
+    notes = dict(re.findall(r"^    (\w+)=.*?# (.*)$", text.split("\n)")[0], re.M))
+    print("\n".join([f"  {f'--{k}={v}':<26} {notes.get(k, '')}" for k, v in defaults.items()]
+                    + [f"presets (--preset=NAME): {' '.join(presets or ())}"] * bool(presets)))
+
+
+def parse_config(argv, defaults=DEFAULTS, presets=PRESETS, rules=RULES) -> Config:
+    """--key=value overrides, type taken from the default; --preset=NAME applies a preset first;
+    then every value is checked against the rules table. Shared by sparse_gpt.py, tasks.py and
+    prune.py. --help lists the keys; bad input exits with one clear line."""
+    if {"-h", "--help"} & set(argv):
+        print_help(defaults, presets)
+        sys.exit(0)
     pairs = {}
     for arg in argv:
         if not arg.startswith("--") or "=" not in arg:
@@ -122,6 +158,9 @@ def parse_config(argv, defaults=DEFAULTS, presets=PRESETS) -> Config:
             sys.exit(f"error: unknown preset '{name}'; valid presets: {' '.join(presets)}")
         cfg.update(presets[name], preset=name)
     cfg.update(pairs)
+    for key, (ok, rule) in rules.items():
+        if key in cfg and not ok(cfg[key], cfg):
+            sys.exit(f"error: {key}={cfg[key]} is invalid: it must be {rule}")
     return cfg
 
 
@@ -135,7 +174,7 @@ def stdlib_dir() -> str:
 
 def list_py_files(root: str) -> list[str]:
     if not os.path.isdir(root):
-        sys.exit(f"error: corpus folder '{root}' does not exist; pass --data_dir=PATH")
+        sys.exit(f"error: corpus folder '{root}' not found (or not a folder); pass --data_dir=PATH")
     found = []
     for dirpath, dirnames, filenames in os.walk(root):
         dirnames[:] = sorted(d for d in dirnames if d != "site-packages")
@@ -189,8 +228,6 @@ def train_bpe(docs: list[str], vocab_size: int) -> dict[bytes, int]:
     """Learns vocab_size - 257 merges (256 bytes + end-of-text are fixed). Returns tiktoken
     ranks. Incremental: a merge only revisits the words that contain its pair."""
     n_merges = vocab_size - 257
-    if n_merges < len(REQUIRED_TOKENS):
-        sys.exit(f"error: vocab_size={vocab_size} is too small; use at least 263")
     word_counts = Counter()
     pretoken = re.compile(PRETOKEN_PATTERN)
     for doc in docs:
@@ -252,26 +289,43 @@ def make_encoding(ranks: dict[bytes, int], name: str = "sparse_gpt") -> tiktoken
 def save_tokenizer(ranks: dict[bytes, int], path: str):
     """tiktoken's rank-file format: one 'base64(token) rank' per line."""
     lines = [f"{base64.b64encode(b).decode()} {r}\n" for b, r in sorted(ranks.items(), key=lambda x: x[1])]
-    atomic_write(path, "".join(lines).encode())
+    atomic_write(path, lambda f: f.write("".join(lines).encode()))
 
 
-def load_tokenizer(path: str) -> tiktoken.Encoding:
-    if not os.path.exists(path):
-        sys.exit(f"error: tokenizer file '{path}' not found; rerun python sparse_gpt.py to make it")
-    with open(path) as f:
-        ranks = {base64.b64decode(tok): int(rank) for tok, rank in (line.split() for line in f)}
-    return make_encoding(ranks)
+def load_tokenizer(path: str, fix: str = "copy a good one there") -> tiktoken.Encoding:
+    try:  # fix: what the user should do when the file is missing or damaged
+        with open(path) as f:
+            ranks = {base64.b64decode(tok, validate=True): int(rank)
+                     for tok, rank in (line.split() for line in f)}
+        return make_encoding(ranks)
+    except (OSError, ValueError) as e:  # missing, a folder, not text, not 'base64 rank' lines
+        sys.exit(f"error: cannot read tokenizer '{path}' ({type(e).__name__}); {fix}")
 
 
-def atomic_write(path: str, data: bytes):
-    tmp = path + ".tmp"
-    with open(tmp, "wb") as f:
-        f.write(data)
-    os.replace(tmp, path)
+def atomic_write(path: str, write):
+    """write(f) fills path.tmp, which is synced to disk, then renamed over path: a crash leaves
+    the old file or the new one, never half of one. An interrupted write removes its .tmp."""
+    try:
+        with open(path + ".tmp", "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(path + ".tmp", path)
+    except BaseException:
+        if os.path.isfile(path + ".tmp"):
+            os.remove(path + ".tmp")
+        raise
 
 
 # -----------------------------------------------------------------------------
 # token data: uint16 train.bin / val.bin, cached per corpus and vocab size
+
+
+def cache_digest(folder: str) -> bytes:
+    """sha1 of the cache's files. sha1.txt, written last, records it: a cache whose files do not
+    match it (missing, truncated, corrupt, half-built) is rebuilt, never trusted."""
+    names = ("tokenizer.tiktoken", "train.bin", "val.bin")
+    return hashlib.sha1(b"".join(Path(folder, n).read_bytes() for n in names)).hexdigest().encode()
 
 
 def prepare_data(cfg) -> tuple[str, tiktoken.Encoding]:
@@ -284,23 +338,29 @@ def prepare_data(cfg) -> tuple[str, tiktoken.Encoding]:
     name = f"{os.path.basename(root)}-{key.hexdigest()[:10]}"
     folder = os.path.abspath(os.path.join(cfg.cache_dir, name))
     tok_path = os.path.join(folder, "tokenizer.tiktoken")
-    if os.path.exists(os.path.join(folder, "val.bin")):
+    try:
+        complete = Path(folder, "sha1.txt").read_bytes() == cache_digest(folder)
+    except OSError:
+        complete = False
+    if complete:
         print(f"data: using cached tokens in {folder}")
-        return folder, load_tokenizer(tok_path)
-    if cfg.vocab_size > 65536:
-        sys.exit(f"error: vocab_size={cfg.vocab_size} does not fit uint16 tokens; use <= 65536")
-    os.makedirs(folder, exist_ok=True)
+        return folder, load_tokenizer(tok_path, f"delete the folder {folder} to rebuild it")
     t0 = time.time()
     train_docs, val_docs = read_corpus(root)
     ranks = train_bpe(train_docs, cfg.vocab_size)
+    if len(ranks) + 1 < cfg.vocab_size:  # BPE ran out of pairs to merge
+        sys.exit(f"error: corpus '{root}' yields only {len(ranks) + 1} tokens; lower --vocab_size")
+    os.makedirs(folder, exist_ok=True)
     save_tokenizer(ranks, tok_path)
     enc = make_encoding(ranks)
     t1 = time.time()
     print(f"tokenizer: {len(ranks) + 1} tokens trained in {t1 - t0:.1f}s")
     for split, docs in (("train", train_docs), ("val", val_docs)):
         ids = [t for doc in enc.encode_ordinary_batch(docs) for t in doc + [enc.eot_token]]
-        atomic_write(os.path.join(folder, f"{split}.bin"), np.array(ids, dtype=np.uint16).tobytes())
+        atomic_write(os.path.join(folder, f"{split}.bin"), np.array(ids, dtype=np.uint16).tofile)
         print(f"data: {split}.bin holds {len(ids):,} tokens")
+    digest = cache_digest(folder)
+    atomic_write(os.path.join(folder, "sha1.txt"), lambda f: f.write(digest))
     print(f"data: encoded in {time.time() - t1:.1f}s, cached in {folder}")
     return folder, enc
 
@@ -460,8 +520,6 @@ class Block(nn.Module):
 class GPT(nn.Module):
     def __init__(self, cfg: GPTConfig):
         super().__init__()
-        if cfg.d_model % cfg.d_head:
-            sys.exit(f"error: d_model={cfg.d_model} must be a multiple of d_head={cfg.d_head}")
         self.cfg = cfg
         self.wte = nn.Embedding(cfg.vocab_size, cfg.d_model)
         self.blocks = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layer))
@@ -599,22 +657,22 @@ def normalize_grad_rms_(params) -> torch.Tensor:
 
 
 def save_checkpoint(path: str, model, optimizer, cfg, iter_num: int, best_val_loss: float, data_path: str):
-    """Atomic: written to a temporary file, then renamed over the old one."""
+    """Atomic (see atomic_write). A checkpoint holds only tensors, dicts, lists, numbers, strings
+    and None, so that it loads with weights_only=True: keep it so, the config included."""
     ckpt = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "config": dict(cfg),
             "iter_num": iter_num, "best_val_loss": best_val_loss, "data_path": data_path}
-    tmp = path + ".tmp"
-    torch.save(ckpt, tmp)
-    os.replace(tmp, path)
+    atomic_write(path, lambda f: torch.save(ckpt, f))
 
 
 def read_checkpoint(path: str) -> dict:
     if not os.path.exists(path):
         sys.exit(f"error: checkpoint '{path}' not found; train one with python sparse_gpt.py")
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=False)
+    try:  # weights_only: a pickled object could run any code when loaded
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
-        sys.exit(f"error: cannot read checkpoint '{path}' ({type(e).__name__}); retrain or pick another")
-    if not isinstance(ckpt, dict) or not {"model", "config"} <= set(ckpt):
+        why = "it holds code, not just data: refused" if "GLOBAL" in str(e) else type(e).__name__
+        sys.exit(f"error: cannot read checkpoint '{path}' ({why}); retrain or pick another")
+    if not (isinstance(ckpt, dict) and "model" in ckpt and isinstance(ckpt.get("config"), dict)):
         sys.exit(f"error: '{path}' is not a sparse_gpt checkpoint (no model/config)")
     return ckpt
 
@@ -622,13 +680,14 @@ def read_checkpoint(path: str) -> dict:
 def load_checkpoint(path: str, device="cpu") -> tuple[GPT, tiktoken.Encoding, Config]:
     ckpt = read_checkpoint(path)
     cfg = Config({**DEFAULTS, **ckpt["config"]})
-    model = GPT(GPTConfig.from_config(cfg))
     try:
+        model = GPT(GPTConfig.from_config(cfg))
         model.load_state_dict(ckpt["model"])
-    except RuntimeError:
+    except (RuntimeError, TypeError, ValueError, AttributeError):
         sys.exit(f"error: checkpoint '{path}' does not match this model code; retrain it")
     cfg["data_path"] = ckpt.get("data_path", "")
-    tokenizer = load_tokenizer(os.path.join(os.path.dirname(path) or ".", "tokenizer.tiktoken"))
+    tokenizer = load_tokenizer(os.path.join(os.path.dirname(path) or ".", "tokenizer.tiktoken"),
+                               f"copy the run's own there (its cache {cfg.data_path} has one)")
     if tokenizer.n_vocab != cfg.vocab_size:
         sys.exit(f"error: the tokenizer beside '{path}' has {tokenizer.n_vocab} tokens, the model "
                  f"{cfg.vocab_size}; copy the run's own tokenizer.tiktoken next to it")
@@ -647,8 +706,9 @@ def pick_device(name: str) -> torch.device:
             name = "mps"
         else:
             name = "cpu"
-    if name == "cuda" and not torch.cuda.is_available():
-        sys.exit("error: --device=cuda but no CUDA GPU is visible; use --device=cpu")
+    if name != "cpu" and not {"cuda": torch.cuda.is_available,
+                              "mps": torch.backends.mps.is_available}.get(name, bool)():
+        sys.exit(f"error: --device={name} but no such device is visible; use --device=cpu")
     return torch.device(name)
 
 
@@ -697,43 +757,48 @@ def sample_text(model, tokenizer, device, prompt="def ", n_new=48) -> str:
 
 def train(cfg) -> list[tuple[int, float]]:
     """Trains per cfg; returns the (step, loss) history. Saves out_dir/ckpt.pt at every eval,
-    on Ctrl-C and at the end."""
+    on Ctrl-C and at the end. Nothing is written to out_dir until every check has passed."""
     rank, world, device = setup_ddp(pick_device(cfg.device), cfg.batch_size)
+    ckpt_path = os.path.join(cfg.out_dir, "ckpt.pt")
     torch.manual_seed(cfg.seed)  # the same initial weights on every rank
+    model = GPT(GPTConfig.from_config(cfg)).to(device)
+    optimizer = make_optimizer(model, cfg, device.type)
+    iter_num, best_val_loss, ckpt = 0, float("inf"), None
+    if cfg.init_from == "resume":
+        ckpt = read_checkpoint(ckpt_path)
+        changed = [k for k in DEFAULTS if k not in RESUME_MAY_CHANGE
+                   and ckpt["config"].get(k, DEFAULTS[k]) != cfg[k]]
+        if changed:
+            sys.exit(f"error: --init_from=resume continues the run's own config; drop the flags "
+                     f"that change it ({', '.join(changed)}), or start a new run elsewhere")
+        try:
+            model.load_state_dict(ckpt["model"])
+            optimizer.load_state_dict(ckpt["optimizer"])
+            iter_num, best_val_loss = int(ckpt["iter_num"]), float(ckpt["best_val_loss"])
+        except (KeyError, RuntimeError, ValueError, TypeError) as e:
+            sys.exit(f"error: cannot resume {ckpt_path} ({type(e).__name__}); start a new run")
+        print(f"resuming from {ckpt_path} at step {iter_num}")
+    elif os.path.exists(ckpt_path) and not cfg.overwrite:
+        sys.exit(f"error: {ckpt_path} already holds a model; continue it with --init_from=resume, "
+                 "or pass another --out_dir, or --overwrite=True to replace it")
     if rank > 0:
         dist.barrier()  # rank 0 builds the token cache first, the others then read it
     data_path, tokenizer = prepare_data(cfg)
     if rank == 0 < world - 1:
         dist.barrier()
-    if tokenizer.n_vocab != cfg.vocab_size:
-        sys.exit(f"error: tokenizer has {tokenizer.n_vocab} tokens, config says {cfg.vocab_size}")
+    if ckpt and os.path.basename(ckpt.get("data_path", "")) != os.path.basename(data_path):
+        sys.exit(f"error: the corpus or vocabulary differs from the one {ckpt_path} was trained on "
+                 f"({ckpt.get('data_path')}); resume with the same corpus")
     data = {s: np.memmap(os.path.join(data_path, f"{s}.bin"), dtype=np.uint16, mode="r")
             for s in ("train", "val")}
     for s, arr in data.items():
         if len(arr) <= cfg.block_size + 1:
             sys.exit(f"error: {s} split has {len(arr)} tokens, fewer than block_size+1; add code or lower block_size")
-    ckpt_path = os.path.join(cfg.out_dir, "ckpt.pt")
     if rank == 0:  # rank 0 alone writes files
         os.makedirs(cfg.out_dir, exist_ok=True)
-        with open(os.path.join(data_path, "tokenizer.tiktoken"), "rb") as f:
-            atomic_write(os.path.join(cfg.out_dir, "tokenizer.tiktoken"), f.read())
-
-    model = GPT(GPTConfig.from_config(cfg)).to(device)
-    optimizer = make_optimizer(model, cfg, device.type)
-    iter_num, best_val_loss = 0, float("inf")
-    if cfg.init_from == "resume":
-        ckpt = read_checkpoint(ckpt_path)
-        saved = ckpt["config"]
-        changed = [k for k in GPTConfig.__dataclass_fields__ if saved.get(k) != cfg[k]]
-        if changed:
-            sys.exit(f"error: --init_from=resume with a different model shape ({', '.join(changed)}); "
-                     "drop those overrides or use another out_dir")
-        model.load_state_dict(ckpt["model"])
-        optimizer.load_state_dict(ckpt["optimizer"])
-        iter_num, best_val_loss = ckpt["iter_num"], ckpt["best_val_loss"]
-        print(f"resuming from {ckpt_path} at step {iter_num}")
-    elif cfg.init_from != "scratch":
-        sys.exit(f"error: --init_from must be scratch or resume, got '{cfg.init_from}'")
+        Path(ckpt_path + ".tmp").unlink(missing_ok=True)  # left by a killed save
+        with open(os.path.join(data_path, "tokenizer.tiktoken"), "rb") as tok:
+            atomic_write(os.path.join(cfg.out_dir, "tokenizer.tiktoken"), lambda f: f.write(tok.read()))
     print(f"model: {cfg.n_layer} layers, d_model {cfg.d_model}, {n_sparse(model) / 1e6:.2f}M "
           f"sparse weights -> {n_sparse(model, cfg):,} nonzero at density {cfg.density:g} "
           f"(embeddings {min(1.0, cfg.density * cfg.embed_ratio):g})")
@@ -810,7 +875,7 @@ def train(cfg) -> list[tuple[int, float]]:
             if stop["requested"]:
                 save()
                 print(f"saved {ckpt_path} at step {iter_num}; continue with --init_from=resume")
-                break
+                raise KeyboardInterrupt  # a stopped run is not a finished one: exit code 130
     finally:
         signal.signal(signal.SIGINT, old_handler)
         if world > 1:
@@ -908,8 +973,27 @@ def bench(cfg, warmup=3, rounds=10):
     return step_ms
 
 
-def main(argv=None):
-    cfg = parse_config(sys.argv[1:] if argv is None else argv)
+def cli(main):
+    """A script's main(argv), run so that Ctrl-C exits with 130 and a file the system refuses (a
+    folder where a file belongs, no permission, a full disk) exits with one line naming it."""
+    def run(argv=None):
+        try:
+            return main(sys.argv[1:] if argv is None else argv)
+        except KeyboardInterrupt:
+            sys.exit(130)
+        except OSError as e:
+            where = f": '{str(e.filename).removesuffix('.tmp')}'" if e.filename else ""
+            sys.exit(f"error: {e.strerror or e}{where}; fix that path or pass another")
+    return run
+
+
+@cli
+def main(argv):
+    cfg = parse_config(argv)
+    if cfg.init_from == "resume":  # the run's own config, changed only by the flags given now
+        saved = read_checkpoint(os.path.join(cfg.out_dir, "ckpt.pt"))["config"]
+        defaults = {k: saved.get(k, v) for k, v in DEFAULTS.items()} | {"out_dir": cfg.out_dir}
+        cfg = parse_config(argv, defaults, presets=None)
     if os.environ.get("RANK", "0") != "0":  # under torchrun rank 0 alone logs
         sys.stdout = open(os.devnull, "w")
     print("config: " + " ".join(f"{k}={v}" for k, v in cfg.items()))

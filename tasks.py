@@ -11,7 +11,6 @@ model that ignores the context scores exactly 50%. prune.py finds the circuit of
 
 import hashlib
 import random
-import sys
 from collections import namedtuple
 
 import torch
@@ -23,10 +22,15 @@ DEFAULTS = dict(
     ckpt="",  # checkpoint to evaluate; empty = print two example pairs of every task
     tasks="all",  # comma-separated names; all = the 20 tasks and the two bracket attacks
     n=200,  # pairs per task (2n prompts)
-    seed=0,
+    seed=0,  # which pairs are drawn
     split="test",  # train | test: the two never share a prompt (prune.py fits on train)
-    device="auto",
+    device="auto",  # auto | cpu | cuda | mps
 )
+RULES = dict(  # what each value must be (see sparse_gpt.RULES)
+    tasks=(lambda v, c: v == "all" or all(t in ALL for t in v.split(",")),
+           "all or comma-separated task names (python tasks.py shows every task)"),
+    n=sparse_gpt.COUNT, split=(lambda v, c: v in ("train", "test"), "train or test"),
+    device=sparse_gpt.DEVICE)
 
 Pair = namedtuple("Pair", "prompt_a prompt_b token_a token_b")
 
@@ -424,6 +428,8 @@ def evaluate(model, tokenizer, names, n: int = 200, seed: int = 0, split: str = 
              batch_pairs: int = 32) -> dict[str, tuple[float, float, int]]:
     """name -> (task loss, accuracy, pairs) on n fresh pairs of each task. Raises ValueError if
     a task's answers do not tokenize as single tokens under this tokenizer."""
+    if n < 1:
+        raise ValueError(f"n must be at least 1, got {n}")
     out = {}
     for name in names:
         pairs = make_pairs(name, n, seed, split)
@@ -449,16 +455,10 @@ def show_examples(names, seed: int):
                 print(f"{prompt}⟨{right!r} > {wrong!r}⟩\n")
 
 
-def main(argv=None):
-    cfg = sparse_gpt.parse_config(sys.argv[1:] if argv is None else argv, DEFAULTS, presets=None)
+@sparse_gpt.cli
+def main(argv):
+    cfg = sparse_gpt.parse_config(argv, DEFAULTS, presets=None, rules=RULES)
     names = list(ALL) if cfg.tasks == "all" else cfg.tasks.split(",")
-    unknown = [t for t in names if t not in ALL]
-    if unknown:
-        sys.exit(f"error: unknown task '{unknown[0]}'; valid tasks: {' '.join(ALL)}")
-    if cfg.split not in ("train", "test"):
-        sys.exit(f"error: --split must be train or test, got '{cfg.split}'")
-    if cfg.n < 1:
-        sys.exit(f"error: --n must be at least 1, got {cfg.n}")
     if not cfg.ckpt:
         return show_examples(names, cfg.seed)
     device = sparse_gpt.pick_device(cfg.device)

@@ -1,11 +1,14 @@
 """The test suite: python -m pytest -q test_all.py (CPU, a few minutes on 2 cores)."""
 
+import hashlib
 import json
 import math
 import os
 import random
 import shutil
+import signal
 import socket
+import subprocess
 import sys
 import xml.etree.ElementTree as ET
 from types import SimpleNamespace
@@ -323,7 +326,7 @@ def test_bad_keys_values_and_corpus_give_clear_errors(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(SystemExit, match="no .py files under"):
         sg.list_py_files(str(tmp_path / "empty"))
-    with pytest.raises(SystemExit, match="does not exist"):
+    with pytest.raises(SystemExit, match="not found \\(or not a folder\\)"):
         sg.list_py_files(str(tmp_path / "nowhere"))
     with pytest.raises(SystemExit, match="checkpoint .* not found"):
         sg.load_checkpoint(str(tmp_path / "nowhere.pt"))
@@ -346,7 +349,7 @@ def test_atomic_save_survives_an_interrupted_write(tmp_path, monkeypatch):
     sg.save_checkpoint(path, model, opt, sg.DEFAULTS, 5, 1.0, "")
 
     def crash(obj, f):
-        open(f, "wb").write(b"half a checkpoint")
+        f.write(b"half a checkpoint")
         raise KeyboardInterrupt
 
     monkeypatch.setattr(torch, "save", crash)
@@ -354,6 +357,7 @@ def test_atomic_save_survives_an_interrupted_write(tmp_path, monkeypatch):
         sg.save_checkpoint(path, model, opt, sg.DEFAULTS, 6, 0.5, "")
     ckpt = sg.read_checkpoint(path)
     assert ckpt["iter_num"] == 5 and ckpt["best_val_loss"] == 1.0
+    assert os.listdir(tmp_path) == ["ckpt.pt"]  # no .tmp left behind
 
 
 def test_resume_reproduces_an_uninterrupted_run(tmp_path, corpus_dir, monkeypatch):
@@ -379,7 +383,7 @@ def test_resume_with_another_model_shape_is_a_clear_error(tmp_path, corpus_dir):
     cfg = tiny_cfg(tmp_path, corpus_dir, max_iters=2, eval_interval=2, eval_iters=1)
     sg.train(cfg)
     cfg.update(init_from="resume", d_model=32)
-    with pytest.raises(SystemExit, match="different model shape \\(d_model\\)"):
+    with pytest.raises(SystemExit, match="drop the flags that change it \\(d_model\\)"):
         sg.train(cfg)
 
 
@@ -765,10 +769,10 @@ def test_cli_prints_examples_a_table_and_clear_errors(tmp_path, task_ranks, caps
     table = capsys.readouterr().out
     assert "not evaluated: task if_ternary: answer ' else' is" in table
     assert any(line.startswith("bracket_counting ") and "%" in line for line in table.splitlines())
-    for argv, message in ((["--tasks=for_while,nope"], "error: unknown task 'nope'"),
+    for argv, message in ((["--tasks=for_while,nope"], "error: tasks=for_while,nope is invalid"),
                           ([f"--ckpt={tmp_path / 'missing.pt'}"], "error: checkpoint"),
-                          (["--split=val"], "error: --split must be train or test"),
-                          (["--n=0"], "error: --n must be at least 1")):
+                          (["--split=val"], "error: split=val is invalid: it must be train or"),
+                          (["--n=0"], "error: n=0 is invalid: it must be at least 1")):
         with pytest.raises(SystemExit, match=message):
             tasks.main(argv)
 
@@ -987,9 +991,344 @@ def test_bad_checkpoint_or_task_is_a_clear_one_line_error(tmp_path, planted_ckpt
     cases = {f"--ckpt={tmp_path / 'missing.pt'}": "not found",
              f"--ckpt={tmp_path / 'junk.pt'}": "cannot read checkpoint",
              f"--ckpt={tmp_path / 'other.pt'}": "does not match this model code",
-             f"--ckpt={planted_ckpt} --tasks=planted,no_such_task": "unknown task 'no_such_task'",
+             f"--ckpt={planted_ckpt} --tasks=planted,no_such_task": "tasks=planted,no_such_task is",
              "--no_such_key=1": "unknown config key"}
     for argv, message in cases.items():
         with pytest.raises(SystemExit) as e:
             prune.main(argv.split() + ["--tasks=planted"] * ("--tasks" not in argv))
         assert message in str(e.value) and "\n" not in str(e.value), argv
+
+
+# -----------------------------------------------------------------------------
+# bad input: every case exits non-zero with one "error: ..." line, no traceback, and leaves the
+# files already there (a trained run, its tokenizer, its token cache) byte for byte as they were
+
+WORLD_RUN = ["--vocab_size=300", "--n_layer=1", "--d_model=16", "--d_head=8", "--d_mlp=32",
+             "--block_size=16", "--batch_size=2", "--max_iters=2", "--eval_interval=2",
+             "--eval_iters=1", "--log_interval=1", "--density=0.25", "--device=cpu"]
+
+
+class Evil:
+    """A pickle payload: loading it with weights_only=False would create the file `marker`."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+def copy_run(src, dest, **ckpt_changes):
+    """A copy of a run folder, its checkpoint edited; returns the checkpoint's path."""
+    shutil.copytree(src, dest)
+    if ckpt_changes:
+        ckpt = torch.load(dest / "ckpt.pt", weights_only=True)
+        torch.save({**ckpt, **ckpt_changes}, dest / "ckpt.pt")
+    return dest / "ckpt.pt"
+
+
+@pytest.fixture(scope="session")
+def world(tmp_path_factory):
+    """A trained tiny run (run/ckpt.pt, its tokenizer, its token cache) and a folder bad/ of
+    damaged files: missing, empty, truncated, corrupt, of the wrong kind, folders."""
+    root = tmp_path_factory.mktemp("world")
+    for sub in ("corpus", "corpus2", "bad", "empty_dir"):
+        (root / sub).mkdir()
+    for name in ("colorsys.py", "bisect.py", "abc.py", "fnmatch.py", "glob.py", "stat.py"):
+        shutil.copy(os.path.join(sg.stdlib_dir(), name), root / "corpus" / name)
+        shutil.copy(os.path.join(sg.stdlib_dir(), name), root / "corpus2" / ("x" + name))
+    sg.main([f"--data_dir={root / 'corpus'}", f"--cache_dir={root / 'cache'}",
+             f"--out_dir={root / 'run'}"] + WORLD_RUN)
+    run, bad = root / "run", root / "bad"
+    good = (run / "ckpt.pt").read_bytes()
+    (bad / "junk.pt").write_bytes(b"not a checkpoint")
+    (bad / "empty.pt").write_bytes(b"")
+    (bad / "truncated.pt").write_bytes(good[: len(good) // 2])
+    (bad / "folder.pt").mkdir()
+    torch.save({"model": Evil(root / "PWNED"), "config": {}}, bad / "evil.pt")
+    torch.save([1, 2, 3], bad / "list.pt")
+    torch.save({"model": {}, "config": "n_layer=1"}, bad / "config_str.pt")
+    torch.save({"model": {"wte.weight": torch.zeros(3, 3)}, "config": {"n_layer": 1}},
+               bad / "other_model.pt")
+    for name in ("junk", "evil"):
+        (bad / f"{name}_run").mkdir()
+        shutil.copy(bad / f"{name}.pt", bad / f"{name}_run" / "ckpt.pt")
+    copy_run(run, bad / "no_tokenizer")
+    (bad / "no_tokenizer" / "tokenizer.tiktoken").unlink()
+    for name, text in (("garbage_tok", "this is not base64 at all\n"), ("empty_tok", "")):
+        copy_run(run, bad / name)
+        (bad / name / "tokenizer.tiktoken").write_text(text)
+    copy_run(run, bad / "folder_tok")
+    (bad / "folder_tok" / "tokenizer.tiktoken").unlink()
+    (bad / "folder_tok" / "tokenizer.tiktoken").mkdir()
+    copy_run(run, bad / "circuits_file")
+    (bad / "circuits_file" / "circuits").write_text("a file where the circuits folder belongs")
+    data_path = torch.load(run / "ckpt.pt", weights_only=True)["data_path"]
+    shutil.copytree(data_path, bad / "short_cache")
+    (bad / "short_cache" / "val.bin").write_bytes(b"\x01\x00" * 3)  # 3 tokens
+    copy_run(run, bad / "short_val", data_path=str(bad / "short_cache"))
+    copy_run(run, bad / "missing_val", data_path=str(bad / "nowhere"))
+    (bad / "a_file").write_text("x")
+    return root
+
+
+def snapshot(root) -> dict:
+    """path -> sha1 of every file, and None for every folder, under root."""
+    out = {}
+    for dirpath, dirs, names in os.walk(root):
+        out.update({os.path.join(dirpath, d): None for d in dirs})
+        for n in names:
+            with open(os.path.join(dirpath, n), "rb") as f:
+                out[os.path.join(dirpath, n)] = hashlib.file_digest(f, "sha1").hexdigest()
+    return out
+
+
+def bad_input_cases(w):
+    """(script, argv, text the one error line must contain); w is the world's root."""
+    run, bad = w / "run", w / "bad"
+    data = [f"--data_dir={w / 'corpus'}", f"--cache_dir={w / 'cache'}"]
+    ckpt, tasks_ok = f"--ckpt={run / 'ckpt.pt'}", "--tasks=for_while"
+    S = [(["--density=1.5"], "density"), (["--density=0"], "density"), (["--afrac=0"], "afrac"),
+         (["--afrac=1.5"], "afrac"), (["--n_layer=-1"], "n_layer"), (["--d_model=0"], "d_model"),
+         (["--d_head=0"], "d_head"), (["--d_model=100"], "d_head"), (["--d_mlp=0"], "d_mlp"),
+         (["--block_size=0"], "block_size"), (["--batch_size=0"], "batch_size"),
+         (["--max_iters=0"], "max_iters"), (["--learning_rate=nan"], "learning_rate"),
+         (["--learning_rate=-1"], "learning_rate"), (["--learning_rate=inf"], "learning_rate"),
+         (["--adam_eps=0"], "adam_eps"), (["--weight_decay=-0.1"], "weight_decay"),
+         (["--warmup_frac=1.5"], "warmup_frac"), (["--anneal_frac=-1"], "anneal_frac"),
+         (["--embed_ratio=0"], "embed_ratio"), (["--min_per_neuron=-1"], "min_per_neuron"),
+         (["--min_per_neuron=64"], "min_per_neuron"), (["--vocab_size=100"], "vocab_size"),
+         (["--vocab_size=70000"], "vocab_size"), (["--eval_interval=0"], "eval_interval"),
+         (["--eval_iters=0"], "eval_iters"), (["--log_interval=0"], "log_interval"),
+         (["--device=tpu"], "device"), (["--init_from=restart"], "init_from"),
+         (["--preset=huge"], "preset"), (["--n_layers=3"], "n_layers"), (["n_layer=3"], "--key"),
+         (["--n_layer=three"], "n_layer"), (["--compile=maybe"], "compile"),
+         (["--out_dir="], "out_dir"), ([f"--data_dir={w / 'nowhere'}"], "nowhere"),
+         ([f"--data_dir={w / 'empty_dir'}"], "empty_dir"),
+         ([f"--data_dir={bad / 'a_file'}"], "a_file"),
+         ([f"--out_dir={run}"], "ckpt.pt"),  # a scratch run over a trained one
+         (["--init_from=resume", f"--out_dir={w / 'empty_dir'}"], "not found"),
+         (["--init_from=resume", f"--out_dir={run}", "--n_layer=3"], "n_layer"),
+         (["--init_from=resume", f"--out_dir={run}", f"--data_dir={w / 'corpus2'}"], "data_dir"),
+         (["--init_from=resume", f"--out_dir={bad / 'junk_run'}"], "junk_run"),
+         (["--init_from=resume", f"--out_dir={bad / 'evil_run'}"], "evil_run"),
+         (["--vocab_size=9000"], "vocab_size"), (["--block_size=20000"], "block_size"),
+         ([f"--cache_dir={bad / 'a_file'}"], "a_file"), ([f"--out_dir={bad / 'a_file'}"], "a_file"),
+         (["--out_dir=/sys/sparse_gpt_test"], "sparse_gpt_test"),
+         (["--device=mps"], "mps")]
+    T = [(["--n=0"], "n"), (["--n=-5"], "n"), (["--split=val"], "split"),
+         (["--tasks=nope"], "nope"),
+         (["--device=tpu"], "device"), (["--seed=x"], "seed"),
+         ([f"--ckpt={w / 'missing.pt'}"], "missing.pt")]
+    T += [([f"--ckpt={bad / n}", tasks_ok], n) for n in ("junk.pt", "empty.pt", "truncated.pt",
+          "folder.pt", "evil.pt", "list.pt", "config_str.pt", "other_model.pt")]
+    T += [([f"--ckpt={bad / n / 'ckpt.pt'}", tasks_ok], "tokenizer") for n in
+          ("no_tokenizer", "garbage_tok", "empty_tok", "folder_tok")]
+    P = [([ckpt, tasks_ok, f"--{kv}"], kv.split("=")[0]) for kv in
+         ("k_coef=abc", "k_coef=-1", "k_coef=nan", "k_coef=inf", "n_pairs=0", "steps=0",
+          "control=maybe", "solved_acc=1.5", "solved_acc=0", "target_loss=0", "lr=0",
+          "heaviside_temp=0", "mean_batches=0", "device=gpu", "tasks=no_such", "ckpt=")]
+    P += [([f"--ckpt={bad / 'evil.pt'}", tasks_ok], "evil.pt"),
+          ([ckpt, tasks_ok, f"--compare={w / 'missing.pt'}"], "missing.pt"),
+          ([f"--ckpt={bad / 'circuits_file' / 'ckpt.pt'}", tasks_ok], "circuits"),
+          ([f"--ckpt={bad / 'short_val' / 'ckpt.pt'}", tasks_ok], "val.bin"),
+          ([f"--ckpt={bad / 'missing_val' / 'ckpt.pt'}", tasks_ok], "val.bin")]
+    tiny_run = data + WORLD_RUN + [f"--out_dir={w / 'new'}"]  # what follows overrides these
+    return ([("sparse_gpt.py", tiny_run + a, m) for a, m in S] + [("tasks.py", a, m) for a, m in T]
+            + [("prune.py", a, m) for a, m in P])
+
+
+def bad_function_calls(w):
+    """(call, the exception it must raise, text its one-line message must contain)."""
+    bad, run = w / "bad", w / "run"
+    small = sg.parse_config([f"--data_dir={w / 'corpus'}", f"--cache_dir={w / 'cache'}",
+                             f"--out_dir={w / 'new'}"] + WORLD_RUN)
+    loaded = lambda path: sg.load_checkpoint(str(path))  # noqa: E731
+    return [(lambda: sg.parse_config(["--density=2"]), SystemExit, "density"),
+            (lambda: sg.parse_config(["--learning_rate=nan"]), SystemExit, "learning_rate"),
+            (lambda: loaded(bad / "evil.pt"), SystemExit, "evil.pt"),
+            (lambda: loaded(bad / "folder.pt"), SystemExit, "folder.pt"),
+            (lambda: sg.read_checkpoint(str(bad / "list.pt")), SystemExit, "list.pt"),
+            (lambda: sg.load_tokenizer(str(bad / "garbage_tok" / "tokenizer.tiktoken")),
+             SystemExit, "garbage_tok"),
+            (lambda: sg.pick_device("mps"), SystemExit, "mps"),
+            (lambda: sg.list_py_files(str(bad / "a_file")), SystemExit, "a_file"),
+            (lambda: sg.prepare_data(sg.Config(small, vocab_size=9000)), SystemExit, "vocab_size"),
+            (lambda: tasks.make_pairs("nope", 2), ValueError, "unknown task"),
+            (lambda: tasks.make_pairs("for_while", 2, split="val"), ValueError, "split"),
+            (lambda: tasks.evaluate(*loaded(run / "ckpt.pt")[:2], ["for_while"], n=0), ValueError,
+             "n must be at least 1"),
+            (lambda: prune.load_means(*loaded(bad / "short_val" / "ckpt.pt")[::2],
+                                      str(bad / "short_val" / "ckpt.pt"), 2, torch.device("cpu")),
+             SystemExit, "val.bin")]
+
+
+N_BAD_CALLS = 13
+
+
+@pytest.mark.parametrize("i", range(N_BAD_CALLS))
+def test_bad_input_to_public_functions_raises_one_clear_line(i, world):
+    calls = bad_function_calls(world)
+    assert len(calls) == N_BAD_CALLS
+    call, kind, must_name = calls[i]
+    before = snapshot(world)
+    try:
+        with pytest.raises(kind) as e:
+            call()
+    finally:
+        after = snapshot(world)
+        for path in set(after) - set(before):
+            shutil.rmtree(path) if after[path] is None else os.remove(path)
+    message = str(e.value)
+    assert "\n" not in message and must_name in message, message
+    assert message.startswith("error: ") or kind is not SystemExit, message
+    assert after == before
+
+
+N_BAD_CASES = 90
+MAINS = {"sparse_gpt.py": lambda: sg.main, "tasks.py": lambda: tasks.main,
+         "prune.py": lambda: prune.main}
+
+
+@pytest.mark.parametrize("i", range(N_BAD_CASES))
+def test_bad_input_is_one_error_line_and_changes_no_file(i, world, capsys):
+    cases = bad_input_cases(world)
+    assert len(cases) == N_BAD_CASES
+    script, argv, must_name = cases[i]
+    before = snapshot(world)
+    try:
+        with pytest.raises(SystemExit) as e:
+            MAINS[script]()(argv)
+    finally:
+        after = snapshot(world)
+        for path in set(after) - set(before):  # so that one failure cannot spoil the next case
+            shutil.rmtree(path) if after[path] is None else os.remove(path)
+    message = e.value.code
+    assert isinstance(message, str) and message.startswith("error: "), (script, argv, message)
+    assert "\n" not in message and must_name in message, (script, argv, message)
+    assert "Traceback" not in capsys.readouterr().err
+    assert after == before, (script, argv)  # nothing written, nothing changed (no PWNED)
+
+
+def test_a_pickle_payload_checkpoint_is_refused_and_runs_nothing(tmp_path):
+    torch.save({"model": Evil(tmp_path / "PWNED"), "config": {}}, tmp_path / "ckpt.pt")
+    for script in ("tasks.py", "prune.py"):
+        r = subprocess.run([sys.executable, script, f"--ckpt={tmp_path / 'ckpt.pt'}",
+                            "--tasks=for_while", "--device=cpu"], capture_output=True, text=True,
+                           cwd=os.path.dirname(os.path.abspath(__file__)))
+        assert r.returncode == 1 and "Traceback" not in r.stderr, r.stderr
+        assert r.stderr.strip().splitlines()[-1].endswith("(it holds code, not just data: "
+                                                          "refused); retrain or pick another")
+        assert not (tmp_path / "PWNED").exists()
+
+
+def test_scratch_run_keeps_a_trained_checkpoint_unless_told_to_overwrite(world, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(world / "run", run)
+    argv = [f"--data_dir={world / 'corpus'}", f"--cache_dir={world / 'cache'}",
+            f"--out_dir={run}"] + WORLD_RUN + ["--max_iters=1"]
+    before = snapshot(run)
+    with pytest.raises(SystemExit, match="already holds a model; continue it with --init_from"):
+        sg.main(argv)
+    assert snapshot(run) == before
+    sg.main(argv + ["--overwrite=True"])
+    assert sg.read_checkpoint(str(run / "ckpt.pt"))["iter_num"] == 1
+
+
+def interrupt_at_step(monkeypatch, step: int, times: int = 1):
+    """Sends Ctrl-C (SIGINT) `times` times from inside training step `step`."""
+    real, calls = sg.project_weights, []
+
+    def project_and_interrupt(*args):
+        real(*args)
+        calls.append(1)
+        if len(calls) == step:
+            for _ in range(times):
+                os.kill(os.getpid(), signal.SIGINT)
+
+    monkeypatch.setattr(sg, "project_weights", project_and_interrupt)
+
+
+def test_ctrl_c_saves_exits_130_and_resume_without_flags_is_bit_exact(world, tmp_path, monkeypatch):
+    common = [f"--data_dir={world / 'corpus'}", f"--cache_dir={world / 'cache'}"] + WORLD_RUN
+    long = ["--max_iters=6", "--eval_interval=3"]
+    sg.main(common + long + [f"--out_dir={tmp_path / 'full'}"])
+    interrupt_at_step(monkeypatch, 2)
+    with pytest.raises(SystemExit) as e:
+        sg.main(common + long + [f"--out_dir={tmp_path / 'stopped'}"])
+    assert e.value.code == 130  # stopped, not finished
+    assert sg.read_checkpoint(str(tmp_path / "stopped" / "ckpt.pt"))["iter_num"] == 2
+    monkeypatch.undo()
+    sg.main(["--init_from=resume", f"--out_dir={tmp_path / 'stopped'}"])  # no other flag
+    full, resumed = (sg.read_checkpoint(str(tmp_path / d / "ckpt.pt")) for d in ("full", "stopped"))
+    assert resumed["iter_num"] == 6 and resumed["config"]["max_iters"] == 6
+    for key, w in full["model"].items():
+        assert torch.equal(w, resumed["model"][key]), key
+    for i, state in full["optimizer"]["state"].items():
+        assert torch.equal(state["exp_avg"], resumed["optimizer"]["state"][i]["exp_avg"])
+
+
+def test_second_ctrl_c_and_ctrl_c_in_data_prep_exit_130_leaving_no_half_file(world, tmp_path,
+                                                                             monkeypatch, capsys):
+    common = [f"--data_dir={world / 'corpus'}", f"--cache_dir={tmp_path / 'cache'}"] + WORLD_RUN
+    real_write, stops = sg.atomic_write, []
+
+    def write_half_then_stop(path, write):
+        if path.endswith("val.bin") and not stops:
+            stops.append(path)
+            real_write(path, lambda f: (f.write(b"\0" * 10), os.kill(os.getpid(), signal.SIGINT)))
+        real_write(path, write)
+
+    monkeypatch.setattr(sg, "atomic_write", write_half_then_stop)
+    with pytest.raises(SystemExit) as e:
+        sg.main(common + [f"--out_dir={tmp_path / 'a'}"])
+    assert e.value.code == 130 and stops
+    folder = os.path.dirname(stops[0])
+    assert sorted(os.listdir(folder)) == ["tokenizer.tiktoken", "train.bin"]  # no .tmp, no sha1
+    assert not (tmp_path / "a").exists()
+    monkeypatch.undo()
+    interrupt_at_step(monkeypatch, 1, times=2)
+    with pytest.raises(SystemExit) as e:
+        sg.main(common + [f"--out_dir={tmp_path / 'b'}"])
+    assert e.value.code == 130 and "tokenizer: 300 tokens" in capsys.readouterr().out  # rebuilt
+    assert sorted(os.listdir(folder)) == ["sha1.txt", "tokenizer.tiktoken", "train.bin", "val.bin"]
+    assert not [f for f in os.listdir(tmp_path / "b") if f.endswith(".tmp")]
+
+
+def test_a_damaged_token_cache_is_rebuilt_not_trusted(world, tmp_path, capsys):
+    cfg = sg.parse_config([f"--data_dir={world / 'corpus'}", f"--cache_dir={tmp_path}"] + WORLD_RUN)
+    folder, _ = sg.prepare_data(cfg)
+    good = snapshot(folder)
+    with open(os.path.join(folder, "train.bin"), "r+b") as f:
+        f.truncate(100)
+    capsys.readouterr()
+    sg.prepare_data(cfg)
+    assert "tokenizer: 300 tokens" in capsys.readouterr().out and snapshot(folder) == good
+    sg.prepare_data(cfg)
+    assert "using cached tokens" in capsys.readouterr().out
+
+
+def test_a_damaged_node_means_cache_is_recomputed(planted_ckpt, capsys):
+    model, _, cfg_model = sg.load_checkpoint(str(planted_ckpt))
+    first = prune.load_means(model, cfg_model, str(planted_ckpt), 4, torch.device("cpu"))
+    for junk in (b"", b"garbage", None):  # None: a cache of the right key but the wrong size
+        if junk is None:
+            key = torch.load(planted_ckpt.parent / "node_means.pt", weights_only=True)["key"]
+            torch.save({"key": key, "means": torch.zeros(3)}, planted_ckpt.parent / "node_means.pt")
+        else:
+            (planted_ckpt.parent / "node_means.pt").write_bytes(junk)
+        again = prune.load_means(model, cfg_model, str(planted_ckpt), 4, torch.device("cpu"))
+        assert torch.equal(first, again) and "node means:" in capsys.readouterr().out
+
+
+def test_help_lists_every_key_with_default_and_meaning_and_paths_expand_home(capsys):
+    for main, key, meaning in ((sg.main, "--density=0.0625", "fraction of each hidden matrix"),
+                               (tasks.main, "--n=200", "pairs per task"),
+                               (prune.main, "--k_coef=0.0001", "penalty per kept node")):
+        with pytest.raises(SystemExit) as e:
+            main(["--help"])
+        out = capsys.readouterr().out
+        assert e.value.code == 0 and key in out and meaning in out
+        defaults = {sg.main: sg.DEFAULTS, tasks.main: tasks.DEFAULTS, prune.main: prune.DEFAULTS}
+        assert len(out.strip().splitlines()) == len(defaults[main]) + (main is sg.main)
+    assert sg.parse_config(["--data_dir=~/code"]).data_dir == os.path.expanduser("~/code")
