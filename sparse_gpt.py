@@ -253,7 +253,7 @@ def train_bpe(docs: list[str], vocab_size: int, pattern=PRETOKEN_PATTERN) -> dic
     return {b: rank for rank, b in enumerate(token_bytes)}
 
 
-def make_encoding(ranks: dict[bytes, int], name="sparse_gpt", pattern=PRETOKEN_PATTERN) -> tiktoken.Encoding:
+def make_encoding(ranks: dict[bytes, int], name="sparse_gpt", pattern=PRETOKEN_PATTERN):
     return tiktoken.Encoding(name, pat_str=pattern, mergeable_ranks=ranks,
                              special_tokens={EOT: len(ranks)})
 
@@ -497,7 +497,7 @@ class GPT(nn.Module):
         unknown = set(cfg.afrac_nodes.split(",")) - {"all", *NODE_LOCATIONS}
         if unknown or cfg.activation not in ("gelu", "relu"):
             sys.exit(f"error: afrac_nodes takes all or some of {','.join(NODE_LOCATIONS)} (got "
-                     f"{','.join(unknown) or '-'}); activation takes gelu or relu ({cfg.activation})")
+                     f"{','.join(unknown) or '-'}); activation gelu or relu ({cfg.activation})")
         self.cfg = cfg
         self.wte = nn.Embedding(cfg.vocab_size, cfg.d_model)
         self.wpe = nn.Embedding(cfg.block_size, cfg.d_model) if cfg.pos_embed else None
@@ -663,9 +663,10 @@ def read_checkpoint(path: str) -> dict:
 
 
 def load_checkpoint(path: str, device="cpu") -> tuple[GPT, tiktoken.Encoding, Config]:
-    """Our ckpt.pt with tokenizer.tiktoken beside it, or a released model's folder."""
-    if os.path.isdir(path):
-        return load_release(path, device)
+    """Our ckpt.pt with tokenizer.tiktoken beside it, or a released model's folder (or its
+    final_model.pt)."""
+    if os.path.isdir(path) or os.path.basename(path) == "final_model.pt":
+        return load_release(path if os.path.isdir(path) else os.path.dirname(path) or ".", device)
     ckpt = read_checkpoint(path)
     cfg = Config({**DEFAULTS, **ckpt["config"]})
     model = GPT(GPTConfig.from_config(cfg))

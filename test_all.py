@@ -520,8 +520,34 @@ def test_every_task_passes_the_check_under_the_default_tokenizer(stdlib_tokenize
     tokenizer = stdlib_tokenizer
     for name in ALL_NAMES:
         pairs = tasks.make_pairs(name, 200, split="test")
-        tasks.check_pairs(tokenizer, name, pairs)
+        assert tasks.for_tokenizer(tokenizer, name, pairs) == pairs  # our tokenizer: no variant
         assert max(len(tokenizer.encode_ordinary(s)) for p in pairs for s in p[:2]) <= 128, name
+
+
+@pytest.fixture(scope="session")
+def official_pattern_tokenizer():
+    """Our BPE trainer with tinypython's pre-tokenizer, 1024 tokens on stdlib files and task text
+    (each answer followed by what follows it in code) of another seed."""
+    files = [f for f in sg.list_py_files(sg.stdlib_dir()) if "/test" not in f][::12][:150]
+    docs = [open(f, encoding="utf-8", errors="replace").read() for f in files]
+    for name, (after_a, after_b) in tasks.FOLLOWS.items():
+        docs += [f"{p.prompt_a}{p.token_a}{after_a}\n{p.prompt_b}{p.token_b}{after_b}\n"
+                 for p in tasks.make_pairs(name, 200, seed=1)]
+    ranks = sg.train_bpe(docs, 1024, sg.TINYPYTHON_PATTERN)
+    return sg.make_encoding(ranks, "official_pattern", sg.TINYPYTHON_PATTERN)
+
+
+def test_every_task_is_asked_in_a_variant_under_the_official_pre_tokenizer(official_pattern_tokenizer):
+    enc, asked = official_pattern_tokenizer, {}
+    for name in ALL_NAMES:
+        pairs = tasks.make_pairs(name, 100, split="test")
+        asked[name] = tasks.for_tokenizer(enc, name, pairs)  # raises for a task it cannot ask
+        assert all(p.prompt_a.startswith(a.prompt_a) and p.prompt_b.startswith(a.prompt_b)
+                   or a.prompt_a.endswith(":\n") for a, p in zip(asked[name], pairs)), name
+    assert {(p.token_a, p.token_b) for p in asked["bracket_counting"]} <= {("]]", "]\n"), ("]]\n", "]\n")}
+    assert all(p.token_a.endswith(")") and p.token_b == p.token_a + "\n" for p in asked["with_as"])
+    assert all(p.prompt_a.endswith(":\n") and p.token_a.isspace() for p in asked["indent_for"])
+    assert asked["class_init"] == tasks.make_pairs("class_init", 100, split="test")  # unchanged
 
 
 def test_a_bad_answer_is_a_clear_error_naming_task_and_token(task_tokenizer):
@@ -611,7 +637,7 @@ def test_cli_prints_examples_a_table_and_clear_errors(tmp_path, task_ranks, caps
     sg.save_tokenizer(dict(list(task_ranks.items())[:300]), str(short / "tokenizer.tiktoken"))
     tasks.main([f"--ckpt={ckpt}", "--n=4", "--device=cpu", "--tasks=if_ternary,bracket_counting"])
     table = capsys.readouterr().out
-    assert "not evaluated: task if_ternary: answer ' else' is" in table
+    assert "not evaluated: task if_ternary: its answers are not two distinct tokens" in table
     assert any(line.startswith("bracket_counting ") and "%" in line for line in table.splitlines())
     for argv, message in ((["--tasks=for_while,nope"], "error: unknown task 'nope'"),
                           ([f"--ckpt={tmp_path / 'missing.pt'}"], "error: checkpoint"),
