@@ -537,14 +537,15 @@ def official_pattern_tokenizer():
     return sg.make_encoding(ranks, "official_pattern", sg.TINYPYTHON_PATTERN)
 
 
-def test_every_task_is_asked_in_a_variant_under_the_official_pre_tokenizer(official_pattern_tokenizer):
+def test_every_task_is_asked_in_a_variant_under_the_official_pattern(official_pattern_tokenizer):
     enc, asked = official_pattern_tokenizer, {}
     for name in ALL_NAMES:
         pairs = tasks.make_pairs(name, 100, split="test")
         asked[name] = tasks.for_tokenizer(enc, name, pairs)  # raises for a task it cannot ask
         assert all(p.prompt_a.startswith(a.prompt_a) and p.prompt_b.startswith(a.prompt_b)
                    or a.prompt_a.endswith(":\n") for a, p in zip(asked[name], pairs)), name
-    assert {(p.token_a, p.token_b) for p in asked["bracket_counting"]} <= {("]]", "]\n"), ("]]\n", "]\n")}
+    answers = {(p.token_a, p.token_b) for p in asked["bracket_counting"]}
+    assert answers <= {("]]", "]\n"), ("]]\n", "]\n")}
     assert all(p.token_a.endswith(")") and p.token_b == p.token_a + "\n" for p in asked["with_as"])
     assert all(p.prompt_a.endswith(":\n") and p.token_a.isspace() for p in asked["indent_for"])
     assert asked["class_init"] == tasks.make_pairs("class_init", 100, split="test")  # unchanged
@@ -885,7 +886,8 @@ def data_gym_ranks(merges: list[bytes]) -> dict[bytes, int]:
     """Single bytes in GPT-2's rank order (printable ones first), then the given merges."""
     shown = [b for b in range(256) if chr(b).isprintable() and b != 32]
     order = shown + [b for b in range(256) if b not in shown]
-    return {**{bytes([b]): r for r, b in enumerate(order)}, **{m: 256 + i for i, m in enumerate(merges)}}
+    return {**{bytes([b]): r for r, b in enumerate(order)},
+            **{m: 256 + i for i, m in enumerate(merges)}}
 
 
 # Two small models in the release format: every supported feature is on in at least one.
@@ -893,7 +895,8 @@ RELEASE_CASES = {
     "gelu_sink_bigram": dict(  # n_head * d_head != d_model, AbsTopK everywhere, old n_mlp key
         vocab_size=264, block_size=16, n_layer=2, d_model=24, n_head=3, d_head=4, n_mlp=40,
         bias=True, ln_bias=False, rms_norm=True, tied_unembed=False, activation_type="gelu",
-        afrac=0.25, afrac_loctypes="attn_in,attn_q,attn_k,attn_v,attn_out,mlp_in,mlp_neuron,mlp_out",
+        afrac=0.25,
+        afrac_loctypes="attn_in,attn_q,attn_k,attn_v,attn_out,mlp_in,mlp_neuron,mlp_out",
         enable_bigram_table=True, learnable_bigram_table=True, sink=True, dropout=0.0,
         grad_checkpointing=False, tokenizer_name="tinypython_2k"),
     "relu_no_bias": dict(  # d_head and d_mlp from their defaults, AbsTopK at three locations
@@ -901,7 +904,7 @@ RELEASE_CASES = {
         tied_unembed=False, activation_type="relu", afrac=0.3,
         afrac_loctypes="attn_in,attn_v,mlp_neuron", enable_bigram_table=False, sink=False),
 }
-RELEASE_MERGES = [b"  ", b"    ", b"in", b"de", b"def", b"re", b"ret"]  # 256 + 7 + end-of-text = 264
+RELEASE_MERGES = [b"  ", b"    ", b"in", b"de", b"def", b"re", b"ret"]  # 256 + 7 + end-of-text
 
 
 def release_state_dict(beeg: dict, seed: int) -> dict:
@@ -915,7 +918,8 @@ def release_state_dict(beeg: dict, seed: int) -> dict:
         x = rng.standard_normal(shape) * scale * (rng.random_sample(shape) < 0.35 if sparse else 1)
         return torch.from_numpy(x.astype(np.float32))
 
-    sd = {"transformer.wte.weight": t(V, d, sparse=True), "transformer.wpe.weight": t(T, d, scale=0.5)}
+    sd = {"transformer.wte.weight": t(V, d, sparse=True),
+          "transformer.wpe.weight": t(T, d, scale=0.5)}
     for l in range(beeg["n_layer"]):
         p = f"transformer.h.{l}."
         sd.update({p + "ln_1.weight": 1 + t(d, scale=0.2), p + "ln_2.weight": 1 + t(d, scale=0.2),
@@ -924,11 +928,12 @@ def release_state_dict(beeg: dict, seed: int) -> dict:
                    p + "mlp.c_fc.weight": t(m, d, scale=2 * d**-0.5, sparse=True),
                    p + "mlp.c_proj.weight": t(d, m, scale=2 * m**-0.5, sparse=True)})
         if beeg["bias"]:
-            sd.update({p + n + ".bias": t(n_out, scale=0.3) for n, n_out in
-                       (("attn.c_attn", 3 * hd), ("attn.c_proj", d), ("mlp.c_fc", m), ("mlp.c_proj", d))})
+            outs = (("attn.c_attn", 3 * hd), ("attn.c_proj", d), ("mlp.c_fc", m), ("mlp.c_proj", d))
+            sd.update({p + n + ".bias": t(n_out, scale=0.3) for n, n_out in outs})
         if beeg["sink"]:
             sd[p + "attn.attn_imp.sink_logit"] = t(H)
-    sd.update({"transformer.ln_f.weight": 1 + t(d, scale=0.2), "lm_head.weight": t(V, d, sparse=True),
+    sd.update({"transformer.ln_f.weight": 1 + t(d, scale=0.2),
+               "lm_head.weight": t(V, d, sparse=True),
                "bigram_table": t(V, V, scale=0.5), "final_logits_bias": t(V, scale=0.5)})
     return sd
 
@@ -993,10 +998,32 @@ def test_released_tokenizer_is_read_from_gpt2_files_with_its_own_pattern(tmp_pat
     (dict(tokenizer_name="gpt2"), "tokenizer_name='gpt2'"), (dict(new_idea=1), "new_idea")])
 def test_unsupported_release_fields_are_one_line_errors_naming_them(change, field, tmp_path):
     folder = write_release(tmp_path / "m", RELEASE_CASES["relu_no_bias"])
-    (folder / "beeg_config.json").write_text(json.dumps({**RELEASE_CASES["relu_no_bias"], **change}))
+    beeg = {**RELEASE_CASES["relu_no_bias"], **change}
+    (folder / "beeg_config.json").write_text(json.dumps(beeg))
     with pytest.raises(SystemExit, match=field) as e:
         sg.load_checkpoint(str(folder))
     assert "\n" not in str(e.value)
     beeg = {k: v for k, v in RELEASE_CASES["relu_no_bias"].items() if k != "tied_unembed"}
     with pytest.raises(SystemExit, match="tied_unembed=True"):  # their default when omitted
         sg.release_config(beeg, "beeg_config.json")
+
+
+def test_prune_runs_on_a_released_folder_with_means_in_its_tokenizer(tmp_path, monkeypatch, capsys):
+    folder = write_release(tmp_path / "model", RELEASE_CASES["gelu_sink_bigram"])
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    for i in range(3):
+        (corpus / f"m{i}.py").write_text(f"def f{i}(x):\n    return [[x]] + {i}\n" * 40)
+    monkeypatch.setattr(tasks, "TASKS", {"planted": planted_task})
+    monkeypatch.setattr(tasks, "ALL", {"planted": planted_task})
+    argv = [f"--ckpt={folder}", "--tasks=planted", f"--data_dir={corpus}", "--steps=3",
+            f"--cache_dir={tmp_path / 'cache'}", "--n_pairs=8", "--mean_batches=2", "--k_coef=1"]
+    prune.main(argv)
+    out = capsys.readouterr().out
+    assert "val tokens in tinypython_2k" in out
+    # 2 layers x (24 + 3 x 12 + 24 + 24 + 40 + 24) + 24: q, k, v are n_head * d_head = 12 wide
+    assert "node means: 368 nodes" in out
+    assert (folder / "node_means.pt").exists() and "planted" in out
+    prune.main(argv)  # tokens and means cached, keyed to the corpus, tokenizer and model
+    out = capsys.readouterr().out
+    assert "val tokens" not in out and "using the cached node means" in out
