@@ -201,7 +201,8 @@ def train_bpe(docs: list[str], vocab_size: int, pattern=PRETOKEN_PATTERN) -> dic
     if n_merges < len(REQUIRED_TOKENS):
         sys.exit(f"error: vocab_size={vocab_size} is too small; use at least 263")
     word_counts = Counter()
-    pretoken = regex.compile(pattern)  # regex (tiktoken's own dependency) knows \p{L}
+    # re lacks \p{L}; regex (a dependency of tiktoken) has it but cuts ours a little differently
+    pretoken = regex.compile(pattern) if r"\p" in pattern else re.compile(pattern)
     for doc in docs:
         word_counts.update(pretoken.findall(doc))
     words = [list(w.encode()) for w in word_counts]
