@@ -40,7 +40,9 @@ DEFAULTS = dict(
     n_pairs=64,  # train pairs and test pairs per task (paper: batches of 64 datapoints)
     control=True,  # also search the same prompts with shuffled answers (a circuit must beat it)
     mean_batches=20,  # val.bin batches (of the checkpoint's batch_size x block_size) for means
-    seed=0,  # mask initialisation, batches of pairs, the random-set control
+    data_dir="",  # a released model's means: this corpus (empty = the stdlib) in its tokenizer
+    cache_dir="data",  # where that corpus's tokens are cached, keyed by corpus and tokenizer
+    seed=0,  # mask initialisation, the shuffled-answer control, the random-set check
     device="auto",  # auto | cpu | cuda | mps
 )
 RULES = dict(  # what each value must be (see sparse_gpt.RULES)
@@ -84,7 +86,7 @@ def answer_diff(model, data: dict) -> torch.Tensor:
     that only the answer position is unembedded, and only for the two answers: the full
     vocabulary at every position would cost a third of each mask-training step."""
     rows = torch.arange(len(data["last"]), device=data["idx"].device)
-    x = model.wte(data["idx"])
+    x = model.embed(data["idx"])
     for block in model.blocks:
         x = block(x)
     h = model.final_in(model.final_norm(x[rows, data["last"]][:, None]))[:, 0]
@@ -187,6 +189,22 @@ def load_means(model, cfg_model, ckpt_path: str, n_batches: int, device) -> torc
     print(f"node means: {len(means)} nodes over {n_tokens:,} val tokens in "
           f"{time.time() - t0:.1f}s, cached in {path}")
     return means
+
+
+def release_tokens(tokenizer, cfg) -> str:
+    """A released model has no val.bin of ours: the val split of the stdlib (or data_dir) in its
+    own tokenizer, encoded once into cache_dir. Returns the folder holding val.bin."""
+    root = os.path.abspath(cfg.data_dir or sparse_gpt.stdlib_dir())
+    key = hashlib.sha1(f"{root}|{sorted(tokenizer._mergeable_ranks.items())}|{tokenizer._pat_str}"
+                       f"|{[os.path.getsize(f) for f in sparse_gpt.list_py_files(root)]}".encode())
+    folder = os.path.join(cfg.cache_dir, f"{os.path.basename(root)}-{key.hexdigest()[:10]}")
+    if not os.path.exists(os.path.join(folder, "val.bin")):
+        _, val = sparse_gpt.read_corpus(root)
+        ids = [t for d in tokenizer.encode_ordinary_batch(val) for t in d + [tokenizer.eot_token]]
+        os.makedirs(folder, exist_ok=True)
+        sparse_gpt.atomic_write(os.path.join(folder, "val.bin"), np.array(ids, np.uint16).tofile)
+        print(f"data: {len(ids):,} val tokens in {tokenizer.name}, cached in {folder}")
+    return folder
 
 
 # -----------------------------------------------------------------------------
@@ -370,10 +388,10 @@ def weight_links(model) -> list[tuple[torch.Tensor, str, str]]:
     """(weight of shape (targets, sources), source location, target location) for every matrix
     between node locations. A write reaches later reads of its residual channel directly: the
     SVG draws that as a line, and it is not an edge."""
-    d, links = model.cfg.d_model, []
+    links = []
     for l, block in enumerate(model.blocks):
-        w = block.attn.c_attn.weight
-        links += [(w[i * d : (i + 1) * d], f"{l}.attn.resid_in", f"{l}.attn.{kind}")
+        w, hd = block.attn.c_attn.weight, block.attn.c_proj.weight.shape[1]  # hd: q, k or v width
+        links += [(w[i * hd : (i + 1) * hd], f"{l}.attn.resid_in", f"{l}.attn.{kind}")
                   for i, kind in enumerate("qkv")]
         # attention output channel i is a mixture of v channel i, so c_proj's columns are v nodes
         links += [(block.attn.c_proj.weight, f"{l}.attn.v", f"{l}.attn.resid_delta"),
@@ -664,9 +682,9 @@ def prune_checkpoint(path: str, model, tokenizer, means, names: list[str], cfg) 
         t0 = time.time()
         print(f"{name}: pruning {len(means)} nodes of {path}")
         try:
-            pairs = {s: tasks.make_pairs(name, cfg.n_pairs, cfg.seed, s) for s in ("train", "test")}
-            for p in pairs.values():
-                tasks.check_pairs(tokenizer, name, p)
+            pairs = {s: tasks.for_tokenizer(tokenizer, name, tasks.make_pairs(name, cfg.n_pairs,
+                                                                           cfg.seed, s))
+                     for s in ("train", "test")}
         except ValueError as e:
             print(f"{name}: skipped: {e}")
             continue
@@ -728,6 +746,7 @@ def main(argv):
     names = [t for t in cfg.tasks.split(",") if t]
     device = sparse_gpt.pick_device(cfg.device)
     paths = [cfg.ckpt] + [cfg.compare] * bool(cfg.compare)
+    paths = [os.path.join(p, "final_model.pt") if os.path.isdir(p) else p for p in paths]
     loaded = [sparse_gpt.load_checkpoint(path, device) for path in paths]  # bad files fail here
     for path in paths:  # node_means.pt and circuits/ go beside each checkpoint: fail now, not later
         out = os.path.join(os.path.dirname(path) or ".", "circuits")
@@ -745,6 +764,7 @@ def main(argv):
     runs = []
     for path, (model, tokenizer, cfg_model) in zip(paths, loaded):
         model.requires_grad_(False)  # only the masks learn
+        cfg_model["data_path"] = cfg_model.data_path or release_tokens(tokenizer, cfg)
         means = load_means(model, cfg_model, path, cfg.mean_batches, device)
         runs.append(prune_checkpoint(path, model, tokenizer, means, names, cfg))
     for path, results in zip(paths, runs):

@@ -12,6 +12,7 @@ batches -> model -> weight sparsity -> optimizer -> training loop.
 import base64
 import hashlib
 import heapq
+import json
 import math
 import os
 import re
@@ -24,7 +25,9 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 
 import numpy as np
+import regex
 import tiktoken
+import tiktoken.load
 import torch
 import torch.distributed as dist
 import torch.nn as nn
@@ -46,9 +49,15 @@ DEFAULTS = dict(
     n_layer=2,  # transformer blocks
     d_model=128,  # residual stream width
     d_head=16,  # small heads are more monosemantic
+    n_head=0,  # 0 = d_model // d_head; n_head * d_head may differ from d_model (official)
     d_mlp=512,  # MLP neurons per block
     block_size=128,  # context length in tokens
     afrac=0.25,  # fraction of activations AbsTopK keeps at every node location; 1.0 = off
+    afrac_nodes="all",  # node locations with AbsTopK, e.g. attn.resid_in,mlp.post_act; all = 8
+    activation="gelu",  # gelu | relu, the MLP's nonlinearity
+    bias=False,  # biases in the four linear layers of every block (dense, not decayed)
+    pos_embed=False,  # learned position embedding added to the token embedding (starts at 0)
+    norm_eps=1e-6,  # RMSNorm's epsilon
     attn_sink=True,  # learnable per-head logit of an always-visible zero-valued key
     bigram_table=True,  # dense vocab x vocab table added to the logits
     # weight sparsity (paper section 2)
@@ -219,17 +228,22 @@ def read_corpus(root: str) -> tuple[list[str], list[str]]:
 # punctuation kept together (paper 2), so ("  ')  ]]  ], are single chunks. Newlines are never
 # part of a punctuation run: otherwise BPE merges "]\n" and never learns "]]".
 PRETOKEN_PATTERN = r"""\n[ \t]*| ?\w+| ?[^\s\w]+|[ \t]+(?!\S)|\s"""
+# The pre-tokenizer of OpenAI's tinypython_2k, the released models' tokenizer: punctuation runs
+# keep trailing newlines and slashes, a letter run keeps one leading non-letter ("(self").
+TINYPYTHON_PATTERN = (r"""[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n/]*|"""
+                      r"""\s*[\r\n]+|\s+(?!\S)|\s+""")
 # Tokens the tasks answer with: merged first, so they exist whatever the corpus statistics.
 REQUIRED_TOKENS = ['("', "('", '")', "')", "]]", "],"]
 EOT = "<|endoftext|>"
 
 
-def train_bpe(docs: list[str], vocab_size: int) -> dict[bytes, int]:
+def train_bpe(docs: list[str], vocab_size: int, pattern=PRETOKEN_PATTERN) -> dict[bytes, int]:
     """Learns vocab_size - 257 merges (256 bytes + end-of-text are fixed). Returns tiktoken
     ranks. Incremental: a merge only revisits the words that contain its pair."""
     n_merges = vocab_size - 257
     word_counts = Counter()
-    pretoken = re.compile(PRETOKEN_PATTERN)
+    # re lacks \p{L}; regex (a dependency of tiktoken) has it but cuts ours a little differently
+    pretoken = regex.compile(pattern) if r"\p" in pattern else re.compile(pattern)
     for doc in docs:
         word_counts.update(pretoken.findall(doc))
     words = [list(w.encode()) for w in word_counts]
@@ -281,8 +295,8 @@ def train_bpe(docs: list[str], vocab_size: int) -> dict[bytes, int]:
     return {b: rank for rank, b in enumerate(token_bytes)}
 
 
-def make_encoding(ranks: dict[bytes, int], name: str = "sparse_gpt") -> tiktoken.Encoding:
-    return tiktoken.Encoding(name, pat_str=PRETOKEN_PATTERN, mergeable_ranks=ranks,
+def make_encoding(ranks: dict[bytes, int], name="sparse_gpt", pattern=PRETOKEN_PATTERN):
+    return tiktoken.Encoding(name, pat_str=pattern, mergeable_ranks=ranks,
                              special_tokens={EOT: len(ranks)})
 
 
@@ -315,6 +329,19 @@ def atomic_write(path: str, write):
         if os.path.isfile(path + ".tmp"):
             os.remove(path + ".tmp")
         raise
+
+
+def load_data_gym_tokenizer(folder: str) -> tiktoken.Encoding:
+    """tinypython_2k as the released models ship it, GPT-2 style: vocab.bpe + encoder.json, read
+    by tiktoken (which checks that they agree), end-of-text after the last rank, their pattern."""
+    files = [os.path.join(folder, f) for f in ("vocab.bpe", "encoder.json")]
+    try:  # the file hashes key tiktoken's cache, so a replaced file is never read stale
+        hashes = [hashlib.sha256(open(f, "rb").read()).hexdigest() for f in files]
+        ranks = tiktoken.load.data_gym_to_mergeable_bpe_ranks(*files, *hashes)
+    except (OSError, AssertionError, KeyError, ValueError) as e:
+        sys.exit(f"error: no tinypython tokenizer in {folder} ({type(e).__name__}): download its "
+                 "vocab.bpe and encoder.json there (README: Prune the paper's released models)")
+    return make_encoding(ranks, "tinypython_2k", TINYPYTHON_PATTERN)
 
 
 # -----------------------------------------------------------------------------
@@ -393,10 +420,25 @@ class GPTConfig:
     afrac: float = 0.25
     attn_sink: bool = True
     bigram_table: bool = True
+    n_head: int = 0
+    afrac_nodes: str = "all"
+    activation: str = "gelu"
+    bias: bool = False
+    pos_embed: bool = False
+    norm_eps: float = 1e-6
 
     @classmethod
     def from_config(cls, cfg: dict) -> "GPTConfig":
         return cls(**{f.name: cfg[f.name] for f in fields(cls)})
+
+    def afrac_at(self, location: str) -> float:
+        """afrac at the node locations of afrac_nodes, 1.0 (no AbsTopK) elsewhere."""
+        chosen = NODE_LOCATIONS if self.afrac_nodes == "all" else self.afrac_nodes.split(",")
+        return self.afrac if location in chosen else 1.0
+
+
+NODE_LOCATIONS = ("attn.resid_in", "attn.q", "attn.k", "attn.v", "attn.resid_delta",
+                  "mlp.resid_in", "mlp.post_act", "mlp.resid_delta")  # final.resid_in: no AbsTopK
 
 
 SELECT = "auto"  # numpy on CPU float32, else torch.topk; tests and --bench set "topk" / "kthvalue"
@@ -428,10 +470,11 @@ class Node(nn.Module):
     """One node location: AbsTopK, then a hook. prune.py sets `hook` to a function
     (name, x) -> x that gates and mean-ablates single nodes (entries of the last dimension)."""
 
-    def __init__(self, name: str, width: int, afrac: float):
+    def __init__(self, name: str, width: int, cfg: GPTConfig):
         super().__init__()
         self.name, self.width = name, width
-        self.k = max(1, round(afrac * width)) if afrac < 1 else None
+        afrac = cfg.afrac_at(name.split(".", 1)[1])
+        self.k = max(1, int(afrac * width)) if afrac < 1 else None  # int() as the official code
         self.hook = None
 
     def forward(self, x):
@@ -462,54 +505,57 @@ def attend_with_sink(q, k, v, sink):
 class Attention(nn.Module):
     def __init__(self, cfg: GPTConfig, layer: int):
         super().__init__()
-        d, self.n_head = cfg.d_model, cfg.d_model // cfg.d_head
-        self.c_attn = nn.Linear(d, 3 * d, bias=False)  # rows: q, k, v channels
-        self.c_proj = nn.Linear(d, d, bias=False)  # columns: v channels
-        self.q, self.k, self.v = (Node(f"{layer}.attn.{n}", d, cfg.afrac) for n in "qkv")
-        self.resid_delta = Node(f"{layer}.attn.resid_delta", d, cfg.afrac)
+        self.n_head, self.d_head = cfg.n_head or cfg.d_model // cfg.d_head, cfg.d_head
+        d, hd = cfg.d_model, self.n_head * cfg.d_head
+        self.c_attn = nn.Linear(d, 3 * hd, bias=cfg.bias)  # rows: q, k, v channels
+        self.c_proj = nn.Linear(hd, d, bias=cfg.bias)  # columns: v channels
+        self.q, self.k, self.v = (Node(f"{layer}.attn.{n}", hd, cfg) for n in "qkv")
+        self.resid_delta = Node(f"{layer}.attn.resid_delta", d, cfg)
         self.sink = nn.Parameter(torch.zeros(self.n_head)) if cfg.attn_sink else None
 
     def forward(self, x):
-        B, T, C = x.shape
-        q, k, v = self.c_attn(x).split(C, dim=2)
+        B, T, _ = x.shape
+        hd = self.n_head * self.d_head
+        q, k, v = self.c_attn(x).split(hd, dim=2)
         q, k, v = self.q(q), self.k(k), self.v(v)
-        q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))
+        q, k, v = (t.view(B, T, self.n_head, self.d_head).transpose(1, 2) for t in (q, k, v))
         if self.sink is None:
             y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
         else:
             y = attend_with_sink(q, k, v, self.sink)
-        return self.resid_delta(self.c_proj(y.transpose(1, 2).reshape(B, T, C)))
+        return self.resid_delta(self.c_proj(y.transpose(1, 2).reshape(B, T, hd)))
 
 
 class MLP(nn.Module):
     def __init__(self, cfg: GPTConfig, layer: int):
         super().__init__()
-        self.c_fc = nn.Linear(cfg.d_model, cfg.d_mlp, bias=False)
-        self.post_act = Node(f"{layer}.mlp.post_act", cfg.d_mlp, cfg.afrac)
-        self.c_proj = nn.Linear(cfg.d_mlp, cfg.d_model, bias=False)
-        self.resid_delta = Node(f"{layer}.mlp.resid_delta", cfg.d_model, cfg.afrac)
+        self.c_fc = nn.Linear(cfg.d_model, cfg.d_mlp, bias=cfg.bias)
+        self.act = F.relu if cfg.activation == "relu" else F.gelu
+        self.post_act = Node(f"{layer}.mlp.post_act", cfg.d_mlp, cfg)
+        self.c_proj = nn.Linear(cfg.d_mlp, cfg.d_model, bias=cfg.bias)
+        self.resid_delta = Node(f"{layer}.mlp.resid_delta", cfg.d_model, cfg)
 
     def forward(self, x):
-        return self.resid_delta(self.c_proj(self.post_act(F.gelu(self.c_fc(x)))))
+        return self.resid_delta(self.c_proj(self.post_act(self.act(self.c_fc(x)))))
 
 
 class RMSNorm(nn.Module):
     """No mean subtraction, so zero keeps its meaning; the gain stays dense (paper 1)."""
 
-    def __init__(self, d: int):
+    def __init__(self, d: int, eps: float):
         super().__init__()
-        self.weight = nn.Parameter(torch.ones(d))
+        self.weight, self.eps = nn.Parameter(torch.ones(d)), eps
 
     def forward(self, x):
-        return F.rms_norm(x, (x.shape[-1],), self.weight, eps=1e-6)
+        return F.rms_norm(x, (x.shape[-1],), self.weight, eps=self.eps)
 
 
 class Block(nn.Module):
     def __init__(self, cfg: GPTConfig, layer: int):
         super().__init__()
-        self.attn_norm, self.mlp_norm = RMSNorm(cfg.d_model), RMSNorm(cfg.d_model)
-        self.attn_in = Node(f"{layer}.attn.resid_in", cfg.d_model, cfg.afrac)
-        self.mlp_in = Node(f"{layer}.mlp.resid_in", cfg.d_model, cfg.afrac)
+        self.attn_norm, self.mlp_norm = (RMSNorm(cfg.d_model, cfg.norm_eps) for _ in range(2))
+        self.attn_in = Node(f"{layer}.attn.resid_in", cfg.d_model, cfg)
+        self.mlp_in = Node(f"{layer}.mlp.resid_in", cfg.d_model, cfg)
         self.attn, self.mlp = Attention(cfg, layer), MLP(cfg, layer)
 
     def forward(self, x):
@@ -520,15 +566,24 @@ class Block(nn.Module):
 class GPT(nn.Module):
     def __init__(self, cfg: GPTConfig):
         super().__init__()
+        if cfg.d_model % cfg.d_head and not cfg.n_head:
+            sys.exit(f"error: d_model={cfg.d_model} must be a multiple of d_head={cfg.d_head}")
+        unknown = set(cfg.afrac_nodes.split(",")) - {"all", *NODE_LOCATIONS}
+        if unknown or cfg.activation not in ("gelu", "relu"):
+            sys.exit(f"error: afrac_nodes takes all or some of {','.join(NODE_LOCATIONS)} (got "
+                     f"{','.join(unknown) or '-'}); activation gelu or relu ({cfg.activation})")
         self.cfg = cfg
         self.wte = nn.Embedding(cfg.vocab_size, cfg.d_model)
+        self.wpe = nn.Embedding(cfg.block_size, cfg.d_model) if cfg.pos_embed else None
         self.blocks = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layer))
-        self.final_norm = RMSNorm(cfg.d_model)
-        self.final_in = Node("final.resid_in", cfg.d_model, 1.0)  # a node, but no AbsTopK (official)
+        self.final_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
+        self.final_in = Node("final.resid_in", cfg.d_model, cfg)  # a node, never AbsTopK (official)
         self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)  # untied
         self.bigram = nn.Embedding(cfg.vocab_size, cfg.vocab_size) if cfg.bigram_table else None
         for name, p in self.named_parameters():
-            if p.dim() == 2:
+            if name == "wpe.weight" or name.endswith(".bias"):  # official: zero
+                nn.init.zeros_(p)
+            elif p.dim() == 2:
                 std = 0.02 / math.sqrt(2 * cfg.n_layer) if name.endswith("c_proj.weight") else 0.02
                 nn.init.normal_(p, std=std)
         if self.bigram is not None:  # official init; never decayed
@@ -537,8 +592,12 @@ class GPT(nn.Module):
     def nodes(self) -> list[Node]:
         return [m for m in self.modules() if isinstance(m, Node)]
 
-    def forward(self, idx, targets=None):
+    def embed(self, idx):
         x = self.wte(idx)
+        return x if self.wpe is None else x + self.wpe.weight[: idx.shape[1]]
+
+    def forward(self, idx, targets=None):
+        x = self.embed(idx)
         for block in self.blocks:
             x = block(x)
         logits = self.lm_head(self.final_in(self.final_norm(x)))
@@ -599,7 +658,7 @@ def project_weights(model: GPT, density: float, min_per_neuron: int, embed_densi
             w.mul_(topk_mask(w, math.ceil(d * w.numel()), floor_dim, min_per_neuron))
 
 
-EMBEDDINGS = ("wte.weight", "lm_head.weight")
+EMBEDDINGS = ("wte.weight", "wpe.weight", "lm_head.weight")  # wpe: sparse like wte (official)
 
 
 def n_sparse(model: GPT, cfg=None) -> int:
@@ -678,6 +737,10 @@ def read_checkpoint(path: str) -> dict:
 
 
 def load_checkpoint(path: str, device="cpu") -> tuple[GPT, tiktoken.Encoding, Config]:
+    """Our ckpt.pt with tokenizer.tiktoken beside it, or a released model's folder (or its
+    final_model.pt)."""
+    if os.path.isdir(path) or os.path.basename(path) == "final_model.pt":
+        return load_release(path if os.path.isdir(path) else os.path.dirname(path) or ".", device)
     ckpt = read_checkpoint(path)
     cfg = Config({**DEFAULTS, **ckpt["config"]})
     try:
@@ -691,6 +754,79 @@ def load_checkpoint(path: str, device="cpu") -> tuple[GPT, tiktoken.Encoding, Co
     if tokenizer.n_vocab != cfg.vocab_size:
         sys.exit(f"error: the tokenizer beside '{path}' has {tokenizer.n_vocab} tokens, the model "
                  f"{cfg.vocab_size}; copy the run's own tokenizer.tiktoken next to it")
+    return model.to(device).eval(), tokenizer, cfg
+
+
+# -----------------------------------------------------------------------------
+# the paper's released models (openai/circuit_sparsity): a folder with beeg_config.json (their
+# GPTConfig), final_model.pt (a state_dict) and tinypython's encoder.json and vocab.bpe
+
+# their field: (our key, their default); refused: (the one value we run, their default)
+RELEASE_FIELDS = dict(
+    vocab_size=("vocab_size", 50304), block_size=("block_size", 1024), n_layer=("n_layer", 12),
+    d_model=("d_model", 768), n_head=("n_head", 12), d_head=("d_head", None), d_mlp=("d_mlp", None),
+    bias=("bias", True), activation_type=("activation", "gelu"), afrac=("afrac", None),
+    afrac_loctypes=("afrac_nodes", "attn_in,attn_out,mlp_in,mlp_out"),
+    enable_bigram_table=("bigram_table", False), sink=("attn_sink", False))
+RELEASE_REFUSED = dict(rms_norm=(True, False), residual_activation_type=("identity",) * 2,
+                       tied_unembed=(False, True), d_pos_emb=(None, None),
+                       use_tied_aux_matrix=(False, False), tokenizer_name=("tinypython_2k",) * 2)
+RELEASE_IGNORED = ("dropout ln_bias debug_nans grad_checkpointing flash enable_sparse_kernels "
+                   "learnable_bigram_table dropout_cat_pos_emb sinusoidal_cat_pos_emb").split()
+# their state_dict names -> ours (transformer.h.3.ln_1.weight -> blocks.3.attn_norm.weight)
+RELEASE_NAMES = {"transformer.h.": "blocks.", ".ln_1.": ".attn_norm.", ".ln_2.": ".mlp_norm.",
+                 "attn_imp.sink_logit": "sink", "transformer.ln_f.": "final_norm.",
+                 "transformer.": "", "bigram_table": "bigram.weight"}
+RELEASE_LOCATIONS = dict(zip("attn_in attn_q attn_k attn_v attn_out mlp_in mlp_neuron mlp_out"
+                             .split(), NODE_LOCATIONS))  # their afrac_loctypes -> our locations
+
+
+def release_config(beeg: dict, where: str) -> Config:
+    """Their GPTConfig as our flat config; what we cannot run exactly is a one-line error."""
+    beeg = {"d_mlp" if k == "n_mlp" else k: v for k, v in beeg.items()}  # older files: n_mlp
+    refused = [f"{k}={beeg.get(k, d)!r}" for k, (ok, d) in RELEASE_REFUSED.items() if beeg.get(k, d) != ok]
+    refused += [k for k in beeg if k not in {*RELEASE_FIELDS, *RELEASE_REFUSED, *RELEASE_IGNORED}]
+    cfg = Config(DEFAULTS, pos_embed=True, norm_eps=torch.finfo(torch.float32).eps, data_path="")
+    cfg.update({ours: beeg.get(k, default) for k, (ours, default) in RELEASE_FIELDS.items()})
+    locations = [t for t in cfg.afrac_nodes.split(",") if t] * (cfg.afrac is not None)
+    refused += [f"afrac_loctypes {t}" for t in locations if t not in RELEASE_LOCATIONS]
+    if refused:
+        sys.exit(f"error: {where}: {refused[0]} is not supported by this loader")
+    cfg.update(d_head=cfg.d_head or cfg.d_model // cfg.n_head, d_mlp=cfg.d_mlp or 4 * cfg.d_model,
+               afrac=cfg.afrac if locations else 1.0,
+               afrac_nodes=",".join(RELEASE_LOCATIONS[t] for t in locations) or "all")
+    return cfg
+
+
+def load_release(folder: str, device="cpu") -> tuple[GPT, tiktoken.Encoding, Config]:
+    """A released model as our GPT, its logits equal to theirs (float32)."""
+    cfg_path, sd_path = (os.path.join(folder, f) for f in ("beeg_config.json", "final_model.pt"))
+    try:
+        with open(cfg_path) as f:
+            cfg = release_config(json.load(f), cfg_path)
+        sd = torch.load(sd_path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        sys.exit(f"error: cannot read {cfg_path} and final_model.pt ({type(e).__name__}); download "
+                 "them into one folder (README: Prune the paper's released models)")
+    rename = re.compile("|".join(map(re.escape, RELEASE_NAMES)))
+    sd = {rename.sub(lambda m: RELEASE_NAMES[m[0]], k): t.float() for k, t in sd.items()
+          if not re.fullmatch(r"transformer\.h\.\d+\.attn\.bias", k)}  # a causal-mask buffer
+    if not cfg.bigram_table:
+        sd.pop("bigram.weight", None)  # a buffer their model then ignores
+    bias = sd.pop("final_logits_bias", torch.zeros(1))
+    if bias.any():  # added to every logit = added to every row of the bigram table
+        cfg["bigram_table"] = True
+        sd["bigram.weight"] = sd.get("bigram.weight", torch.zeros(cfg.vocab_size, 1)) + bias
+    model = GPT(GPTConfig.from_config(cfg))
+    want = model.state_dict()
+    bad = sorted(set(want) ^ set(sd)) + [k for k in sd if k in want and sd[k].shape != want[k].shape]
+    if bad:
+        sys.exit(f"error: {sd_path} does not fit its beeg_config.json (tensor {bad[0]})")
+    model.load_state_dict(sd)
+    tokenizer = load_data_gym_tokenizer(folder)
+    if tokenizer.n_vocab != cfg.vocab_size:
+        sys.exit(f"error: the tokenizer in {folder} has {tokenizer.n_vocab} tokens, the model "
+                 f"{cfg.vocab_size}: download tinypython's vocab.bpe and encoder.json again")
     return model.to(device).eval(), tokenizer, cfg
 
 

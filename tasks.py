@@ -328,6 +328,18 @@ def bracket_counting_long(rng) -> Pair:
 ATTACKS = {f.__name__: f for f in [bracket_counting_distractor, bracket_counting_long]}
 ALL = {**TASKS, **ATTACKS}
 
+# What follows (token_a, token_b) in real code. Another tokenizer can cut the code elsewhere: the
+# released models' tinypython keeps newlines on punctuation, so its answers are "]]\n" vs "]\n".
+FOLLOWS = dict(
+    single_double_quote=("\n",) * 2, final_kwarg=("0):", "\n"), set_or_string=("add(x)", " x"),
+    set_or_string_fixedvarname=("add(x)", " x"), class_init=("\n",) * 2,
+    with_as=(" f:", "data = f.read()"), bracket_brace=(" 1,", " 2,"), with_open=("') as f:",) * 2,
+    bracket_counting=("\n",) * 2, for_while=(" items:", "\n"), else_elif=("\n", ".x:"),
+    fstring_brace=('x}")', 's" % x)'), if_ternary=("\n", " None"), var_swap=("\n",) * 2,
+    indent_for=("pass\n",) * 2, lambda_func=(" x", "x):"), if_equals=(" None:", " None"),
+    enumerate_range=("(a, b):", "(n):"), var_if=("\n", "return"), while_return_true=("\n",) * 2,
+    bracket_counting_distractor=("\n",) * 2, bracket_counting_long=("\n",) * 2)
+
 # -----------------------------------------------------------------------------
 # datasets: deterministic by seed; a prompt's split is decided by its hash alone
 
@@ -357,6 +369,40 @@ def answer_id(tokenizer, token: str) -> int:
     if len(ids) != 1:
         raise ValueError(f"answer {token!r} is {len(ids)} tokens under this tokenizer, not one")
     return ids[0]
+
+
+def as_tokenized(tokenizer, name: str, pair: Pair) -> Pair:
+    """The pair as this tokenizer cuts the code: each answer becomes the first token after its
+    prompt in prompt + answer + FOLLOWS (ours: the answer). A prompt end that merges into it moves
+    to both answers, a first token both answers share moves to both prompts (e.g. ':\n')."""
+    enc, follows = tokenizer.encode_ordinary, FOLLOWS.get(name, ("", ""))
+    prompts, texts = list(pair[:2]), [x + f for x, f in zip(pair[2:], follows)]
+    for _ in range(4):
+        cut = 0
+        for p, x in zip(prompts, texts):  # characters of p whose tokens change when x follows
+            ids, full = enc(p), enc(p + x)
+            n = next((i for i, (s, t) in enumerate(zip(ids, full)) if s != t),
+                     min(len(ids), len(full) - 1))
+            cut = max(cut, len(p) - len(tokenizer.decode(ids[:n])))
+        if cut and (cut >= min(map(len, prompts)) or prompts[0][-cut:] != prompts[1][-cut:]):
+            break
+        if cut:
+            prompts, texts = [p[:-cut] for p in prompts], [prompts[0][-cut:] + x for x in texts]
+            continue
+        a, b = (tokenizer.decode([enc(p + x)[len(enc(p))]]) for p, x in zip(prompts, texts))
+        if a != b and not any(t.isspace() and not x.isspace() for t, x in zip((a, b), pair[2:])):
+            return Pair(*prompts, a, b)
+        if a != b or a in texts:
+            break
+        prompts, texts = [p + a for p in prompts], [x[len(a) :] for x in texts]
+    raise ValueError(f"task {name}: its answers are not two distinct tokens after the prompts here")
+
+
+def for_tokenizer(tokenizer, name: str, pairs: list[Pair]) -> list[Pair]:
+    """The pairs as this tokenizer asks them, checked; a ValueError names a task it cannot ask."""
+    pairs = [as_tokenized(tokenizer, name, p) for p in pairs]
+    check_pairs(tokenizer, name, pairs)
+    return pairs
 
 
 def check_pairs(tokenizer, name: str, pairs: list[Pair]):
@@ -432,8 +478,7 @@ def evaluate(model, tokenizer, names, n: int = 200, seed: int = 0, split: str = 
         raise ValueError(f"n must be at least 1, got {n}")
     out = {}
     for name in names:
-        pairs = make_pairs(name, n, seed, split)
-        check_pairs(tokenizer, name, pairs)
+        pairs = for_tokenizer(tokenizer, name, make_pairs(name, n, seed, split))
         right, wrong = zip(*(answer_logits(model, tokenizer, pairs[i : i + batch_pairs])
                              for i in range(0, n, batch_pairs)))
         loss, acc = score(torch.cat(right), torch.cat(wrong))

@@ -15,6 +15,7 @@ from types import SimpleNamespace
 
 import numpy as np
 import pytest
+import regex
 import torch
 import torch.nn.functional as F
 
@@ -676,8 +677,35 @@ def test_every_task_passes_the_check_under_the_default_tokenizer(stdlib_tokenize
     tokenizer = stdlib_tokenizer
     for name in ALL_NAMES:
         pairs = tasks.make_pairs(name, 200, split="test")
-        tasks.check_pairs(tokenizer, name, pairs)
+        assert tasks.for_tokenizer(tokenizer, name, pairs) == pairs  # our tokenizer: no variant
         assert max(len(tokenizer.encode_ordinary(s)) for p in pairs for s in p[:2]) <= 128, name
+
+
+@pytest.fixture(scope="session")
+def official_pattern_tokenizer():
+    """Our BPE trainer with tinypython's pre-tokenizer, 1024 tokens on stdlib files and task text
+    (each answer followed by what follows it in code) of another seed."""
+    files = [f for f in sg.list_py_files(sg.stdlib_dir()) if "/test" not in f][::12][:150]
+    docs = [open(f, encoding="utf-8", errors="replace").read() for f in files]
+    for name, (after_a, after_b) in tasks.FOLLOWS.items():
+        docs += [f"{p.prompt_a}{p.token_a}{after_a}\n{p.prompt_b}{p.token_b}{after_b}\n"
+                 for p in tasks.make_pairs(name, 200, seed=1)]
+    ranks = sg.train_bpe(docs, 1024, sg.TINYPYTHON_PATTERN)
+    return sg.make_encoding(ranks, "official_pattern", sg.TINYPYTHON_PATTERN)
+
+
+def test_every_task_is_asked_in_a_variant_under_the_official_pattern(official_pattern_tokenizer):
+    enc, asked = official_pattern_tokenizer, {}
+    for name in ALL_NAMES:
+        pairs = tasks.make_pairs(name, 100, split="test")
+        asked[name] = tasks.for_tokenizer(enc, name, pairs)  # raises for a task it cannot ask
+        assert all(p.prompt_a.startswith(a.prompt_a) and p.prompt_b.startswith(a.prompt_b)
+                   or a.prompt_a.endswith(":\n") for a, p in zip(asked[name], pairs)), name
+    answers = {(p.token_a, p.token_b) for p in asked["bracket_counting"]}
+    assert answers <= {("]]", "]\n"), ("]]\n", "]\n")}
+    assert all(p.token_a.endswith(")") and p.token_b == p.token_a + "\n" for p in asked["with_as"])
+    assert all(p.prompt_a.endswith(":\n") and p.token_a.isspace() for p in asked["indent_for"])
+    assert asked["class_init"] == tasks.make_pairs("class_init", 100, split="test")  # unchanged
 
 
 def test_a_bad_answer_is_a_clear_error_naming_task_and_token(task_tokenizer):
@@ -767,7 +795,7 @@ def test_cli_prints_examples_a_table_and_clear_errors(tmp_path, task_ranks, caps
     sg.save_tokenizer(dict(list(task_ranks.items())[:300]), str(short / "tokenizer.tiktoken"))
     tasks.main([f"--ckpt={ckpt}", "--n=4", "--device=cpu", "--tasks=if_ternary,bracket_counting"])
     table = capsys.readouterr().out
-    assert "not evaluated: task if_ternary: answer ' else' is" in table
+    assert "not evaluated: task if_ternary: its answers are not two distinct tokens" in table
     assert any(line.startswith("bracket_counting ") and "%" in line for line in table.splitlines())
     for argv, message in ((["--tasks=for_while,nope"], "error: tasks=for_while,nope is invalid"),
                           ([f"--ckpt={tmp_path / 'missing.pt'}"], "error: checkpoint"),
@@ -1332,3 +1360,168 @@ def test_help_lists_every_key_with_default_and_meaning_and_paths_expand_home(cap
         defaults = {sg.main: sg.DEFAULTS, tasks.main: tasks.DEFAULTS, prune.main: prune.DEFAULTS}
         assert len(out.strip().splitlines()) == len(defaults[main]) + (main is sg.main)
     assert sg.parse_config(["--data_dir=~/code"]).data_dir == os.path.expanduser("~/code")
+
+
+# the paper's released models: a folder in their format, built here from a seeded random state
+
+
+def write_data_gym(ranks: dict[bytes, int], folder):
+    """Our ranks as GPT-2's vocab.bpe + encoder.json (stand-in characters for bytes); each merge
+    is written as any split of the token into two earlier tokens."""
+    shown = [b for b in range(256) if chr(b).isprintable() and b != 32]
+    hidden = [b for b in range(256) if b not in shown]
+    char = {**{b: chr(b) for b in shown}, **{b: chr(256 + i) for i, b in enumerate(hidden)}}
+    text = lambda t: "".join(char[b] for b in t)
+    merges = []
+    for tok in sorted((t for t in ranks if len(t) > 1), key=ranks.get):
+        i = next(i for i in range(1, len(tok)) if tok[:i] in ranks and tok[i:] in ranks)
+        merges.append(f"{text(tok[:i])} {text(tok[i:])}")
+    (folder / "vocab.bpe").write_text("#version: 0.2\n" + "".join(m + "\n" for m in merges))
+    (folder / "encoder.json").write_text(json.dumps({text(t): r for t, r in ranks.items()}))
+
+
+def data_gym_ranks(merges: list[bytes]) -> dict[bytes, int]:
+    """Single bytes in GPT-2's rank order (printable ones first), then the given merges."""
+    shown = [b for b in range(256) if chr(b).isprintable() and b != 32]
+    order = shown + [b for b in range(256) if b not in shown]
+    return {**{bytes([b]): r for r, b in enumerate(order)},
+            **{m: 256 + i for i, m in enumerate(merges)}}
+
+
+# Two small models in the release format: every supported feature is on in at least one.
+RELEASE_CASES = {
+    "gelu_sink_bigram": dict(  # n_head * d_head != d_model, AbsTopK everywhere, old n_mlp key
+        vocab_size=264, block_size=16, n_layer=2, d_model=24, n_head=3, d_head=4, n_mlp=40,
+        bias=True, ln_bias=False, rms_norm=True, tied_unembed=False, activation_type="gelu",
+        afrac=0.25,
+        afrac_loctypes="attn_in,attn_q,attn_k,attn_v,attn_out,mlp_in,mlp_neuron,mlp_out",
+        enable_bigram_table=True, learnable_bigram_table=True, sink=True, dropout=0.0,
+        grad_checkpointing=False, tokenizer_name="tinypython_2k"),
+    "relu_no_bias": dict(  # d_head and d_mlp from their defaults, AbsTopK at three locations
+        vocab_size=264, block_size=16, n_layer=2, d_model=16, n_head=4, bias=False, rms_norm=True,
+        tied_unembed=False, activation_type="relu", afrac=0.3,
+        afrac_loctypes="attn_in,attn_v,mlp_neuron", enable_bigram_table=False, sink=False),
+}
+RELEASE_MERGES = [b"  ", b"    ", b"in", b"de", b"def", b"re", b"ret"]  # 256 + 7 + end-of-text
+
+
+def release_state_dict(beeg: dict, seed: int) -> dict:
+    """Their state_dict names and shapes, seeded numpy values (the same on every machine), about
+    a third of each matrix nonzero and every norm gain, bias, sink and table far from its init."""
+    rng = np.random.RandomState(seed)
+    V, T, d, H = beeg["vocab_size"], beeg["block_size"], beeg["d_model"], beeg["n_head"]
+    hd, m = H * beeg.get("d_head", d // H), beeg.get("n_mlp", 4 * d)
+
+    def t(*shape, scale=1.0, sparse=False):
+        x = rng.standard_normal(shape) * scale * (rng.random_sample(shape) < 0.35 if sparse else 1)
+        return torch.from_numpy(x.astype(np.float32))
+
+    sd = {"transformer.wte.weight": t(V, d, sparse=True),
+          "transformer.wpe.weight": t(T, d, scale=0.5)}
+    for l in range(beeg["n_layer"]):
+        p = f"transformer.h.{l}."
+        sd.update({p + "ln_1.weight": 1 + t(d, scale=0.2), p + "ln_2.weight": 1 + t(d, scale=0.2),
+                   p + "attn.c_attn.weight": t(3 * hd, d, scale=2 * d**-0.5, sparse=True),
+                   p + "attn.c_proj.weight": t(d, hd, scale=2 * hd**-0.5, sparse=True),
+                   p + "mlp.c_fc.weight": t(m, d, scale=2 * d**-0.5, sparse=True),
+                   p + "mlp.c_proj.weight": t(d, m, scale=2 * m**-0.5, sparse=True)})
+        if beeg["bias"]:
+            outs = (("attn.c_attn", 3 * hd), ("attn.c_proj", d), ("mlp.c_fc", m), ("mlp.c_proj", d))
+            sd.update({p + n + ".bias": t(n_out, scale=0.3) for n, n_out in outs})
+        if beeg["sink"]:
+            sd[p + "attn.attn_imp.sink_logit"] = t(H)
+    sd.update({"transformer.ln_f.weight": 1 + t(d, scale=0.2),
+               "lm_head.weight": t(V, d, sparse=True),
+               "bigram_table": t(V, V, scale=0.5), "final_logits_bias": t(V, scale=0.5)})
+    return sd
+
+
+def write_release(folder, beeg: dict, seed: int = 0):
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "beeg_config.json").write_text(json.dumps(beeg))
+    torch.save(release_state_dict(beeg, seed), folder / "final_model.pt")
+    write_data_gym(data_gym_ranks(RELEASE_MERGES), folder)
+    return folder
+
+
+def golden_idx(vocab_size: int, block_size: int) -> torch.Tensor:
+    return torch.from_numpy(np.random.RandomState(7).randint(vocab_size, size=(2, block_size)))
+
+
+# Their logits, from OpenAI's own inference code: circuit_sparsity/inference/gpt.py (github.com/
+# openai/circuit_sparsity at 8a029a3) run once in a scratch virtual environment (torch 2.13 CPU,
+# float32) with load_model(folder, flash=True, cuda=False) on the folders write_release builds;
+# logits[b, t, GOLDEN_IDS] and logsumexp(logits[b, t]) at the (b, t) of GOLDEN_AT, 6 decimals.
+# Our full logits differed from theirs by at most 9.6e-7 (gelu_sink_bigram) and 0 (relu_no_bias).
+GOLDEN_AT, GOLDEN_IDS = [(0, 0), (0, 9), (1, 15)], [0, 40, 200, 263]
+GOLDEN = {
+    "gelu_sink_bigram": [([-1.079062, -0.001495, -1.899466, -0.244645], 10.438969),
+                         ([-4.230032, 2.053907, 0.638023, -2.019214], 11.050084),
+                         ([0.218973, 5.413246, 3.872629, -0.512424], 10.882125)],
+    "relu_no_bias": [([4.794770, -0.018184, 0.001031, -0.310992], 8.815684),
+                     ([6.914288, 1.788468, -0.321337, -1.318677], 8.927996),
+                     ([9.151330, 4.244693, -0.020303, -1.066853], 9.318151)],
+}
+
+
+@pytest.mark.parametrize("name", list(RELEASE_CASES))
+def test_released_model_logits_equal_the_official_code(name, tmp_path):
+    beeg = RELEASE_CASES[name]
+    model, tokenizer, cfg = sg.load_checkpoint(str(write_release(tmp_path / name, beeg)))
+    logits, _ = model(golden_idx(beeg["vocab_size"], beeg["block_size"]))
+    for (b, t), (values, lse) in zip(GOLDEN_AT, GOLDEN[name]):
+        assert torch.allclose(logits[b, t, GOLDEN_IDS], torch.tensor(values), atol=1e-4, rtol=0)
+        assert abs(torch.logsumexp(logits[b, t], 0).item() - lse) < 1e-4
+    assert tokenizer.n_vocab == cfg.vocab_size == 264 and cfg.pos_embed and cfg.bigram_table
+
+
+def test_released_tokenizer_is_read_from_gpt2_files_with_its_own_pattern(tmp_path):
+    folder = write_release(tmp_path / "m", RELEASE_CASES["relu_no_bias"])
+    enc = sg.load_data_gym_tokenizer(str(folder))
+    assert enc._mergeable_ranks == data_gym_ranks(RELEASE_MERGES) and enc.eot_token == 263
+    text = "def f(x):\n    return [[x]]\n"
+    assert enc.decode(enc.encode_ordinary(text)) == text
+    assert enc._pat_str == sg.TINYPYTHON_PATTERN  # their pre-tokenizer keeps newlines on "]]":
+    assert regex.findall(enc._pat_str, "x = [[1]]\n") == ["x", " =", " [[", "1", "]]\n"]
+    (folder / "vocab.bpe").write_text("#version: 0.2\nd e\n")  # disagrees with encoder.json
+    with pytest.raises(SystemExit, match="no tinypython tokenizer in") as e:
+        sg.load_data_gym_tokenizer(str(folder))
+    assert "\n" not in str(e.value)
+
+
+@pytest.mark.parametrize("change, field", [
+    (dict(tied_unembed=True), "tied_unembed=True"), (dict(rms_norm=False), "rms_norm=False"),
+    (dict(d_pos_emb=8), "d_pos_emb=8"), (dict(residual_activation_type="relu"), "residual_activ"),
+    (dict(afrac_loctypes="attn_in,resid_post_mlp"), "afrac_loctypes resid_post_mlp"),
+    (dict(tokenizer_name="gpt2"), "tokenizer_name='gpt2'"), (dict(new_idea=1), "new_idea")])
+def test_unsupported_release_fields_are_one_line_errors_naming_them(change, field, tmp_path):
+    folder = write_release(tmp_path / "m", RELEASE_CASES["relu_no_bias"])
+    beeg = {**RELEASE_CASES["relu_no_bias"], **change}
+    (folder / "beeg_config.json").write_text(json.dumps(beeg))
+    with pytest.raises(SystemExit, match=field) as e:
+        sg.load_checkpoint(str(folder))
+    assert "\n" not in str(e.value)
+    beeg = {k: v for k, v in RELEASE_CASES["relu_no_bias"].items() if k != "tied_unembed"}
+    with pytest.raises(SystemExit, match="tied_unembed=True"):  # their default when omitted
+        sg.release_config(beeg, "beeg_config.json")
+
+
+def test_prune_runs_on_a_released_folder_with_means_in_its_tokenizer(tmp_path, monkeypatch, capsys):
+    folder = write_release(tmp_path / "model", RELEASE_CASES["gelu_sink_bigram"])
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    for i in range(3):
+        (corpus / f"m{i}.py").write_text(f"def f{i}(x):\n    return [[x]] + {i}\n" * 40)
+    monkeypatch.setattr(tasks, "TASKS", {"planted": planted_task})
+    monkeypatch.setattr(tasks, "ALL", {"planted": planted_task})
+    argv = [f"--ckpt={folder}", "--tasks=planted", f"--data_dir={corpus}", "--steps=3",
+            f"--cache_dir={tmp_path / 'cache'}", "--n_pairs=8", "--mean_batches=2", "--k_coef=1"]
+    prune.main(argv)
+    out = capsys.readouterr().out
+    assert "val tokens in tinypython_2k" in out
+    # 2 layers x (24 + 3 x 12 + 24 + 24 + 40 + 24) + 24: q, k, v are n_head * d_head = 12 wide
+    assert "node means: 368 nodes" in out
+    assert (folder / "node_means.pt").exists() and "planted" in out
+    prune.main(argv)  # tokens and means cached, keyed to the corpus, tokenizer and model
+    out = capsys.readouterr().out
+    assert "val tokens" not in out and "using the cached node means" in out
