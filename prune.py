@@ -326,22 +326,22 @@ def fit_calibration(z: torch.Tensor, data: dict) -> tuple[float, float]:
     """Scale and shift of the logit difference, 16 LBFGS steps (paper 5): pruned circuits are
     often right but badly calibrated. The scale stays in (0, MAX_SCALE): unbounded, it would
     take any node set that merely separates the train pairs to a loss of 0."""
-    params = torch.zeros(2, device=z.device, requires_grad=True)  # starts at scale 1, shift 0
-    start = -math.log(MAX_SCALE - 1)  # MAX_SCALE * sigmoid(start) == 1
-
-    def scale_shift():
-        return MAX_SCALE * torch.sigmoid(params[0] + start), params[1]
-
+    params = torch.zeros(2, device=z.device, requires_grad=True)
     opt = torch.optim.LBFGS([params], max_iter=16, line_search_fn="strong_wolfe")
 
     def closure():
         opt.zero_grad()
-        loss = pair_loss(z.detach(), data, *scale_shift())[0]
+        loss = pair_loss(z.detach(), data, *bounded(params))[0]
         loss.backward()
         return loss
 
     opt.step(closure)
-    return tuple(v.item() for v in scale_shift())
+    return tuple(v.item() for v in bounded(params))
+
+
+def bounded(params: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(scale, shift) from two free parameters, the scale in (0, MAX_SCALE); zeros give (1, 0)."""
+    return MAX_SCALE * torch.sigmoid(params[0] - math.log(MAX_SCALE - 1)), params[1]
 
 
 # -----------------------------------------------------------------------------
