@@ -886,6 +886,27 @@ def test_prune_recovers_planted_circuit():
                      ("0.mlp.post_act.1", "0.mlp.resid_delta.1")}
 
 
+def test_calibration_scale_is_bounded_so_separation_alone_cannot_reach_zero_loss():
+    data = planted_data(16)
+    z = 0.1 * data["sign"]  # every pair separated, by a tiny margin
+    scale, shift = prune.fit_calibration(z, data)
+    assert 3.9 < scale <= prune.MAX_SCALE and abs(shift) < 1e-3
+    loss, acc = prune.pair_loss(z, data, scale, shift)
+    assert acc == 1.0 and loss.item() == pytest.approx(math.log1p(math.exp(-0.4)), rel=1e-2)
+    wrong = -z  # the scale stays positive: a circuit that answers backwards stays wrong
+    assert prune.pair_loss(wrong, data, *prune.fit_calibration(wrong, data))[0] > 0.6
+
+
+def test_control_swaps_whole_pairs_by_a_seeded_coin():
+    data = planted_data(64)
+    a, b = prune.shuffled(data, 1), prune.shuffled(data, 1)
+    assert torch.equal(a["sign"], b["sign"]) and torch.equal(a["idx"], data["idx"])
+    flipped = (a["sign"] != data["sign"]).view(-1, 2)
+    assert (flipped[:, 0] == flipped[:, 1]).all()  # both prompts of a pair, or neither
+    assert 16 < int(flipped[:, 0].sum()) < 48  # about half the pairs
+    assert not torch.equal(prune.shuffled(data, 2)["sign"], a["sign"])
+
+
 def test_heaviside_gradient_is_the_sigmoid_derivative():
     tau = torch.tensor([-1.0, -0.3, 0.0, 0.2, 1.0], requires_grad=True)
     for temp in (1.0, 0.5):
