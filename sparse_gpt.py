@@ -142,9 +142,8 @@ def print_help(defaults, presets):
 
 
 def parse_config(argv, defaults=DEFAULTS, presets=PRESETS, rules=RULES) -> Config:
-    """--key=value overrides, type taken from the default; --preset=NAME applies a preset first;
-    then every value is checked against the rules table. Shared by sparse_gpt.py, tasks.py and
-    prune.py. --help lists the keys; bad input exits with one clear line."""
+    """--key=value over --preset=NAME over defaults, then checked against the rules. Shared by
+    all three scripts. --help lists the keys; bad input exits with one clear line."""
     if {"-h", "--help"} & set(argv):
         print_help(defaults, presets)
         sys.exit(0)
@@ -475,10 +474,9 @@ class Node(nn.Module):
 
 
 def attend_with_sink(q, k, v, sink):
-    """Causal attention plus an always-visible key whose logit is `sink` (per head) and whose
-    value is zero. Folded into scaled_dot_product_attention to keep its fast kernels: an extra
-    dimension carries the sink's logit, and a dummy first query keeps the causal mask square so
-    query t sees the sink and keys 0..t."""
+    """Causal attention plus an always-visible key of logit `sink` (per head) and value zero,
+    inside scaled_dot_product_attention's fast kernels: an extra dimension carries the sink's
+    logit, and a dummy first query keeps the causal mask square (query t sees sink, keys 0..t)."""
     B, H, T, D = q.shape
     scale = D**-0.5
     one, zero = q.new_ones(B, H, T, 1), q.new_zeros(B, H, T, 1)
@@ -593,9 +591,8 @@ class GPT(nn.Module):
 
 
 def sparse_matrices(model: GPT) -> list[tuple[str, nn.Parameter, int | None]]:
-    """(name, weight, floor_dim): every matrix but the bigram table. floor_dim is the dim along
-    which each neuron / q,k,v channel is guaranteed min_per_neuron weights: dim 1 for matrices
-    whose rows are neurons (c_fc, c_attn), dim 0 where columns are (the two c_proj)."""
+    """(name, weight, floor_dim): every matrix but the bigram table. Each neuron / q,k,v channel
+    keeps min_per_neuron weights along floor_dim: 1 where rows are neurons, 0 where columns are."""
     floor_dims = {"c_fc": 1, "c_attn": 1, "c_proj": 0}
     return [(name, p, floor_dims.get(name.split(".")[-2])) for name, p in model.named_parameters()
             if p.dim() == 2 and not name.startswith("bigram")]
@@ -858,8 +855,7 @@ def resume(ckpt_path: str, cfg, model, optimizer) -> tuple[int, float, str]:
 
 
 def train_step(model, fmodel, optimizer, x, y, autocast) -> torch.Tensor:
-    """Forward and backward through fmodel (model compiled and/or in DDP), the gradient divided
-    by its RMS, an AdamW step; returns the loss. The caller projects the weights."""
+    """Forward, backward, gradient / its RMS, AdamW; returns the loss (the caller projects)."""
     with autocast:
         _, loss = fmodel(x, y)
     loss.backward()
@@ -983,9 +979,8 @@ PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12}  # bf16 dense, for
 
 
 def bench(cfg, warmup=3, rounds=10) -> dict:
-    """Times training steps of the configured model at its target density and of its dense twin
-    (density=1, afrac=1) on random tokens, interleaved step by step in one process; on CUDA both
-    eager and compiled. Returns the median ms per step of each."""
+    """Times training steps of the model at its target density and of its dense twin (density=1,
+    afrac=1) on random tokens, interleaved step by step; on CUDA both eager and compiled."""
     device = pick_device(cfg.device)
     cuda = device.type == "cuda"
     sync = torch.cuda.synchronize if cuda else (lambda: None)
