@@ -93,6 +93,9 @@ PRESETS = {
                 compile=True),
 }
 
+# where AbsTopK may act (afrac_nodes); the ninth node location, final.resid_in, has none
+NODE_LOCATIONS = ("attn.resid_in", "attn.q", "attn.k", "attn.v", "attn.resid_delta",
+                  "mlp.resid_in", "mlp.post_act", "mlp.resid_delta")
 # What each value must be, checked after presets and flags: key -> (test(value, cfg), rule).
 COUNT, POSITIVE = (lambda v, c: v >= 1, "at least 1"), (lambda v, c: 0 < v < math.inf, "> 0")
 FRACTION, SHARE = (lambda v, c: 0 < v <= 1, "in (0, 1]"), (lambda v, c: 0 <= v <= 1, "in [0, 1]")
@@ -107,7 +110,9 @@ RULES = dict(
     min_per_neuron=(lambda v, c: 0 <= v <= c.density * c.d_model, "in [0, density * d_model]"),
     batch_size=COUNT, max_iters=COUNT, learning_rate=POSITIVE, adam_eps=POSITIVE, device=DEVICE,
     weight_decay=(lambda v, c: 0 <= v < math.inf, ">= 0"), eval_interval=COUNT, eval_iters=COUNT,
-    log_interval=COUNT)
+    log_interval=COUNT, activation=(lambda v, c: v in ("gelu", "relu"), "gelu or relu"),
+    afrac_nodes=(lambda v, c: v == "all" or set(v.split(",")) <= set(NODE_LOCATIONS),
+                 "all or some of " + ",".join(NODE_LOCATIONS)))
 # what --init_from=resume may change: none of it touches the model, the data or the schedule
 RESUME_MAY_CHANGE = ("out_dir cache_dir init_from overwrite device compile eval_interval "
                      "eval_iters log_interval bench").split()
@@ -119,13 +124,10 @@ class Config(dict):
     __getattr__ = dict.__getitem__
 
 
-def parse_value(key: str, text: str, default):
-    if isinstance(default, bool):
-        if text.lower() in ("true", "1", "yes"):
-            return True
-        if text.lower() in ("false", "0", "no"):
-            return False
-        raise ValueError
+def parse_value(text: str, default):
+    if isinstance(default, bool):  # a KeyError for anything else
+        return {"true": True, "1": True, "yes": True, "false": False, "0": False, "no": False}[
+            text.lower()]
     return os.path.expanduser(text) if isinstance(default, str) else type(default)(text)
 
 
@@ -140,9 +142,8 @@ def print_help(defaults, presets):
 
 
 def parse_config(argv, defaults=DEFAULTS, presets=PRESETS, rules=RULES) -> Config:
-    """--key=value overrides, type taken from the default; --preset=NAME applies a preset first;
-    then every value is checked against the rules table. Shared by sparse_gpt.py, tasks.py and
-    prune.py. --help lists the keys; bad input exits with one clear line."""
+    """--key=value over --preset=NAME over defaults, then checked against the rules. Shared by
+    all three scripts. --help lists the keys; bad input exits with one clear line."""
     if {"-h", "--help"} & set(argv):
         print_help(defaults, presets)
         sys.exit(0)
@@ -154,8 +155,8 @@ def parse_config(argv, defaults=DEFAULTS, presets=PRESETS, rules=RULES) -> Confi
         if key not in defaults:
             sys.exit(f"error: unknown config key '{key}'; valid keys: {' '.join(defaults)}")
         try:
-            pairs[key] = parse_value(key, text, defaults[key])
-        except ValueError:
+            pairs[key] = parse_value(text, defaults[key])
+        except (KeyError, ValueError):
             kind = type(defaults[key]).__name__
             sys.exit(f"error: --{key}={text} is not a valid {kind} (default {defaults[key]!r})")
     cfg = Config(defaults)
@@ -212,7 +213,7 @@ def read_corpus(root: str) -> tuple[list[str], list[str]]:
         except (OSError, UnicodeDecodeError):
             skipped += 1
     if len(docs) < 2:
-        sys.exit(f"error: corpus '{root}' has {len(docs)} readable .py file(s); it needs at least 2")
+        sys.exit(f"error: corpus '{root}' has {len(docs)} readable .py file(s), fewer than 2")
     val_names = [p for p in docs if is_val_file(p)] or [min(docs, key=path_hash)]  # small corpora
     train = [text for p, text in docs.items() if p not in val_names]
     val = [docs[p] for p in val_names]
@@ -240,12 +241,9 @@ EOT = "<|endoftext|>"
 def train_bpe(docs: list[str], vocab_size: int, pattern=PRETOKEN_PATTERN) -> dict[bytes, int]:
     """Learns vocab_size - 257 merges (256 bytes + end-of-text are fixed). Returns tiktoken
     ranks. Incremental: a merge only revisits the words that contain its pair."""
-    n_merges = vocab_size - 257
-    word_counts = Counter()
     # re lacks \p{L}; regex (a dependency of tiktoken) has it but cuts ours a little differently
     pretoken = regex.compile(pattern) if r"\p" in pattern else re.compile(pattern)
-    for doc in docs:
-        word_counts.update(pretoken.findall(doc))
+    word_counts = Counter(word for doc in docs for word in pretoken.findall(doc))
     words = [list(w.encode()) for w in word_counts]
     freqs = list(word_counts.values())
     token_bytes = [bytes([i]) for i in range(256)]
@@ -285,7 +283,7 @@ def train_bpe(docs: list[str], vocab_size: int, pattern=PRETOKEN_PATTERN) -> dic
     # a heap of (-count, pair) with stale entries skipped on pop; ties break on the pair ids
     heap = [(-c, p) for p, c in pair_count.items() if c > 0]
     heapq.heapify(heap)
-    while len(token_bytes) < 256 + n_merges and heap:
+    while len(token_bytes) < vocab_size - 1 and heap:
         neg, pair = heapq.heappop(heap)
         if pair_count.get(pair, 0) != -neg or -neg <= 0:
             continue
@@ -302,7 +300,7 @@ def make_encoding(ranks: dict[bytes, int], name="sparse_gpt", pattern=PRETOKEN_P
 
 def save_tokenizer(ranks: dict[bytes, int], path: str):
     """tiktoken's rank-file format: one 'base64(token) rank' per line."""
-    lines = [f"{base64.b64encode(b).decode()} {r}\n" for b, r in sorted(ranks.items(), key=lambda x: x[1])]
+    lines = [f"{base64.b64encode(b).decode()} {ranks[b]}\n" for b in sorted(ranks, key=ranks.get)]
     atomic_write(path, lambda f: f.write("".join(lines).encode()))
 
 
@@ -326,8 +324,7 @@ def atomic_write(path: str, write):
             os.fsync(f.fileno())
         os.replace(path + ".tmp", path)
     except BaseException:
-        if os.path.isfile(path + ".tmp"):
-            os.remove(path + ".tmp")
+        Path(path + ".tmp").unlink(missing_ok=True)
         raise
 
 
@@ -398,10 +395,10 @@ def get_batch(data: np.ndarray, block_size: int, batch_size: int, gen: torch.Gen
     ix = torch.randint(len(data) - block_size - 1, (batch_size,), generator=gen).tolist()
     ix = ix[rank::world]  # DDP: every rank draws the same global batch and keeps its share
     xy = torch.from_numpy(np.stack([data[i : i + block_size + 1].astype(np.int64) for i in ix]))
-    x, y = xy[:, :-1], xy[:, 1:]
     if device.type == "cuda":
-        return x.pin_memory().to(device, non_blocking=True), y.pin_memory().to(device, non_blocking=True)
-    return x.to(device), y.to(device)
+        xy = xy.pin_memory()  # so that the copy to the GPU can overlap the step
+    xy = xy.to(device, non_blocking=True)
+    return xy[:, :-1], xy[:, 1:]
 
 
 # -----------------------------------------------------------------------------
@@ -431,25 +428,15 @@ class GPTConfig:
     def from_config(cls, cfg: dict) -> "GPTConfig":
         return cls(**{f.name: cfg[f.name] for f in fields(cls)})
 
-    def afrac_at(self, location: str) -> float:
-        """afrac at the node locations of afrac_nodes, 1.0 (no AbsTopK) elsewhere."""
-        chosen = NODE_LOCATIONS if self.afrac_nodes == "all" else self.afrac_nodes.split(",")
-        return self.afrac if location in chosen else 1.0
 
-
-NODE_LOCATIONS = ("attn.resid_in", "attn.q", "attn.k", "attn.v", "attn.resid_delta",
-                  "mlp.resid_in", "mlp.post_act", "mlp.resid_delta")  # final.resid_in: no AbsTopK
-
-
-SELECT = "auto"  # numpy on CPU float32, else torch.topk; tests and --bench set "topk" / "kthvalue"
+SELECT = "auto"  # numpy on CPU float32, else torch.topk; tests set "topk" and "kthvalue"
 
 
 def kth_largest(a: torch.Tensor, k: int, dim: int = -1) -> torch.Tensor:
     """The k-th largest entry of `a` (>= 0) along dim, kept as a size-1 dim, outside autograd. A
-    selection, not a sort (paper B): on CPU numpy's introselect is several times faster than
-    torch.topk, and faster still on the float bits read as int32, which order non-negative floats
-    the same way. On GPU and in bf16 torch selects: numpy would also break a compiled graph (on
-    CPU that costs less than compiled topk: 470 vs 660 ms per cpu-preset step, measured)."""
+    selection, not a sort (paper B): on CPU numpy's introselect on the float bits read as int32
+    (same order for non-negative floats) beats torch.topk several times. On GPU and in bf16
+    torch selects, which keeps a compiled graph whole (README: The GPU path)."""
     n, a = a.shape[dim], a.detach()  # no gradient, so autograd keeps no topk indices (memory)
     if SELECT == "auto" and a.device.type == "cpu" and a.dtype == torch.float32:
         part = np.partition(a.numpy().view(np.int32), n - k, axis=dim)
@@ -473,7 +460,8 @@ class Node(nn.Module):
     def __init__(self, name: str, width: int, cfg: GPTConfig):
         super().__init__()
         self.name, self.width = name, width
-        afrac = cfg.afrac_at(name.split(".", 1)[1])
+        chosen = NODE_LOCATIONS if cfg.afrac_nodes == "all" else cfg.afrac_nodes.split(",")
+        afrac = cfg.afrac if name.split(".", 1)[1] in chosen else 1.0
         self.k = max(1, int(afrac * width)) if afrac < 1 else None  # int() as the official code
         self.hook = None
 
@@ -486,17 +474,16 @@ class Node(nn.Module):
 
 
 def attend_with_sink(q, k, v, sink):
-    """Causal attention plus an always-visible key whose logit is `sink` (per head) and whose
-    value is zero. Folded into scaled_dot_product_attention to keep its fast kernels: an extra
-    dimension carries the sink's logit, and a dummy first query keeps the causal mask square so
-    query t sees the sink and keys 0..t."""
+    """Causal attention plus an always-visible key of logit `sink` (per head) and value zero,
+    inside scaled_dot_product_attention's fast kernels: an extra dimension carries the sink's
+    logit, and a dummy first query keeps the causal mask square (query t sees sink, keys 0..t)."""
     B, H, T, D = q.shape
     scale = D**-0.5
     one, zero = q.new_ones(B, H, T, 1), q.new_zeros(B, H, T, 1)
     sink_key = torch.cat([q.new_zeros(H, D), (sink / scale).to(q.dtype)[:, None]], dim=-1)
     first = q.new_zeros(B, H, 1, D + 1)
     q = torch.cat([first, torch.cat([q, one], -1)], dim=2)
-    k = torch.cat([sink_key.view(1, H, 1, D + 1).expand(B, H, 1, D + 1), torch.cat([k, zero], -1)], dim=2)
+    k = torch.cat([sink_key.expand(B, H, D + 1)[:, :, None], torch.cat([k, zero], -1)], dim=2)
     v = torch.cat([first, torch.cat([v, zero], -1)], dim=2)
     y = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale)
     return y[:, :, 1:, :D]
@@ -519,10 +506,8 @@ class Attention(nn.Module):
         q, k, v = self.c_attn(x).split(hd, dim=2)
         q, k, v = self.q(q), self.k(k), self.v(v)
         q, k, v = (t.view(B, T, self.n_head, self.d_head).transpose(1, 2) for t in (q, k, v))
-        if self.sink is None:
-            y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
-        else:
-            y = attend_with_sink(q, k, v, self.sink)
+        y = (F.scaled_dot_product_attention(q, k, v, is_causal=True) if self.sink is None
+             else attend_with_sink(q, k, v, self.sink))
         return self.resid_delta(self.c_proj(y.transpose(1, 2).reshape(B, T, hd)))
 
 
@@ -530,7 +515,7 @@ class MLP(nn.Module):
     def __init__(self, cfg: GPTConfig, layer: int):
         super().__init__()
         self.c_fc = nn.Linear(cfg.d_model, cfg.d_mlp, bias=cfg.bias)
-        self.act = F.relu if cfg.activation == "relu" else F.gelu
+        self.act = {"gelu": F.gelu, "relu": F.relu}[cfg.activation]
         self.post_act = Node(f"{layer}.mlp.post_act", cfg.d_mlp, cfg)
         self.c_proj = nn.Linear(cfg.d_mlp, cfg.d_model, bias=cfg.bias)
         self.resid_delta = Node(f"{layer}.mlp.resid_delta", cfg.d_model, cfg)
@@ -539,21 +524,11 @@ class MLP(nn.Module):
         return self.resid_delta(self.c_proj(self.post_act(self.act(self.c_fc(x)))))
 
 
-class RMSNorm(nn.Module):
-    """No mean subtraction, so zero keeps its meaning; the gain stays dense (paper 1)."""
-
-    def __init__(self, d: int, eps: float):
-        super().__init__()
-        self.weight, self.eps = nn.Parameter(torch.ones(d)), eps
-
-    def forward(self, x):
-        return F.rms_norm(x, (x.shape[-1],), self.weight, eps=self.eps)
-
-
 class Block(nn.Module):
     def __init__(self, cfg: GPTConfig, layer: int):
         super().__init__()
-        self.attn_norm, self.mlp_norm = (RMSNorm(cfg.d_model, cfg.norm_eps) for _ in range(2))
+        # RMSNorm: no mean subtraction, so zero keeps its meaning; the gain stays dense (paper 1)
+        self.attn_norm, self.mlp_norm = (nn.RMSNorm(cfg.d_model, cfg.norm_eps) for _ in range(2))
         self.attn_in = Node(f"{layer}.attn.resid_in", cfg.d_model, cfg)
         self.mlp_in = Node(f"{layer}.mlp.resid_in", cfg.d_model, cfg)
         self.attn, self.mlp = Attention(cfg, layer), MLP(cfg, layer)
@@ -566,17 +541,11 @@ class Block(nn.Module):
 class GPT(nn.Module):
     def __init__(self, cfg: GPTConfig):
         super().__init__()
-        if cfg.d_model % cfg.d_head and not cfg.n_head:
-            sys.exit(f"error: d_model={cfg.d_model} must be a multiple of d_head={cfg.d_head}")
-        unknown = set(cfg.afrac_nodes.split(",")) - {"all", *NODE_LOCATIONS}
-        if unknown or cfg.activation not in ("gelu", "relu"):
-            sys.exit(f"error: afrac_nodes takes all or some of {','.join(NODE_LOCATIONS)} (got "
-                     f"{','.join(unknown) or '-'}); activation gelu or relu ({cfg.activation})")
         self.cfg = cfg
         self.wte = nn.Embedding(cfg.vocab_size, cfg.d_model)
         self.wpe = nn.Embedding(cfg.block_size, cfg.d_model) if cfg.pos_embed else None
         self.blocks = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layer))
-        self.final_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
+        self.final_norm = nn.RMSNorm(cfg.d_model, cfg.norm_eps)
         self.final_in = Node("final.resid_in", cfg.d_model, cfg)  # a node, never AbsTopK (official)
         self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)  # untied
         self.bigram = nn.Embedding(cfg.vocab_size, cfg.vocab_size) if cfg.bigram_table else None
@@ -603,10 +572,9 @@ class GPT(nn.Module):
         logits = self.lm_head(self.final_in(self.final_norm(x)))
         if self.bigram is not None:
             logits = logits + self.bigram(idx)
-        loss = None
-        if targets is not None:
-            loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1))
-        return logits, loss
+        if targets is None:
+            return logits, None
+        return logits, F.cross_entropy(logits.float().flatten(0, 1), targets.flatten())
 
     @torch.no_grad()
     def generate(self, idx, n_new: int, temperature=0.8, gen=None):
@@ -623,16 +591,11 @@ class GPT(nn.Module):
 
 
 def sparse_matrices(model: GPT) -> list[tuple[str, nn.Parameter, int | None]]:
-    """(name, weight, floor_dim): every matrix but the bigram table. floor_dim is the dim along
-    which each neuron / q,k,v channel is guaranteed min_per_neuron weights: dim 1 for matrices
-    whose rows are neurons (c_fc, c_attn), dim 0 where columns are (the two c_proj)."""
-    out = []
-    for name, p in model.named_parameters():
-        if p.dim() != 2 or name.startswith("bigram"):
-            continue
-        floor_dim = {"c_fc": 1, "c_attn": 1, "c_proj": 0}.get(name.split(".")[-2])
-        out.append((name, p, floor_dim))
-    return out
+    """(name, weight, floor_dim): every matrix but the bigram table. Each neuron / q,k,v channel
+    keeps min_per_neuron weights along floor_dim: 1 where rows are neurons, 0 where columns are."""
+    floor_dims = {"c_fc": 1, "c_attn": 1, "c_proj": 0}
+    return [(name, p, floor_dims.get(name.split(".")[-2])) for name, p in model.named_parameters()
+            if p.dim() == 2 and not name.startswith("bigram")]
 
 
 @torch.no_grad()
@@ -683,10 +646,7 @@ def lr_at(it: int, cfg) -> float:
     """Sharkfin (paper 2): linear warmup, linear decay to zero, times 1/sqrt(density now), so the
     rate rises while the model gets sparser."""
     warm = max(1, round(cfg.warmup_frac * cfg.max_iters))
-    if it < warm:
-        base = (it + 1) / warm
-    else:
-        base = (cfg.max_iters - it) / max(1, cfg.max_iters - warm)
+    base = (it + 1) / warm if it < warm else (cfg.max_iters - it) / max(1, cfg.max_iters - warm)
     return cfg.learning_rate * base / math.sqrt(density_at(it, cfg))
 
 
@@ -705,8 +665,7 @@ def normalize_grad_rms_(params) -> torch.Tensor:
     script does: Adam then always sees RMS 1, which is what eps=0.1 is sized for. Not a clip:
     the raw RMS is ~1e-4 (the bigram table's many zero gradients count too). Returns the raw RMS."""
     grads = [p.grad for p in params if p.grad is not None]
-    n = sum(g.numel() for g in grads)
-    rms = torch.sqrt(sum(g.float().pow(2).sum() for g in grads) / n)
+    rms = torch.sqrt(sum(g.float().pow(2).sum() for g in grads) / sum(g.numel() for g in grads))
     torch._foreach_div_(grads, rms + 1e-5)
     return rms
 
@@ -715,7 +674,7 @@ def normalize_grad_rms_(params) -> torch.Tensor:
 # checkpoints
 
 
-def save_checkpoint(path: str, model, optimizer, cfg, iter_num: int, best_val_loss: float, data_path: str):
+def save_checkpoint(path, model, optimizer, cfg, iter_num, best_val_loss, data_path):
     """Atomic (see atomic_write). A checkpoint holds only tensors, dicts, lists, numbers, strings
     and None, so that it loads with weights_only=True: keep it so, the config included."""
     ckpt = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "config": dict(cfg),
@@ -784,12 +743,14 @@ RELEASE_LOCATIONS = dict(zip("attn_in attn_q attn_k attn_v attn_out mlp_in mlp_n
 def release_config(beeg: dict, where: str) -> Config:
     """Their GPTConfig as our flat config; what we cannot run exactly is a one-line error."""
     beeg = {"d_mlp" if k == "n_mlp" else k: v for k, v in beeg.items()}  # older files: n_mlp
-    refused = [f"{k}={beeg.get(k, d)!r}" for k, (ok, d) in RELEASE_REFUSED.items() if beeg.get(k, d) != ok]
+    refused = [f"{k}={beeg.get(k, d)!r}" for k, (ok, d) in RELEASE_REFUSED.items()
+               if beeg.get(k, d) != ok]
     refused += [k for k in beeg if k not in {*RELEASE_FIELDS, *RELEASE_REFUSED, *RELEASE_IGNORED}]
     cfg = Config(DEFAULTS, pos_embed=True, norm_eps=torch.finfo(torch.float32).eps, data_path="")
     cfg.update({ours: beeg.get(k, default) for k, (ours, default) in RELEASE_FIELDS.items()})
     locations = [t for t in cfg.afrac_nodes.split(",") if t] * (cfg.afrac is not None)
     refused += [f"afrac_loctypes {t}" for t in locations if t not in RELEASE_LOCATIONS]
+    refused += [f"activation_type={cfg.activation!r}"] * (cfg.activation not in ("gelu", "relu"))
     if refused:
         sys.exit(f"error: {where}: {refused[0]} is not supported by this loader")
     cfg.update(d_head=cfg.d_head or cfg.d_model // cfg.n_head, d_mlp=cfg.d_mlp or 4 * cfg.d_model,
@@ -819,7 +780,8 @@ def load_release(folder: str, device="cpu") -> tuple[GPT, tiktoken.Encoding, Con
         sd["bigram.weight"] = sd.get("bigram.weight", torch.zeros(cfg.vocab_size, 1)) + bias
     model = GPT(GPTConfig.from_config(cfg))
     want = model.state_dict()
-    bad = sorted(set(want) ^ set(sd)) + [k for k in sd if k in want and sd[k].shape != want[k].shape]
+    bad = sorted(set(want) ^ set(sd))
+    bad += [k for k in sd if k in want and sd[k].shape != want[k].shape]
     if bad:
         sys.exit(f"error: {sd_path} does not fit its beeg_config.json (tensor {bad[0]})")
     model.load_state_dict(sd)
@@ -835,15 +797,10 @@ def load_release(folder: str, device="cpu") -> tuple[GPT, tiktoken.Encoding, Con
 
 
 def pick_device(name: str) -> torch.device:
+    seen = dict(cuda=torch.cuda.is_available(), mps=torch.backends.mps.is_available(), cpu=True)
     if name == "auto":
-        if torch.cuda.is_available():
-            name = "cuda"
-        elif torch.backends.mps.is_available():
-            name = "mps"
-        else:
-            name = "cpu"
-    if name != "cpu" and not {"cuda": torch.cuda.is_available,
-                              "mps": torch.backends.mps.is_available}.get(name, bool)():
+        name = next(n for n, ok in seen.items() if ok)
+    if not seen.get(name):
         sys.exit(f"error: --device={name} but no such device is visible; use --device=cpu")
     return torch.device(name)
 
@@ -862,33 +819,50 @@ def setup_ddp(device: torch.device, batch_size: int) -> tuple[int, int, torch.de
     return rank, world, device
 
 
-def batch_generator(seed: int, it: int) -> torch.Generator:
-    """Batch `it` depends only on (seed, it): a resumed run sees exactly the same data."""
-    return torch.Generator().manual_seed(seed * 1_000_003 + it)
-
-
 @torch.no_grad()
-def estimate_loss(model, data: dict, cfg, device, autocast) -> dict:
+def evaluate(model, fmodel, data: dict, tokenizer, cfg, device, autocast) -> dict:
+    """The mean loss of each split on the same eval_iters batches every time, and a sample."""
     model.eval()
     out = {}
-    for split, arr in data.items():
-        gen = torch.Generator().manual_seed(cfg.seed)  # same windows every eval
-        losses = []
-        for _ in range(cfg.eval_iters):
-            x, y = get_batch(arr, cfg.block_size, cfg.batch_size, gen, device)
-            with autocast:
-                losses.append(model(x, y)[1].item())
-        out[split] = sum(losses) / len(losses)
+    with autocast:
+        for split, arr in data.items():
+            gen = torch.Generator().manual_seed(cfg.seed)
+            batches = (get_batch(arr, cfg.block_size, cfg.batch_size, gen, device)
+                       for _ in range(cfg.eval_iters))
+            out[split] = sum(fmodel(x, y)[1].item() for x, y in batches) / cfg.eval_iters
+        idx = torch.tensor([tokenizer.encode_ordinary("def ")], device=device)
+        idx = model.generate(idx, 48, gen=torch.Generator(device=device).manual_seed(0))
     model.train()
-    return out
+    return out | {"sample": tokenizer.decode(idx[0].tolist())}
 
 
-def sample_text(model, tokenizer, device, prompt="def ", n_new=48) -> str:
-    idx = torch.tensor([tokenizer.encode_ordinary(prompt)], device=device)
-    model.eval()
-    out = model.generate(idx, n_new, gen=torch.Generator(device=device).manual_seed(0))
-    model.train()
-    return tokenizer.decode(out[0].tolist())
+def resume(ckpt_path: str, cfg, model, optimizer) -> tuple[int, float, str]:
+    """Loads the run's model and optimizer; returns (iter_num, best_val_loss, data_path)."""
+    ckpt = read_checkpoint(ckpt_path)
+    changed = [k for k in DEFAULTS if k not in RESUME_MAY_CHANGE
+               and ckpt["config"].get(k, DEFAULTS[k]) != cfg[k]]
+    if changed:
+        sys.exit(f"error: --init_from=resume continues the run's own config; drop the flags "
+                 f"that change it ({', '.join(changed)}), or start a new run elsewhere")
+    try:
+        model.load_state_dict(ckpt["model"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+        state = int(ckpt["iter_num"]), float(ckpt["best_val_loss"]), ckpt.get("data_path", "")
+    except (KeyError, RuntimeError, ValueError, TypeError) as e:
+        sys.exit(f"error: cannot resume {ckpt_path} ({type(e).__name__}); start a new run")
+    print(f"resuming from {ckpt_path} at step {state[0]}")
+    return state
+
+
+def train_step(model, fmodel, optimizer, x, y, autocast) -> torch.Tensor:
+    """Forward, backward, gradient / its RMS, AdamW; returns the loss (the caller projects)."""
+    with autocast:
+        _, loss = fmodel(x, y)
+    loss.backward()
+    normalize_grad_rms_(model.parameters())
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return loss
 
 
 def train(cfg) -> list[tuple[int, float]]:
@@ -899,21 +873,9 @@ def train(cfg) -> list[tuple[int, float]]:
     torch.manual_seed(cfg.seed)  # the same initial weights on every rank
     model = GPT(GPTConfig.from_config(cfg)).to(device)
     optimizer = make_optimizer(model, cfg, device.type)
-    iter_num, best_val_loss, ckpt = 0, float("inf"), None
+    iter_num, best_val_loss, trained_on = 0, math.inf, None
     if cfg.init_from == "resume":
-        ckpt = read_checkpoint(ckpt_path)
-        changed = [k for k in DEFAULTS if k not in RESUME_MAY_CHANGE
-                   and ckpt["config"].get(k, DEFAULTS[k]) != cfg[k]]
-        if changed:
-            sys.exit(f"error: --init_from=resume continues the run's own config; drop the flags "
-                     f"that change it ({', '.join(changed)}), or start a new run elsewhere")
-        try:
-            model.load_state_dict(ckpt["model"])
-            optimizer.load_state_dict(ckpt["optimizer"])
-            iter_num, best_val_loss = int(ckpt["iter_num"]), float(ckpt["best_val_loss"])
-        except (KeyError, RuntimeError, ValueError, TypeError) as e:
-            sys.exit(f"error: cannot resume {ckpt_path} ({type(e).__name__}); start a new run")
-        print(f"resuming from {ckpt_path} at step {iter_num}")
+        iter_num, best_val_loss, trained_on = resume(ckpt_path, cfg, model, optimizer)
     elif os.path.exists(ckpt_path) and not cfg.overwrite:
         sys.exit(f"error: {ckpt_path} already holds a model; continue it with --init_from=resume, "
                  "or pass another --out_dir, or --overwrite=True to replace it")
@@ -922,34 +884,31 @@ def train(cfg) -> list[tuple[int, float]]:
     data_path, tokenizer = prepare_data(cfg)
     if rank == 0 < world - 1:
         dist.barrier()
-    if ckpt and os.path.basename(ckpt.get("data_path", "")) != os.path.basename(data_path):
+    if trained_on is not None and os.path.basename(trained_on) != os.path.basename(data_path):
         sys.exit(f"error: the corpus or vocabulary differs from the one {ckpt_path} was trained on "
-                 f"({ckpt.get('data_path')}); resume with the same corpus")
+                 f"({trained_on}); resume with the same corpus")
     data = {s: np.memmap(os.path.join(data_path, f"{s}.bin"), dtype=np.uint16, mode="r")
             for s in ("train", "val")}
     for s, arr in data.items():
         if len(arr) <= cfg.block_size + 1:
-            sys.exit(f"error: {s} split has {len(arr)} tokens, fewer than block_size+1; add code or lower block_size")
+            sys.exit(f"error: {s} split has {len(arr)} tokens, fewer than block_size+1; "
+                     "add code or lower block_size")
     if rank == 0:  # rank 0 alone writes files
         os.makedirs(cfg.out_dir, exist_ok=True)
         Path(ckpt_path + ".tmp").unlink(missing_ok=True)  # left by a killed save
-        with open(os.path.join(data_path, "tokenizer.tiktoken"), "rb") as tok:
-            atomic_write(os.path.join(cfg.out_dir, "tokenizer.tiktoken"), lambda f: f.write(tok.read()))
+        tok = Path(data_path, "tokenizer.tiktoken").read_bytes()
+        atomic_write(os.path.join(cfg.out_dir, "tokenizer.tiktoken"), lambda f: f.write(tok))
     print(f"model: {cfg.n_layer} layers, d_model {cfg.d_model}, {n_sparse(model) / 1e6:.2f}M "
           f"sparse weights -> {n_sparse(model, cfg):,} nonzero at density {cfg.density:g} "
-          f"(embeddings {min(1.0, cfg.density * cfg.embed_ratio):g})")
+          f"(embeddings {density_at(cfg.max_iters, cfg, embed=True):g})")
 
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
-        autocast = torch.autocast("cuda", dtype=torch.bfloat16)
-    else:
-        autocast = torch.autocast(device.type, enabled=False)
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
     fmodel = torch.compile(model) if cfg.compile else model
     # DDP averages the gradients during backward, so every rank then sees the same gradient, RMS,
     # Adam step and projection; evaluation uses fmodel, outside DDP, on rank 0 alone
     train_model = DDP(fmodel) if world > 1 else fmodel
-    params = list(model.parameters())
-
     stop = {"requested": False}
 
     def on_sigint(signum, frame):
@@ -959,57 +918,49 @@ def train(cfg) -> list[tuple[int, float]]:
         print("\nCtrl-C: finishing this step, saving, exiting (press again to abort)")
 
     old_handler = signal.signal(signal.SIGINT, on_sigint)
-
-    def save():
-        if rank == 0:
-            save_checkpoint(ckpt_path, model, optimizer, cfg, iter_num, best_val_loss, data_path)
-
-    history, tokens_per_step = [], cfg.batch_size * cfg.block_size
-    t_start, t_last, start_iter = time.time(), time.time(), iter_num
+    history, start_iter, t_start, t_last = [], iter_num, time.time(), time.time()
     try:
         while iter_num < cfg.max_iters:
             lr = lr_at(iter_num, cfg)
             for group in optimizer.param_groups:
                 group["lr"] = lr
-            x, y = get_batch(data["train"], cfg.block_size, cfg.batch_size,
-                             batch_generator(cfg.seed, iter_num), device, rank, world)
-            with autocast:
-                _, loss = train_model(x, y)
-            loss_val = loss.item()
-            if not math.isfinite(loss_val):
-                sys.exit(f"error: loss is {loss_val} at step {iter_num}; stopped. The last good "
-                         f"checkpoint is kept in {ckpt_path}. Try a lower --learning_rate.")
-            loss.backward()
-            normalize_grad_rms_(params)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            project_weights(model, density_at(iter_num, cfg), cfg.min_per_neuron,
-                            density_at(iter_num, cfg, embed=True))
+            # the batch depends only on (seed, iter_num): a resumed run sees the same data
+            gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + iter_num)
+            x, y = get_batch(data["train"], cfg.block_size, cfg.batch_size, gen, device,
+                             rank, world)
+            loss = train_step(model, train_model, optimizer, x, y, autocast).item()
             if world > 1:  # log the global batch's loss; a Ctrl-C seen by any rank stops all
-                both = torch.tensor([loss_val / world, stop["requested"]], dtype=torch.float64,
+                both = torch.tensor([loss / world, stop["requested"]], dtype=torch.float64,
                                     device=device)
                 dist.all_reduce(both)
-                loss_val, stop["requested"] = both[0].item(), both[1].item() > 0
+                loss, stop["requested"] = both[0].item(), both[1].item() > 0
+            if not math.isfinite(loss):
+                sys.exit(f"error: loss is {loss} at step {iter_num}; stopped. The last good "
+                         f"checkpoint is kept in {ckpt_path}. Try a lower --learning_rate.")
+            project_weights(model, density_at(iter_num, cfg), cfg.min_per_neuron,
+                            density_at(iter_num, cfg, embed=True))
             iter_num += 1
-            history.append((iter_num, loss_val))
+            history.append((iter_num, loss))
 
-            if iter_num % cfg.log_interval == 0 or iter_num == cfg.max_iters:
-                now = time.time()
-                n = iter_num - max(start_iter, iter_num - cfg.log_interval)
-                tok_s = n * tokens_per_step / max(now - t_last, 1e-9)
+            last = iter_num == cfg.max_iters
+            if iter_num % cfg.log_interval == 0 or last:
+                now, steps = time.time(), iter_num - max(start_iter, iter_num - cfg.log_interval)
+                tok_s = steps * cfg.batch_size * cfg.block_size / max(now - t_last, 1e-9)
                 left = (now - t_start) / (iter_num - start_iter) * (cfg.max_iters - iter_num)
-                print(f"step {iter_num} | loss {loss_val:.3f} | density {density_at(iter_num, cfg):.3f} "
-                      f"| lr {lr:.2e} | {tok_s / 1e3:.1f}k tok/s | {left / 60:.1f} min left")
+                print(f"step {iter_num} | loss {loss:.3f} | density {density_at(iter_num, cfg):.3f}"
+                      f" | lr {lr:.2e} | {tok_s / 1e3:.1f}k tok/s | {left / 60:.1f} min left")
                 t_last = now
-            if rank == 0 and (iter_num % cfg.eval_interval == 0 or iter_num == cfg.max_iters):
-                losses = estimate_loss(fmodel, data, cfg, device, autocast)
-                best_val_loss = min(best_val_loss, losses["val"])
-                print(f"eval {iter_num} | train {losses['train']:.3f} | val {losses['val']:.3f}")
-                print("sample: " + repr(sample_text(model, tokenizer, device))[:200])
-                save()
-                t_last = time.time()  # eval time is not training throughput
+            eval_now = rank == 0 and (iter_num % cfg.eval_interval == 0 or last)
+            if eval_now:
+                out = evaluate(model, fmodel, data, tokenizer, cfg, device, autocast)
+                best_val_loss = min(best_val_loss, out["val"])
+                print(f"eval {iter_num} | train {out['train']:.3f} | val {out['val']:.3f}")
+                print("sample: " + repr(out["sample"])[:200])
+            if rank == 0 and (eval_now or stop["requested"]):
+                save_checkpoint(ckpt_path, model, optimizer, cfg, iter_num, best_val_loss,
+                                data_path)
+                t_last = time.time()  # eval and save time is not training throughput
             if stop["requested"]:
-                save()
                 print(f"saved {ckpt_path} at step {iter_num}; continue with --init_from=resume")
                 raise KeyboardInterrupt  # a stopped run is not a finished one: exit code 130
     finally:
@@ -1024,84 +975,65 @@ def train(cfg) -> list[tuple[int, float]]:
 # -----------------------------------------------------------------------------
 # benchmark: what weight and activation sparsity cost per step (--bench=True)
 
-
-def peak_flops(device) -> float:
-    """bf16 dense peak of the GPU, for MFU; 0 when unknown."""
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else ""
-    return next((v for k, v in {"H100": 989e12, "H200": 989e12, "A100": 312e12}.items() if k in name), 0.0)
+PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12}  # bf16 dense, for MFU
 
 
-def bench(cfg, warmup=3, rounds=10):
-    """Times sparse and dense (density=1, afrac=1) versions of the configured model on random
-    tokens, interleaved step by step in one process, at the target density (annealing done)."""
+def bench(cfg, warmup=3, rounds=10) -> dict:
+    """Times training steps of the model at its target density and of its dense twin (density=1,
+    afrac=1) on random tokens, interleaved step by step; on CUDA both eager and compiled."""
     device = pick_device(cfg.device)
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
+    cuda = device.type == "cuda"
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=cuda)
     variants = {"sparse": Config(cfg), "dense": Config(cfg, density=1.0, afrac=1.0)}
-    if device.type == "cuda":  # also compare eager with torch.compile, and topk with kthvalue
+    if cuda:
         variants = {f"{n} {mode}": Config(c, compile=mode == "compile")
                     for n, c in variants.items() for mode in ("eager", "compile")}
-        variants["sparse compile kthvalue"] = Config(cfg, compile=True, select="kthvalue")
-    dense_of = lambda name: name.replace("sparse", "dense").replace(" kthvalue", "")
-    global SELECT
     runs = {}
     for name, vcfg in variants.items():
         torch.manual_seed(cfg.seed)
         model = GPT(GPTConfig.from_config(vcfg)).to(device)
-        embed = min(1.0, vcfg.density * vcfg.embed_ratio)
-        project_weights(model, vcfg.density, vcfg.min_per_neuron, embed)
-        runs[name] = dict(model=model, fmodel=torch.compile(model) if vcfg.compile else model,
-                          opt=make_optimizer(model, vcfg, device.type), cfg=vcfg, embed=embed,
-                          times=[], peak=0)
+        target = (density_at(vcfg.max_iters, vcfg), vcfg.min_per_neuron,
+                  density_at(vcfg.max_iters, vcfg, embed=True))
+        project_weights(model, *target)
+        fmodel = torch.compile(model) if vcfg.compile else model
+        runs[name] = (model, fmodel, make_optimizer(model, vcfg, device.type), target, [])
     gen = torch.Generator().manual_seed(cfg.seed)
-    x, y = torch.randint(cfg.vocab_size, (2, cfg.batch_size, cfg.block_size), generator=gen).to(device)
-    for step in range(warmup + rounds):
-        for run in runs.values():
-            SELECT = run["cfg"].get("select", "auto")
-            if device.type == "cuda":
+    x, y = torch.randint(cfg.vocab_size, (2, cfg.batch_size, cfg.block_size), generator=gen)
+    x, y = x.to(device), y.to(device)
+    for _ in range(warmup + rounds):
+        for model, fmodel, optimizer, target, times in runs.values():
+            if cuda:
                 torch.cuda.reset_peak_memory_stats(device)
             sync()
             t0 = time.perf_counter()
-            with autocast:
-                _, loss = run["fmodel"](x, y)
-            loss.backward()
-            normalize_grad_rms_(run["model"].parameters())
+            train_step(model, fmodel, optimizer, x, y, autocast)
             sync()
             t1 = time.perf_counter()
-            run["opt"].step()
-            run["opt"].zero_grad(set_to_none=True)
+            project_weights(model, *target)
             sync()
             t2 = time.perf_counter()
-            project_weights(run["model"], run["cfg"].density, cfg.min_per_neuron, run["embed"])
-            sync()
-            t3 = time.perf_counter()
-            if step >= warmup:
-                run["times"].append((t1 - t0, t2 - t1, t3 - t2))
-            if device.type == "cuda":
-                run["peak"] = max(run["peak"], torch.cuda.max_memory_allocated(device))
+            times.append((t2 - t0, t2 - t1, torch.cuda.max_memory_allocated(device) if cuda else 0))
     tokens = cfg.batch_size * cfg.block_size
-    n_params = sum(p.numel() for _, p, _ in sparse_matrices(next(iter(runs.values()))["model"]))
-    flops_per_token = 6 * n_params + 12 * cfg.n_layer * cfg.d_model * cfg.block_size
-    step_ms = {}
+    flops = tokens * (6 * n_sparse(model) + 12 * cfg.n_layer * cfg.d_model * cfg.block_size)
+    gpu = torch.cuda.get_device_name(device) if cuda else ""
+    peak_flops = next((v for k, v in PEAK_FLOPS.items() if k in gpu), math.nan)
     print(f"bench: {cfg.preset} preset on {device.type}, {tokens} tokens/step, median of {rounds} "
           "steps after warmup, variants interleaved")
-    for name, run in runs.items():
-        fb, opt, proj = (1e3 * float(np.median(t)) for t in zip(*run["times"]))
-        step_ms[name] = total = fb + opt + proj
-        dense_fb = np.median([t[0] for t in runs[dense_of(name)]["times"]]) * 1e3
-        topk_share = max(0.0, fb - dense_fb) / total if "sparse" in name else 0.0
-        line = (f"{name:23s} | step {total:7.1f} ms | fwd+bwd {fb:7.1f} | optimizer {opt:6.1f} | "
-                f"projection {proj:6.1f} ({proj / total:5.1%}) | AbsTopK ~{topk_share:5.1%} | "
-                f"{tokens / total:8.1f}k tok/s")
-        if device.type == "cuda":
-            mfu = flops_per_token * tokens / (total / 1e3) / peak_flops(device) if peak_flops(device) else 0
-            line += f" | MFU {mfu:5.1%} | peak {run['peak'] / 2**30:.2f} GiB"
+    step_ms = {}
+    for name, (*_, times) in runs.items():
+        step, proj, peak = np.median(times[warmup:], axis=0)
+        step_ms[name] = 1e3 * step
+        line = (f"{name:14s} | step {1e3 * step:7.1f} ms | projection {1e3 * proj:6.1f} ms "
+                f"({proj / step:5.1%}) | {tokens / step / 1e3:6.1f}k tok/s")
+        if cuda:
+            line += f" | MFU {flops / step / peak_flops:5.1%} | peak {peak / 2**30:.2f} GiB"
         print(line)
     for name in step_ms:
         if "sparse" in name:
-            print(f"ratio {name} / {dense_of(name)}: {step_ms[name] / step_ms[dense_of(name)]:.2f}")
-    SELECT = "auto"
-    if device.type != "cuda":
+            dense = name.replace("sparse", "dense")
+            print(f"ratio {name} / {dense}: {step_ms[name] / step_ms[dense]:.2f}")
+    if not cuda:
         import resource  # Unix only, so imported here
 
         print(f"peak memory (whole process, both models): "

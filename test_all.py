@@ -448,7 +448,7 @@ def test_gpu_selection_path_keeps_exactly_the_numpy_sets_even_with_ties_at_zero(
             sg.abstopk(bf.float(), 16) != 0, sg.kth_largest(x.abs().view(-1), 100, 0)]
 
     numpy_sets = run_all()
-    for method in ("topk", "kthvalue"):  # topk: what CUDA runs; kthvalue: --bench times it there
+    for method in ("topk", "kthvalue"):  # topk: what CUDA runs; kthvalue: an alternative to try there
         monkeypatch.setattr(sg, "SELECT", method)
         assert torch.equal((sg.abstopk(bf, 16) != 0), numpy_sets[-2])  # bf16 selects in torch only
         for a, b in zip(numpy_sets, run_all()):
