@@ -10,6 +10,7 @@ import signal
 import socket
 import subprocess
 import sys
+import time
 import xml.etree.ElementTree as ET
 from types import SimpleNamespace
 
@@ -560,7 +561,14 @@ def test_ddp_on_two_processes_trains_the_one_process_model(tmp_path, corpus_dir,
     argv = {"fresh": base + [f"--out_dir={tmp_path / 'ddp'}"],
             "resumed": base + [f"--out_dir={resume_dir}", "--init_from=resume"]}
     ports = (free_port(), free_port())  # the resumed run joins a new process group
-    torch.multiprocessing.spawn(ddp_worker, args=(2, ports, argv, str(tmp_path)), nprocs=2)
+    procs = torch.multiprocessing.spawn(ddp_worker, args=(2, ports, argv, str(tmp_path)), nprocs=2,
+                                        join=False)
+    deadline = time.time() + 300  # a rank stuck in a collective must fail the test, not hang CI
+    while not procs.join(timeout=5):
+        if time.time() > deadline:
+            for p in procs.processes:
+                p.kill()
+            pytest.fail("a rank of the 2-process run did not finish within 300 s")
     ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1)]
     for run in ("fresh", "resumed"):
         (hist0, w0), (hist1, w1) = ranks[0][run], ranks[1][run]
