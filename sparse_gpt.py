@@ -68,7 +68,7 @@ DEFAULTS = dict(
     # optimization
     batch_size=32,  # the global batch: under torchrun each of N processes takes 1/N of it
     max_iters=3000,  # training steps
-    learning_rate=3e-3,  # peak, before the 1/sqrt(density) factor of the sharkfin schedule
+    learning_rate=1e-2,  # peak, before the 1/sqrt(density) factor of the sharkfin schedule
     warmup_frac=0.01,  # fraction of training spent warming the learning rate up
     weight_decay=0.1,  # on every matrix but the bigram table (official script)
     adam_eps=0.1,  # large on purpose (paper 2): the gradient Adam sees always has RMS 1
@@ -86,7 +86,7 @@ PRESETS = {
     "tiny": dict(out_dir="out/tiny", n_layer=1, d_model=64, d_mlp=256, block_size=64,
                  batch_size=16, max_iters=200, eval_interval=100, eval_iters=5, log_interval=20,
                  learning_rate=1e-2),
-    "cpu": dict(),
+    "cpu": dict(),  # the defaults: chosen for the smallest circuits in ~15 min on 2 cores (README)
     # official example's shape and densities, batch sized for 80 GB; ~1 h on an H100 (README)
     "gpu": dict(n_layer=8, d_model=1024, d_mlp=4096, block_size=256, batch_size=256,
                 max_iters=10000, density=1 / 64, learning_rate=1.1e-3, eval_interval=500,
