@@ -1329,6 +1329,8 @@ def test_second_ctrl_c_and_ctrl_c_in_data_prep_exit_130_leaving_no_half_file(wor
                                                                              monkeypatch, capsys):
     common = [f"--data_dir={world / 'corpus'}", f"--cache_dir={tmp_path / 'cache'}"] + WORLD_RUN
     real_write, stops = sg.atomic_write, []
+    # the handler a user's process starts with (once seen replaced when the full suite ran)
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
     def write_half_then_stop(path, write):
         if path.endswith("val.bin") and not stops:
