@@ -447,9 +447,9 @@ def find_circuit(model, means, train: dict, cfg, log=print) -> tuple:
         keep[i] = 0.0
         if circuit_loss(model, means, keep, train) > cfg.target_loss:
             keep[i] = 1.0
-    z = diff_with(model, means, keep, train)
+    z = diff_with(model, means, keep, train)  # one forward for both losses
     info.update(n_nodes=int(keep.sum()), loss_raw=pair_loss(z, train)[0].item(),
-                loss_calibrated=circuit_loss(model, means, keep, train))
+                loss_calibrated=pair_loss(z, train, *fit_calibration(z, train))[0].item())
     log(f"  masks keep {info['masks_kept']} nodes, bisection {k}, after the drop pass "
         f"{info['n_nodes']}: train loss {info['loss_calibrated']:.3f} calibrated, "
         f"{info['loss_raw']:.3f} raw")
