@@ -21,7 +21,7 @@ import sys
 import sysconfig
 import time
 from collections import Counter
-from dataclasses import dataclass, fields
+from dataclasses import field, make_dataclass
 from pathlib import Path
 
 import numpy as np
@@ -406,27 +406,12 @@ def get_batch(data: np.ndarray, block_size: int, batch_size: int, gen: torch.Gen
 # node location (paper section 1)
 
 
-@dataclass
-class GPTConfig:
-    vocab_size: int = 2048
-    n_layer: int = 2
-    d_model: int = 128
-    d_head: int = 16
-    d_mlp: int = 512
-    block_size: int = 128
-    afrac: float = 0.25
-    attn_sink: bool = True
-    bigram_table: bool = True
-    n_head: int = 0
-    afrac_nodes: str = "all"
-    activation: str = "gelu"
-    bias: bool = False
-    pos_embed: bool = False
-    norm_eps: float = 1e-6
-
-    @classmethod
-    def from_config(cls, cfg: dict) -> "GPTConfig":
-        return cls(**{f.name: cfg[f.name] for f in fields(cls)})
+# the model's keys of DEFAULTS, as the dataclass GPT is built from: GPTConfig(d_model=64, ...)
+MODEL_KEYS = ("vocab_size n_layer d_model d_head n_head d_mlp block_size afrac afrac_nodes "
+              "activation bias pos_embed norm_eps attn_sink bigram_table").split()
+GPTConfig = make_dataclass(
+    "GPTConfig", [(k, type(DEFAULTS[k]), field(default=DEFAULTS[k])) for k in MODEL_KEYS],
+    namespace={"from_config": classmethod(lambda cls, cfg: cls(**{k: cfg[k] for k in MODEL_KEYS}))})
 
 
 SELECT = "auto"  # numpy on CPU float32, else torch.topk; tests set "topk" and "kthvalue"
