@@ -266,11 +266,10 @@ def train_bpe(docs: list[str], vocab_size: int, pattern=PRETOKEN_PATTERN) -> dic
                     j += 1
             for p in zip(w, w[1:]):
                 pair_count[p] -= f
-                changed.add(p)
             for p in zip(out, out[1:]):
                 pair_count[p] += f
                 where.setdefault(p, set()).add(i)
-                changed.add(p)
+            changed.update(zip(w, w[1:]), zip(out, out[1:]))
             words[i] = out
         pair_count.pop(pair, None)
         return changed
@@ -676,21 +675,24 @@ def read_checkpoint(path: str) -> dict:
 
 def load_checkpoint(path: str, device="cpu") -> tuple[GPT, tiktoken.Encoding, Config]:
     """Our ckpt.pt with tokenizer.tiktoken beside it, or a released model's folder (or its
-    final_model.pt)."""
+    final_model.pt) with tinypython's vocab.bpe and encoder.json."""
+    folder = path if os.path.isdir(path) else os.path.dirname(path) or "."
     if os.path.isdir(path) or os.path.basename(path) == "final_model.pt":
-        return load_release(path if os.path.isdir(path) else os.path.dirname(path) or ".", device)
-    ckpt = read_checkpoint(path)
-    cfg = Config({**DEFAULTS, **ckpt["config"]}, data_path=ckpt.get("data_path", ""))
-    try:
-        model = GPT(GPTConfig.from_config(cfg))
-        model.load_state_dict(ckpt["model"])
-    except (RuntimeError, TypeError, ValueError, AttributeError):
-        sys.exit(f"error: checkpoint '{path}' does not match this model code; retrain it")
-    tokenizer = load_tokenizer(os.path.join(os.path.dirname(path) or ".", "tokenizer.tiktoken"),
-                               f"copy the run's own there (its cache {cfg.data_path} has one)")
+        model, cfg = load_release(folder)
+        tokenizer = load_data_gym_tokenizer(folder)
+    else:
+        ckpt = read_checkpoint(path)
+        cfg = Config({**DEFAULTS, **ckpt["config"]}, data_path=ckpt.get("data_path", ""))
+        try:
+            model = GPT(GPTConfig.from_config(cfg))
+            model.load_state_dict(ckpt["model"])
+        except (RuntimeError, TypeError, ValueError, AttributeError):
+            sys.exit(f"error: checkpoint '{path}' does not match this model code; retrain it")
+        tokenizer = load_tokenizer(os.path.join(folder, "tokenizer.tiktoken"),
+                                   f"copy the run's own there (its cache {cfg.data_path} has one)")
     if tokenizer.n_vocab != cfg.vocab_size:
         sys.exit(f"error: the tokenizer beside '{path}' has {tokenizer.n_vocab} tokens, the model "
-                 f"{cfg.vocab_size}; copy the run's own tokenizer.tiktoken next to it")
+                 f"{cfg.vocab_size}; put the model's own tokenizer there")
     return model.to(device).eval(), tokenizer, cfg
 
 
@@ -737,7 +739,7 @@ def release_config(beeg: dict, where: str) -> Config:
     return cfg
 
 
-def load_release(folder: str, device="cpu") -> tuple[GPT, tiktoken.Encoding, Config]:
+def load_release(folder: str) -> tuple[GPT, Config]:
     """A released model as our GPT, its logits equal to theirs (float32)."""
     cfg_path, sd_path = (os.path.join(folder, f) for f in ("beeg_config.json", "final_model.pt"))
     try:
@@ -762,11 +764,7 @@ def load_release(folder: str, device="cpu") -> tuple[GPT, tiktoken.Encoding, Con
     if bad:
         sys.exit(f"error: {sd_path} does not fit its beeg_config.json (tensor {bad[0]})")
     model.load_state_dict(sd)
-    tokenizer = load_data_gym_tokenizer(folder)
-    if tokenizer.n_vocab != cfg.vocab_size:
-        sys.exit(f"error: the tokenizer in {folder} has {tokenizer.n_vocab} tokens, the model "
-                 f"{cfg.vocab_size}: download tinypython's vocab.bpe and encoder.json again")
-    return model.to(device).eval(), tokenizer, cfg
+    return model, cfg
 
 
 # -----------------------------------------------------------------------------
