@@ -205,8 +205,7 @@ def read_corpus(root: str) -> tuple[list[str], list[str]]:
     docs, skipped = {}, 0
     for path in list_py_files(root):
         try:
-            with open(path, encoding="utf-8") as f:
-                docs[os.path.relpath(path, root)] = f.read()
+            docs[os.path.relpath(path, root)] = Path(path).read_text(encoding="utf-8")
         except (OSError, UnicodeDecodeError):
             skipped += 1
     if len(docs) < 2:
@@ -302,9 +301,8 @@ def save_tokenizer(ranks: dict[bytes, int], path: str):
 
 def load_tokenizer(path: str, fix: str = "copy a good one there") -> tiktoken.Encoding:
     try:  # fix: what the user should do when the file is missing or damaged
-        with open(path) as f:
-            ranks = {base64.b64decode(tok, validate=True): int(rank)
-                     for tok, rank in (line.split() for line in f)}
+        ranks = {base64.b64decode(tok, validate=True): int(rank)
+                 for tok, rank in map(str.split, Path(path).read_text().splitlines())}
         return make_encoding(ranks)
     except (OSError, ValueError) as e:  # missing, a folder, not text, not 'base64 rank' lines
         sys.exit(f"error: cannot read tokenizer '{path}' ({type(e).__name__}); {fix}")
@@ -398,15 +396,12 @@ def get_batch(data: np.ndarray, block_size: int, batch_size: int, gen: torch.Gen
 # model: GPT with RMSNorm, small heads, attention sinks, a bigram table, and AbsTopK at every
 # node location (paper section 1)
 
-
 # the model's keys of DEFAULTS, as the dataclass GPT is built from: GPTConfig(d_model=64, ...)
 MODEL_KEYS = ("vocab_size n_layer d_model d_head n_head d_mlp block_size afrac afrac_nodes "
               "activation bias pos_embed norm_eps attn_sink bigram_table").split()
 GPTConfig = make_dataclass(
     "GPTConfig", [(k, type(DEFAULTS[k]), field(default=DEFAULTS[k])) for k in MODEL_KEYS],
     namespace={"from_config": classmethod(lambda cls, cfg: cls(**{k: cfg[k] for k in MODEL_KEYS}))})
-
-
 SELECT = "auto"  # numpy on CPU float32, else torch.topk; tests set "topk" and "kthvalue"
 
 
