@@ -21,12 +21,11 @@ import sys
 import sysconfig
 import time
 from collections import Counter
-from dataclasses import dataclass, fields
+from dataclasses import field, make_dataclass
 from pathlib import Path
 
 import numpy as np
 import regex
-import tiktoken
 import tiktoken.load
 import torch
 import torch.distributed as dist
@@ -119,9 +118,7 @@ RESUME_MAY_CHANGE = ("out_dir cache_dir init_from overwrite device compile eval_
 
 
 class Config(dict):
-    """A dict whose keys read as attributes: cfg.n_layer."""
-
-    __getattr__ = dict.__getitem__
+    __getattr__ = dict.__getitem__  # a dict whose keys read as attributes: cfg.n_layer
 
 
 def parse_value(text: str, default):
@@ -161,7 +158,7 @@ def parse_config(argv, defaults=DEFAULTS, presets=PRESETS, rules=RULES) -> Confi
             sys.exit(f"error: --{key}={text} is not a valid {kind} (default {defaults[key]!r})")
     cfg = Config(defaults)
     if presets:
-        name = pairs.get("preset", cfg.get("preset", "auto"))
+        name = pairs.get("preset", cfg.preset)
         if name == "auto":
             name = "gpu" if torch.cuda.is_available() else "cpu"
         if name not in presets:
@@ -208,8 +205,7 @@ def read_corpus(root: str) -> tuple[list[str], list[str]]:
     docs, skipped = {}, 0
     for path in list_py_files(root):
         try:
-            with open(path, encoding="utf-8") as f:
-                docs[os.path.relpath(path, root)] = f.read()
+            docs[os.path.relpath(path, root)] = Path(path).read_text(encoding="utf-8")
         except (OSError, UnicodeDecodeError):
             skipped += 1
     if len(docs) < 2:
@@ -269,11 +265,10 @@ def train_bpe(docs: list[str], vocab_size: int, pattern=PRETOKEN_PATTERN) -> dic
                     j += 1
             for p in zip(w, w[1:]):
                 pair_count[p] -= f
-                changed.add(p)
             for p in zip(out, out[1:]):
                 pair_count[p] += f
                 where.setdefault(p, set()).add(i)
-                changed.add(p)
+            changed.update(zip(w, w[1:]), zip(out, out[1:]))
             words[i] = out
         pair_count.pop(pair, None)
         return changed
@@ -285,7 +280,7 @@ def train_bpe(docs: list[str], vocab_size: int, pattern=PRETOKEN_PATTERN) -> dic
     heapq.heapify(heap)
     while len(token_bytes) < vocab_size - 1 and heap:
         neg, pair = heapq.heappop(heap)
-        if pair_count.get(pair, 0) != -neg or -neg <= 0:
+        if pair_count.get(pair, 0) != -neg:
             continue
         for p in merge(pair):
             if pair_count.get(p, 0) > 0:
@@ -306,9 +301,8 @@ def save_tokenizer(ranks: dict[bytes, int], path: str):
 
 def load_tokenizer(path: str, fix: str = "copy a good one there") -> tiktoken.Encoding:
     try:  # fix: what the user should do when the file is missing or damaged
-        with open(path) as f:
-            ranks = {base64.b64decode(tok, validate=True): int(rank)
-                     for tok, rank in (line.split() for line in f)}
+        ranks = {base64.b64decode(tok, validate=True): int(rank)
+                 for tok, rank in map(str.split, Path(path).read_text().splitlines())}
         return make_encoding(ranks)
     except (OSError, ValueError) as e:  # missing, a folder, not text, not 'base64 rank' lines
         sys.exit(f"error: cannot read tokenizer '{path}' ({type(e).__name__}); {fix}")
@@ -355,20 +349,18 @@ def cache_digest(folder: str) -> bytes:
 def prepare_data(cfg) -> tuple[str, tiktoken.Encoding]:
     """Returns (folder with train.bin/val.bin/tokenizer.tiktoken, tokenizer), building them once."""
     root = os.path.abspath(cfg.data_dir or stdlib_dir())
-    files = list_py_files(root)
     key = hashlib.sha1(f"{root}|{cfg.vocab_size}|{PRETOKEN_PATTERN}|{REQUIRED_TOKENS}".encode())
-    for path in files:
+    for path in list_py_files(root):
         key.update(f"{os.path.relpath(path, root)}:{os.path.getsize(path)}".encode())
     name = f"{os.path.basename(root)}-{key.hexdigest()[:10]}"
     folder = os.path.abspath(os.path.join(cfg.cache_dir, name))
     tok_path = os.path.join(folder, "tokenizer.tiktoken")
-    try:
-        complete = Path(folder, "sha1.txt").read_bytes() == cache_digest(folder)
+    try:  # a cache that is missing or does not match its sha1.txt is rebuilt
+        if Path(folder, "sha1.txt").read_bytes() == cache_digest(folder):
+            print(f"data: using cached tokens in {folder}")
+            return folder, load_tokenizer(tok_path, f"delete the folder {folder} to rebuild it")
     except OSError:
-        complete = False
-    if complete:
-        print(f"data: using cached tokens in {folder}")
-        return folder, load_tokenizer(tok_path, f"delete the folder {folder} to rebuild it")
+        pass
     t0 = time.time()
     train_docs, val_docs = read_corpus(root)
     ranks = train_bpe(train_docs, cfg.vocab_size)
@@ -383,8 +375,7 @@ def prepare_data(cfg) -> tuple[str, tiktoken.Encoding]:
         ids = [t for doc in enc.encode_ordinary_batch(docs) for t in doc + [enc.eot_token]]
         atomic_write(os.path.join(folder, f"{split}.bin"), np.array(ids, dtype=np.uint16).tofile)
         print(f"data: {split}.bin holds {len(ids):,} tokens")
-    digest = cache_digest(folder)
-    atomic_write(os.path.join(folder, "sha1.txt"), lambda f: f.write(digest))
+    atomic_write(os.path.join(folder, "sha1.txt"), lambda f: f.write(cache_digest(folder)))
     print(f"data: encoded in {time.time() - t1:.1f}s, cached in {folder}")
     return folder, enc
 
@@ -405,30 +396,12 @@ def get_batch(data: np.ndarray, block_size: int, batch_size: int, gen: torch.Gen
 # model: GPT with RMSNorm, small heads, attention sinks, a bigram table, and AbsTopK at every
 # node location (paper section 1)
 
-
-@dataclass
-class GPTConfig:
-    vocab_size: int = 2048
-    n_layer: int = 2
-    d_model: int = 128
-    d_head: int = 16
-    d_mlp: int = 512
-    block_size: int = 128
-    afrac: float = 0.25
-    attn_sink: bool = True
-    bigram_table: bool = True
-    n_head: int = 0
-    afrac_nodes: str = "all"
-    activation: str = "gelu"
-    bias: bool = False
-    pos_embed: bool = False
-    norm_eps: float = 1e-6
-
-    @classmethod
-    def from_config(cls, cfg: dict) -> "GPTConfig":
-        return cls(**{f.name: cfg[f.name] for f in fields(cls)})
-
-
+# the model's keys of DEFAULTS, as the dataclass GPT is built from: GPTConfig(d_model=64, ...)
+MODEL_KEYS = ("vocab_size n_layer d_model d_head n_head d_mlp block_size afrac afrac_nodes "
+              "activation bias pos_embed norm_eps attn_sink bigram_table").split()
+GPTConfig = make_dataclass(
+    "GPTConfig", [(k, type(DEFAULTS[k]), field(default=DEFAULTS[k])) for k in MODEL_KEYS],
+    namespace={"from_config": classmethod(lambda cls, cfg: cls(**{k: cfg[k] for k in MODEL_KEYS}))})
 SELECT = "auto"  # numpy on CPU float32, else torch.topk; tests set "topk" and "kthvalue"
 
 
@@ -697,22 +670,24 @@ def read_checkpoint(path: str) -> dict:
 
 def load_checkpoint(path: str, device="cpu") -> tuple[GPT, tiktoken.Encoding, Config]:
     """Our ckpt.pt with tokenizer.tiktoken beside it, or a released model's folder (or its
-    final_model.pt)."""
+    final_model.pt) with tinypython's vocab.bpe and encoder.json."""
+    folder = path if os.path.isdir(path) else os.path.dirname(path) or "."
     if os.path.isdir(path) or os.path.basename(path) == "final_model.pt":
-        return load_release(path if os.path.isdir(path) else os.path.dirname(path) or ".", device)
-    ckpt = read_checkpoint(path)
-    cfg = Config({**DEFAULTS, **ckpt["config"]})
-    try:
-        model = GPT(GPTConfig.from_config(cfg))
-        model.load_state_dict(ckpt["model"])
-    except (RuntimeError, TypeError, ValueError, AttributeError):
-        sys.exit(f"error: checkpoint '{path}' does not match this model code; retrain it")
-    cfg["data_path"] = ckpt.get("data_path", "")
-    tokenizer = load_tokenizer(os.path.join(os.path.dirname(path) or ".", "tokenizer.tiktoken"),
-                               f"copy the run's own there (its cache {cfg.data_path} has one)")
+        model, cfg = load_release(folder)
+        tokenizer = load_data_gym_tokenizer(folder)
+    else:
+        ckpt = read_checkpoint(path)
+        cfg = Config({**DEFAULTS, **ckpt["config"]}, data_path=ckpt.get("data_path", ""))
+        try:
+            model = GPT(GPTConfig.from_config(cfg))
+            model.load_state_dict(ckpt["model"])
+        except (RuntimeError, TypeError, ValueError, AttributeError):
+            sys.exit(f"error: checkpoint '{path}' does not match this model code; retrain it")
+        tokenizer = load_tokenizer(os.path.join(folder, "tokenizer.tiktoken"),
+                                   f"copy the run's own there (its cache {cfg.data_path} has one)")
     if tokenizer.n_vocab != cfg.vocab_size:
         sys.exit(f"error: the tokenizer beside '{path}' has {tokenizer.n_vocab} tokens, the model "
-                 f"{cfg.vocab_size}; copy the run's own tokenizer.tiktoken next to it")
+                 f"{cfg.vocab_size}; put the model's own tokenizer there")
     return model.to(device).eval(), tokenizer, cfg
 
 
@@ -759,12 +734,11 @@ def release_config(beeg: dict, where: str) -> Config:
     return cfg
 
 
-def load_release(folder: str, device="cpu") -> tuple[GPT, tiktoken.Encoding, Config]:
+def load_release(folder: str) -> tuple[GPT, Config]:
     """A released model as our GPT, its logits equal to theirs (float32)."""
     cfg_path, sd_path = (os.path.join(folder, f) for f in ("beeg_config.json", "final_model.pt"))
     try:
-        with open(cfg_path) as f:
-            cfg = release_config(json.load(f), cfg_path)
+        cfg = release_config(json.loads(Path(cfg_path).read_text()), cfg_path)
         sd = torch.load(sd_path, map_location="cpu", weights_only=True)
     except Exception as e:
         sys.exit(f"error: cannot read {cfg_path} and final_model.pt ({type(e).__name__}); download "
@@ -785,11 +759,7 @@ def load_release(folder: str, device="cpu") -> tuple[GPT, tiktoken.Encoding, Con
     if bad:
         sys.exit(f"error: {sd_path} does not fit its beeg_config.json (tensor {bad[0]})")
     model.load_state_dict(sd)
-    tokenizer = load_data_gym_tokenizer(folder)
-    if tokenizer.n_vocab != cfg.vocab_size:
-        sys.exit(f"error: the tokenizer in {folder} has {tokenizer.n_vocab} tokens, the model "
-                 f"{cfg.vocab_size}: download tinypython's vocab.bpe and encoder.json again")
-    return model.to(device).eval(), tokenizer, cfg
+    return model, cfg
 
 
 # -----------------------------------------------------------------------------
@@ -998,9 +968,8 @@ def bench(cfg, warmup=3, rounds=10) -> dict:
         project_weights(model, *target)
         fmodel = torch.compile(model) if vcfg.compile else model
         runs[name] = (model, fmodel, make_optimizer(model, vcfg, device.type), target, [])
-    gen = torch.Generator().manual_seed(cfg.seed)
-    x, y = torch.randint(cfg.vocab_size, (2, cfg.batch_size, cfg.block_size), generator=gen)
-    x, y = x.to(device), y.to(device)
+    x, y = torch.randint(cfg.vocab_size, (2, cfg.batch_size, cfg.block_size),
+                         generator=torch.Generator().manual_seed(cfg.seed)).to(device)
     for _ in range(warmup + rounds):
         for model, fmodel, optimizer, target, times in runs.values():
             if cuda:
@@ -1029,15 +998,9 @@ def bench(cfg, warmup=3, rounds=10) -> dict:
         if cuda:
             line += f" | MFU {flops / step / peak_flops:5.1%} | peak {peak / 2**30:.2f} GiB"
         print(line)
-    for name in step_ms:
-        if "sparse" in name:
-            dense = name.replace("sparse", "dense")
-            print(f"ratio {name} / {dense}: {step_ms[name] / step_ms[dense]:.2f}")
-    if not cuda:
-        import resource  # Unix only, so imported here
-
-        print(f"peak memory (whole process, both models): "
-              f"{resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20:.2f} GiB")
+    for name in [n for n in step_ms if "sparse" in n]:
+        dense = name.replace("sparse", "dense")
+        print(f"ratio {name} / {dense}: {step_ms[name] / step_ms[dense]:.2f}")
     return step_ms
 
 
