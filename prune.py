@@ -588,14 +588,10 @@ def svg_layout(nodes: list[str], edges) -> tuple[list[str], dict, list[int]]:
     channels = sorted({int(n.split(".")[-1]) for n in nodes if "resid" in n})
     pos = {n: (LEFT + COL * channels.index(int(n.split(".")[-1])),
                TOP + ROW * rows.index(row_of(n))) for n in nodes if "resid" in n}
-    near = {}
-    for s, d, _ in edges:
-        near.setdefault(s, []).append(d)
-        near.setdefault(d, []).append(s)
     for r, row in enumerate(rows):
         free = [n for n in nodes if row_of(n) == row and n not in pos]
-        want = {n: float(np.mean([pos[m][0] for m in near.get(n, []) if m in pos] or [LEFT]))
-                for n in free}
+        want = {n: float(np.mean([pos[m][0] for s, d, _ in edges if n in (s, d)
+                                  for m in (s, d) if m in pos] or [LEFT])) for n in free}
         x = -math.inf
         for n in sorted(free, key=want.get):
             x = max(want[n], x + COL)
