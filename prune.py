@@ -19,6 +19,7 @@ import sys
 import time
 from contextlib import contextmanager
 from pathlib import Path
+from statistics import geometric_mean
 
 import numpy as np
 import torch
@@ -699,10 +700,6 @@ def prune_checkpoint(path: str, model, tokenizer, means, names: list[str], cfg) 
     return results
 
 
-def geomean(xs) -> float:
-    return math.exp(sum(math.log(x) for x in xs) / len(xs))
-
-
 def print_summary(path: str, results: dict[str, dict]):
     print(f"\n{path}: circuits; losses on the test pairs (suff = circuit alone, calibrated; raw = "
           "uncalibrated; nec = circuit ablated; rand = a random node set of its size ablated; "
@@ -726,7 +723,7 @@ def print_summary(path: str, results: dict[str, dict]):
               f"{ch['random_ablation']['loss']:>10.3f}{r['attribution']['n_edges'] or '-':>11}"
               f"{ctrl:>17}")
     if edges:
-        print(f"geometric mean of edges over {len(edges)} tasks: {geomean(edges):.1f}")
+        print(f"geometric mean of edges over {len(edges)} tasks: {geometric_mean(edges):.1f}")
 
 
 @sparse_gpt.cli
@@ -762,13 +759,12 @@ def main(argv):
         print(f"\nedges: A = {cfg.ckpt}, B = {cfg.compare}\n{'task':<28}{'A':>7}{'B':>7}{'B/A':>7}")
         ratios = []
         for name in names:
-            a, b = (run.get(name, {}).get("circuit", {}).get("n_edges") for run in runs)
-            ratio = None if a is None or b is None else max(b, 1) / max(a, 1)
-            ratios += [ratio] * (ratio is not None)
-            print(f"{name:<28}{'-' if a is None else a:>7}{'-' if b is None else b:>7}"
-                  f"{'-' if ratio is None else f'{ratio:.2f}':>7}")
+            a, b = (run.get(name, {}).get("circuit", {}).get("n_edges", "-") for run in runs)
+            ratio = "-" if "-" in (a, b) else max(b, 1) / max(a, 1)
+            ratios += [ratio] * (ratio != "-")
+            print(f"{name:<28}{a:>7}{b:>7}{ratio if ratio == '-' else f'{ratio:.2f}':>7}")
         if ratios:
-            print(f"geometric mean of B/A over {len(ratios)} tasks: {geomean(ratios):.2f}")
+            print(f"geometric mean of B/A over {len(ratios)} tasks: {geometric_mean(ratios):.2f}")
 
 
 if __name__ == "__main__":
