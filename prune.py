@@ -651,7 +651,6 @@ def write_svg(path: str, r: dict):
 
 
 def solved_tasks(model, tokenizer, cfg) -> list[str]:
-    """The tasks the model answers with accuracy >= solved_acc on the train pairs."""
     print(f"which of the {len(tasks.TASKS)} tasks does the model solve? ({cfg.n_pairs} pairs each)")
     solved = []
     for name in tasks.TASKS:
