@@ -15,10 +15,11 @@ import html
 import json
 import math
 import os
-import re
 import sys
 import time
 from contextlib import contextmanager
+from pathlib import Path
+from statistics import geometric_mean
 
 import numpy as np
 import torch
@@ -147,8 +148,7 @@ def hooked(model, fn):
 
 
 @torch.no_grad()
-def compute_means(model, tokens: np.ndarray, n_batches: int, batch_size: int,
-                  seed=0) -> torch.Tensor:
+def compute_means(model, tokens: np.ndarray, n_batches: int, batch_size: int) -> torch.Tensor:
     """Mean of every node (after AbsTopK, as the hook sees it) over all positions of n_batches
     random windows of the token array."""
     spans, device = node_spans(model), next(model.parameters()).device
@@ -159,7 +159,7 @@ def compute_means(model, tokens: np.ndarray, n_batches: int, batch_size: int,
         sums[a:b] += x.double().sum(dim=(0, 1))
         return x
 
-    gen = torch.Generator().manual_seed(seed)
+    gen = torch.Generator().manual_seed(0)  # the same windows every time: the cache key has no seed
     with hooked(model, accumulate):
         for _ in range(n_batches):
             x, _ = sparse_gpt.get_batch(tokens, model.cfg.block_size, batch_size, gen, device)
@@ -169,8 +169,7 @@ def compute_means(model, tokens: np.ndarray, n_batches: int, batch_size: int,
 
 def load_means(model, cfg_model, ckpt_path: str, n_batches: int, device) -> torch.Tensor:
     """Node means, cached beside the checkpoint as node_means.pt and keyed to its bytes."""
-    with open(ckpt_path, "rb") as f:
-        key = f"{hashlib.sha1(f.read()).hexdigest()}|{n_batches}"
+    key = f"{hashlib.sha1(Path(ckpt_path).read_bytes()).hexdigest()}|{n_batches}"
     path = os.path.join(os.path.dirname(ckpt_path) or ".", "node_means.pt")
     try:  # a cache that is missing, unreadable, corrupt or another checkpoint's is recomputed
         cached = torch.load(path, map_location=device, weights_only=True)
@@ -265,7 +264,7 @@ def lr_at(step: int, steps: int, lr: float) -> float:
     return lr * ((step + 1) / warm if step < warm else (steps - step) / max(1, steps - warm))
 
 
-def train_masks(model, means, train: dict, k_coef: float, cfg, log=print) -> torch.Tensor:
+def train_masks(model, means, train: dict, cfg, log=print) -> torch.Tensor:
     """Returns tau, one real parameter per node; the node is kept where tau > 0."""
     gen = torch.Generator().manual_seed(cfg.seed)
     # every node starts kept: a bias of 0.1 plus noise of 0.01 breaks ties (paper 5)
@@ -273,12 +272,11 @@ def train_masks(model, means, train: dict, k_coef: float, cfg, log=print) -> tor
     opt = torch.optim.AdamW([tau], lr=cfg.lr, betas=(0.9, 0.95), weight_decay=1e-3)
     t0 = time.time()
     for step in range(cfg.steps):
-        for group in opt.param_groups:
-            group["lr"] = lr_at(step, cfg.steps, cfg.lr)
+        opt.param_groups[0]["lr"] = lr = lr_at(step, cfg.steps, cfg.lr)
         keep = HeavisideSTE.apply(tau, cfg.heaviside_temp)
         with ablated(model, means, keep):  # every step sees all train pairs (paper: 64)
             task, _ = pair_loss(answer_diff_all(model, train), train)
-        (task + k_coef * keep.sum()).backward()
+        (task + cfg.k_coef * keep.sum()).backward()
         torch.nn.utils.clip_grad_norm_([tau], 1.0)
         opt.step()
         opt.zero_grad(set_to_none=True)
@@ -286,8 +284,8 @@ def train_masks(model, means, train: dict, k_coef: float, cfg, log=print) -> tor
             tau.clamp_(-1, 1)
         if (step + 1) % LOG_EVERY == 0 or step + 1 == cfg.steps:
             left = (time.time() - t0) / (step + 1) * (cfg.steps - step - 1)
-            log(f"  k_coef {k_coef:g} step {step + 1}/{cfg.steps} | task loss {task.item():.3f} | "
-                f"kept {int(keep.sum())} | lr {group['lr']:.1e} | {left:.0f}s left")
+            log(f"  k_coef {cfg.k_coef:g} step {step + 1}/{cfg.steps} | task loss {task.item():.3f}"
+                f" | kept {int(keep.sum())} | lr {lr:.1e} | {left:.0f}s left")
     return tau.detach()
 
 
@@ -297,7 +295,6 @@ def train_masks(model, means, train: dict, k_coef: float, cfg, log=print) -> tor
 
 @torch.no_grad()
 def diff_with(model, means, keep, data: dict) -> torch.Tensor:
-    """answer_diff with the nodes outside keep mean-ablated."""
     with ablated(model, means, keep):
         return answer_diff_all(model, data)
 
@@ -354,9 +351,7 @@ def bounded(params: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def run_checks(model, means, circuit: torch.Tensor, test: dict, calib, seed: int) -> dict:
-    """Test-split loss and accuracy of the full model, of the circuit alone (calibrated, and
-    as is), of the model without the circuit, without a random node set of its size, and with
-    no node kept at all."""
+    """Test-split loss and accuracy with each node set below kept and every other node ablated."""
     every, as_is = torch.ones_like(circuit), (1.0, 0.0)
     perm = torch.randperm(len(circuit), generator=torch.Generator().manual_seed(seed))
     random_set = top_k_mask(perm.to(circuit.device), int(circuit.sum()))
@@ -377,8 +372,7 @@ def attribution_order(model, means, data: dict, chunk=32) -> torch.Tensor:
     score = torch.zeros_like(means)
     for i in range(0, len(data["last"]), chunk):
         batch = subset(data, slice(i, i + chunk))
-        gates = torch.ones(len(batch["last"]), 1, len(means), device=means.device)
-        gates.requires_grad_()
+        gates = torch.ones(len(batch["last"]), 1, len(means), device=means.device).requires_grad_()
         with ablated(model, means, gates):
             loss = F.softplus(-batch["sign"] * answer_diff(model, batch)).sum()
         score += torch.autograd.grad(loss, gates)[0].abs().sum(dim=(0, 1))
@@ -440,7 +434,7 @@ def find_circuit(model, means, train: dict, cfg, log=print) -> tuple:
     calibrated loss, then a pass that drops each remaining node, weakest first, whenever the
     rest still reach the target (bisection on one ordering leaves some that are not needed).
     Returns (the 0/1 keep vector or None, a dict of what each stage found)."""
-    tau = train_masks(model, means, train, cfg.k_coef, cfg, log)
+    tau = train_masks(model, means, train, cfg, log)
     order = tau.argsort(descending=True)
     k = smallest_circuit(model, means, train, order, cfg.target_loss, int((tau > 0).sum()))
     info = {"masks_kept": int((tau > 0).sum()), "bisection_nodes": k}
@@ -464,23 +458,23 @@ def find_circuit(model, means, train: dict, cfg, log=print) -> tuple:
 def shuffled(data: dict, seed: int) -> dict:
     """The same prompts with the answers of each pair swapped or not by a coin flip: the labels
     then carry no signal that a context feature could predict (the control of paper_notes 9)."""
-    flips = torch.randint(2, (len(data["last"]) // 2,), generator=torch.Generator().manual_seed(seed))
+    gen = torch.Generator().manual_seed(seed)
+    flips = torch.randint(2, (len(data["last"]) // 2,), generator=gen)
     sign = (2.0 * flips - 1.0).repeat_interleave(2).to(data["sign"].device)
     return {**data, "sign": data["sign"] * sign}
 
 
-def control(model, means, train: dict, test: dict, cfg, log=print) -> dict:
+def control(model, means, train: dict, test: dict, cfg) -> dict:
     """The same search on shuffled answers: a real circuit should need far more edges than
     this one, or this one should fail to reach the target at all."""
-    log("  control: the same search with the answers shuffled per pair")
+    print("  control: the same search with the answers shuffled per pair")
     train_c, test_c = shuffled(train, cfg.seed + 1), shuffled(test, cfg.seed + 2)
-    keep, info = find_circuit(model, means, train_c, cfg, log)
+    keep, info = find_circuit(model, means, train_c, cfg)
     if keep is None:
         return {"n_nodes": None, "n_edges": None, "test_acc": None, **info}
     calib = fit_calibration(diff_with(model, means, keep, train_c), train_c)
-    z = diff_with(model, means, keep, test_c)
     return {**info, "n_edges": len(circuit_edges(model, keep)),
-            "test_acc": pair_loss(z, test_c, *calib)[1]}
+            "test_acc": pair_loss(diff_with(model, means, keep, test_c), test_c, *calib)[1]}
 
 
 @torch.no_grad()
@@ -552,10 +546,7 @@ def write_txt(path: str, r: dict):
     lines += [f"  {k:<26} loss {v['loss']:.3f}  acc {v['acc']:.1%}" for k, v in r["checks"].items()]
     lines.append(f"  attribution baseline needs {r['attribution']['n_nodes']} nodes, "
                  f"{r['attribution']['n_edges']} edges\n")
-    into, out_of = {}, {}
-    for s, d, w in all_edges(c):
-        into.setdefault(d, []).append(f"<- {s} ({w:+.3f})")
-        out_of.setdefault(s, []).append(f"-> {d} ({w:+.3f})")
+    edges = all_edges(c)
     for i, name in enumerate(c["nodes"]):
         if i == 0 or location(name) != location(c["nodes"][i - 1]):
             lines.append(f"[{location(name)}]")
@@ -563,9 +554,9 @@ def write_txt(path: str, r: dict):
         top = ", ".join(f"{tok!r} {v:+.2f}" for tok, v in p["top_tokens"])
         lines.append(f"  {name}: at the answer {p['mean_a']:+.3f} on prompt_a, "
                      f"{p['mean_b']:+.3f} on prompt_b; most active on {top}")
-        lines += [f"      {e}" for e in into.get(name, []) + out_of.get(name, [])]
-    with open(path, "w") as f:
-        f.write("\n".join(lines) + "\n")
+        lines += [f"      <- {s} ({w:+.3f})" for s, d, w in edges if d == name]
+        lines += [f"      -> {d} ({w:+.3f})" for s, d, w in edges if s == name]
+    Path(path).write_text("\n".join(lines) + "\n")
 
 
 COL, ROW, BOX_W, BOX_H, LEFT, TOP = 84, 64, 72, 22, 190, 110  # SVG layout, in pixels
@@ -598,14 +589,10 @@ def svg_layout(nodes: list[str], edges) -> tuple[list[str], dict, list[int]]:
     channels = sorted({int(n.split(".")[-1]) for n in nodes if "resid" in n})
     pos = {n: (LEFT + COL * channels.index(int(n.split(".")[-1])),
                TOP + ROW * rows.index(row_of(n))) for n in nodes if "resid" in n}
-    near = {}
-    for s, d, _ in edges:
-        near.setdefault(s, []).append(d)
-        near.setdefault(d, []).append(s)
     for r, row in enumerate(rows):
         free = [n for n in nodes if row_of(n) == row and n not in pos]
-        want = {n: float(np.mean([pos[m][0] for m in near.get(n, []) if m in pos] or [LEFT]))
-                for n in free}
+        want = {n: float(np.mean([pos[m][0] for s, d, _ in edges if n in (s, d)
+                                  for m in (s, d) if m in pos] or [LEFT])) for n in free}
         x = -math.inf
         for n in sorted(free, key=want.get):
             x = max(want[n], x + COL)
@@ -656,8 +643,7 @@ def write_svg(path: str, r: dict):
                    f'y="{y - BOX_H / 2}" width="{BOX_W}" height="{BOX_H}" rx="4" '
                    f'fill="{FILL[kind]}" stroke="#444"/><text x="{x:.0f}" y="{y + 4}" '
                    f'text-anchor="middle">{html.escape(box_label(n))}</text></g>')
-    with open(path, "w") as f:
-        f.write("\n".join(out + ["</svg>"]) + "\n")
+    Path(path).write_text("\n".join(out + ["</svg>"]) + "\n")
 
 
 # -----------------------------------------------------------------------------
@@ -665,7 +651,6 @@ def write_svg(path: str, r: dict):
 
 
 def solved_tasks(model, tokenizer, cfg) -> list[str]:
-    """The tasks the model answers with accuracy >= solved_acc on the train pairs."""
     print(f"which of the {len(tasks.TASKS)} tasks does the model solve? ({cfg.n_pairs} pairs each)")
     solved = []
     for name in tasks.TASKS:
@@ -706,17 +691,12 @@ def prune_checkpoint(path: str, model, tokenizer, means, names: list[str], cfg) 
         r.update(describe(model, tokenizer, means, keep, train, test, cfg))
         r["seconds"] = round(time.time() - t0, 1)
         base = os.path.join(out_dir, name)
-        with open(base + ".json", "w") as f:
-            json.dump(r, f, indent=1)
+        Path(base + ".json").write_text(json.dumps(r, indent=1))
         write_txt(base + ".txt", r)
         write_svg(base + ".svg", r)
         print(f"{name}: {r['circuit']['n_nodes']} nodes, {r['circuit']['n_edges']} edges in "
               f"{r['seconds']:.0f}s -> {base}.json .txt .svg")
     return results
-
-
-def geomean(xs) -> float:
-    return math.exp(sum(math.log(x) for x in xs) / len(xs))
 
 
 def print_summary(path: str, results: dict[str, dict]):
@@ -742,7 +722,7 @@ def print_summary(path: str, results: dict[str, dict]):
               f"{ch['random_ablation']['loss']:>10.3f}{r['attribution']['n_edges'] or '-':>11}"
               f"{ctrl:>17}")
     if edges:
-        print(f"geometric mean of edges over {len(edges)} tasks: {geomean(edges):.1f}")
+        print(f"geometric mean of edges over {len(edges)} tasks: {geometric_mean(edges):.1f}")
 
 
 @sparse_gpt.cli
@@ -778,13 +758,12 @@ def main(argv):
         print(f"\nedges: A = {cfg.ckpt}, B = {cfg.compare}\n{'task':<28}{'A':>7}{'B':>7}{'B/A':>7}")
         ratios = []
         for name in names:
-            a, b = (run.get(name, {}).get("circuit", {}).get("n_edges") for run in runs)
-            ratio = None if a is None or b is None else max(b, 1) / max(a, 1)
-            ratios += [ratio] * (ratio is not None)
-            print(f"{name:<28}{'-' if a is None else a:>7}{'-' if b is None else b:>7}"
-                  f"{'-' if ratio is None else f'{ratio:.2f}':>7}")
+            a, b = (run.get(name, {}).get("circuit", {}).get("n_edges", "-") for run in runs)
+            ratio = "-" if "-" in (a, b) else max(b, 1) / max(a, 1)
+            ratios += [ratio] * (ratio != "-")
+            print(f"{name:<28}{a:>7}{b:>7}{ratio if ratio == '-' else f'{ratio:.2f}':>7}")
         if ratios:
-            print(f"geometric mean of B/A over {len(ratios)} tasks: {geomean(ratios):.2f}")
+            print(f"geometric mean of B/A over {len(ratios)} tasks: {geometric_mean(ratios):.2f}")
 
 
 if __name__ == "__main__":
