@@ -53,7 +53,7 @@ RULES = dict(  # what each value must be (see sparse_gpt.RULES)
     k_coef=sparse_gpt.POSITIVE, target_loss=sparse_gpt.POSITIVE,
     heaviside_temp=sparse_gpt.POSITIVE, lr=sparse_gpt.POSITIVE, steps=sparse_gpt.COUNT,
     n_pairs=sparse_gpt.COUNT, mean_batches=sparse_gpt.COUNT, device=sparse_gpt.DEVICE)
-LOG_EVERY = 100  # mask-training steps between progress lines
+LOG_EVERY = 100  # mask-training steps (or drop-pass nodes) between progress lines
 MAX_SCALE = 4.0  # the calibration may scale the logit difference by at most this much
 
 
@@ -441,11 +441,14 @@ def find_circuit(model, means, train: dict, cfg, log=print) -> tuple:
     if k is None:
         log("  no node set reaches the target loss")
         return None, info
-    keep = top_k_mask(order, k)
-    for i in order[:k].flip(0).tolist():
+    keep, t0 = top_k_mask(order, k), time.time()
+    for n, i in enumerate(order[:k].flip(0).tolist(), 1):  # one forward per node: log progress
         keep[i] = 0.0
         if circuit_loss(model, means, keep, train) > cfg.target_loss:
             keep[i] = 1.0
+        if n % LOG_EVERY == 0:
+            log(f"  drop pass {n}/{k} | kept {int(keep.sum())} | "
+                f"{(time.time() - t0) / n * (k - n):.0f}s left")
     z = diff_with(model, means, keep, train)  # one forward for both losses
     info.update(n_nodes=int(keep.sum()), loss_raw=pair_loss(z, train)[0].item(),
                 loss_calibrated=pair_loss(z, train, *fit_calibration(z, train))[0].item())

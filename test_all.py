@@ -894,6 +894,20 @@ def test_prune_recovers_planted_circuit():
                      ("0.mlp.post_act.1", "0.mlp.resid_delta.1")}
 
 
+def test_long_drop_pass_reports_progress(monkeypatch):
+    """The drop pass costs one forward per node the bisection keeps (minutes on a released
+    model), so it logs every LOG_EVERY nodes, as the mask training logs every LOG_EVERY steps."""
+    monkeypatch.setattr(prune, "LOG_EVERY", 2)
+    model = planted_model()
+    means = prune.compute_means(model, noise_tokens(), n_batches=8, batch_size=16)
+    cfg = sg.parse_config(["--steps=60", "--lr=3e-2"], prune.DEFAULTS, presets=None)
+    lines = []
+    keep, info = prune.find_circuit(model, means, planted_data(), cfg, log=lines.append)
+    drops = [l for l in lines if "drop pass" in l and "left" in l]
+    k = info["bisection_nodes"]
+    assert len(drops) == k // 2 and drops[0].startswith(f"  drop pass 2/{k} | kept "), lines
+
+
 def test_calibration_scale_is_bounded_so_separation_alone_cannot_reach_zero_loss():
     data = planted_data(16)
     z = 0.1 * data["sign"]  # every pair separated, by a tiny margin
