@@ -1234,14 +1234,9 @@ def bad_function_calls(w):
              SystemExit, "val.bin")]
 
 
-N_BAD_CALLS = 13
-
-
-@pytest.mark.parametrize("i", range(N_BAD_CALLS))
-def test_bad_input_to_public_functions_raises_one_clear_line(i, world):
-    calls = bad_function_calls(world)
-    assert len(calls) == N_BAD_CALLS
-    call, kind, must_name = calls[i]
+def raised_in(world, kind, call):
+    """Runs call, which must raise kind; returns (the exception info, the world's files before,
+    after). Whatever the call created is removed, so that one failure cannot spoil the next."""
     before = snapshot(world)
     try:
         with pytest.raises(kind) as e:
@@ -1250,6 +1245,18 @@ def test_bad_input_to_public_functions_raises_one_clear_line(i, world):
         after = snapshot(world)
         for path in set(after) - set(before):
             shutil.rmtree(path) if after[path] is None else os.remove(path)
+    return e, before, after
+
+
+N_BAD_CALLS = 13
+
+
+@pytest.mark.parametrize("i", range(N_BAD_CALLS))
+def test_bad_input_to_public_functions_raises_one_clear_line(i, world):
+    calls = bad_function_calls(world)
+    assert len(calls) == N_BAD_CALLS
+    call, kind, must_name = calls[i]
+    e, before, after = raised_in(world, kind, call)
     message = str(e.value)
     assert "\n" not in message and must_name in message, message
     assert message.startswith("error: ") or kind is not SystemExit, message
@@ -1266,14 +1273,7 @@ def test_bad_input_is_one_error_line_and_changes_no_file(i, world, capsys):
     cases = bad_input_cases(world)
     assert len(cases) == N_BAD_CASES
     script, argv, must_name = cases[i]
-    before = snapshot(world)
-    try:
-        with pytest.raises(SystemExit) as e:
-            MAINS[script]()(argv)
-    finally:
-        after = snapshot(world)
-        for path in set(after) - set(before):  # so that one failure cannot spoil the next case
-            shutil.rmtree(path) if after[path] is None else os.remove(path)
+    e, before, after = raised_in(world, SystemExit, lambda: MAINS[script]()(argv))
     message = e.value.code
     assert isinstance(message, str) and message.startswith("error: "), (script, argv, message)
     assert "\n" not in message and must_name in message, (script, argv, message)
