@@ -71,6 +71,10 @@ DEFAULTS = dict(
     warmup_frac=0.01,  # fraction of training spent warming the learning rate up
     weight_decay=0.1,  # on every matrix but the bigram table (official script)
     adam_eps=0.1,  # large on purpose (paper 2): the gradient Adam sees always has RMS 1
+    # bridges (paper 2.3, A.3): train beside a frozen dense model (README: Bridges)
+    bridge_to="",  # a dense run's ckpt.pt; its tokenizer and token cache are used
+    c_nmse=1.0,  # weight of the bridges' reconstruction losses
+    c_kl=1.0,  # weight of the hybrid paths' KL to the dense model
     # loop and system
     eval_interval=250,  # steps between evaluations (each saves the checkpoint)
     eval_iters=20,  # batches per evaluation
@@ -107,6 +111,7 @@ RULES = dict(
     d_head=(lambda v, c: v >= 1 and c.d_model % v == 0, "at least 1 and a divisor of d_model"),
     density=FRACTION, embed_ratio=POSITIVE, anneal_frac=SHARE, warmup_frac=SHARE,
     min_per_neuron=(lambda v, c: 0 <= v <= c.density * c.d_model, "in [0, density * d_model]"),
+    c_nmse=(lambda v, c: 0 <= v < math.inf, ">= 0"), c_kl=(lambda v, c: 0 <= v < math.inf, ">= 0"),
     batch_size=COUNT, max_iters=COUNT, learning_rate=POSITIVE, adam_eps=POSITIVE, device=DEVICE,
     weight_decay=(lambda v, c: 0 <= v < math.inf, ">= 0"), eval_interval=COUNT, eval_iters=COUNT,
     log_interval=COUNT, activation=(lambda v, c: v in ("gelu", "relu"), "gelu or relu"),
@@ -506,9 +511,15 @@ class Block(nn.Module):
         self.mlp_in = Node(f"{layer}.mlp.resid_in", cfg.d_model, cfg)
         self.attn, self.mlp = Attention(cfg, layer), MLP(cfg, layer)
 
+    def sublayer(self, j: int, x):
+        """What attention (j=0) or the MLP (j=1) adds to the residual stream x."""
+        if j == 0:
+            return self.attn(self.attn_in(self.attn_norm(x)))
+        return self.mlp(self.mlp_in(self.mlp_norm(x)))
+
     def forward(self, x):
-        x = x + self.attn(self.attn_in(self.attn_norm(x)))
-        return x + self.mlp(self.mlp_in(self.mlp_norm(x)))
+        x = x + self.sublayer(0, x)
+        return x + self.sublayer(1, x)
 
 
 class GPT(nn.Module):
@@ -538,10 +549,16 @@ class GPT(nn.Module):
         x = self.wte(idx)
         return x if self.wpe is None else x + self.wpe.weight[: idx.shape[1]]
 
-    def forward(self, idx, targets=None):
-        x = self.embed(idx)
-        for block in self.blocks:
-            x = block(x)
+    def forward(self, idx, targets=None, site=0, x=None, resids=None):
+        """Logits, and their mean cross-entropy given targets. Two extras for bridges (below): the
+        2L sites are the residual stream before each attention and each MLP (site 2l, 2l+1 of block
+        l); with x the model runs from `site` on x instead of its own stream, and `resids`, a list,
+        collects the stream at every site it passes."""
+        x = self.embed(idx) if x is None else x
+        for i in range(site, 2 * len(self.blocks)):
+            if resids is not None:
+                resids.append(x)
+            x = x + self.blocks[i // 2].sublayer(i % 2, x)
         logits = self.lm_head(self.final_in(self.final_norm(x)))
         if self.bigram is not None:
             logits = logits + self.bigram(idx)
@@ -647,11 +664,14 @@ def normalize_grad_rms_(params) -> torch.Tensor:
 # checkpoints
 
 
-def save_checkpoint(path, model, optimizer, cfg, iter_num, best_val_loss, data_path):
+def save_checkpoint(path, model, optimizer, cfg, iter_num, best_val_loss, data_path,
+                    bridges=None):
     """Atomic (see atomic_write). A checkpoint holds only tensors, dicts, lists, numbers, strings
     and None, so that it loads with weights_only=True: keep it so, the config included."""
     ckpt = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "config": dict(cfg),
             "iter_num": iter_num, "best_val_loss": best_val_loss, "data_path": data_path}
+    if bridges is not None:  # Bridged.checkpoint(): the bridges and the dense model's path, sha1
+        ckpt["bridges"] = bridges
     atomic_write(path, lambda f: torch.save(ckpt, f))
 
 
@@ -806,7 +826,7 @@ def evaluate(model, fmodel, data: dict, tokenizer, cfg, device, autocast) -> dic
     return out | {"sample": tokenizer.decode(idx[0].tolist())}
 
 
-def resume(ckpt_path: str, cfg, model, optimizer) -> tuple[int, float, str]:
+def resume(ckpt_path: str, cfg, model, optimizer, bridged=None) -> tuple[int, float, str]:
     """Loads the run's model and optimizer; returns (iter_num, best_val_loss, data_path)."""
     ckpt = read_checkpoint(ckpt_path)
     changed = [k for k in DEFAULTS if k not in RESUME_MAY_CHANGE
@@ -817,6 +837,8 @@ def resume(ckpt_path: str, cfg, model, optimizer) -> tuple[int, float, str]:
     try:
         model.load_state_dict(ckpt["model"])
         optimizer.load_state_dict(ckpt["optimizer"])
+        if bridged is not None:
+            bridged.load(ckpt["bridges"], ckpt_path)
         state = int(ckpt["iter_num"]), float(ckpt["best_val_loss"]), ckpt.get("data_path", "")
     except (KeyError, RuntimeError, ValueError, TypeError) as e:
         sys.exit(f"error: cannot resume {ckpt_path} ({type(e).__name__}); start a new run")
@@ -829,7 +851,7 @@ def train_step(model, fmodel, optimizer, x, y, autocast) -> torch.Tensor:
     with autocast:
         _, loss = fmodel(x, y)
     loss.backward()
-    normalize_grad_rms_(model.parameters())
+    normalize_grad_rms_([p for group in optimizer.param_groups for p in group["params"]])
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     return loss
@@ -843,15 +865,17 @@ def train(cfg) -> list[tuple[int, float]]:
     torch.manual_seed(cfg.seed)  # the same initial weights on every rank
     model = GPT(GPTConfig.from_config(cfg)).to(device)
     optimizer = make_optimizer(model, cfg, device.type)
+    bridged, dense_data = bridge_to_dense(cfg, model, optimizer, device) if cfg.bridge_to else (
+        None, None)
     iter_num, best_val_loss, trained_on = 0, math.inf, None
     if cfg.init_from == "resume":
-        iter_num, best_val_loss, trained_on = resume(ckpt_path, cfg, model, optimizer)
+        iter_num, best_val_loss, trained_on = resume(ckpt_path, cfg, model, optimizer, bridged)
     elif os.path.exists(ckpt_path) and not cfg.overwrite:
         sys.exit(f"error: {ckpt_path} already holds a model; continue it with --init_from=resume, "
                  "or pass another --out_dir, or --overwrite=True to replace it")
     if rank > 0:
         dist.barrier()  # rank 0 builds the token cache first, the others then read it
-    data_path, tokenizer = prepare_data(cfg)
+    data_path, tokenizer = dense_data or prepare_data(cfg)
     if rank == 0 < world - 1:
         dist.barrier()
     if trained_on is not None and os.path.basename(trained_on) != os.path.basename(data_path):
@@ -876,9 +900,12 @@ def train(cfg) -> list[tuple[int, float]]:
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
     fmodel = torch.compile(model) if cfg.compile else model
+    if bridged is not None:  # then train_step runs the sparse model, the bridges, the dense one
+        bridged.sparse = fmodel
     # DDP averages the gradients during backward, so every rank then sees the same gradient, RMS,
     # Adam step and projection; evaluation uses fmodel, outside DDP, on rank 0 alone
-    train_model = DDP(fmodel) if world > 1 else fmodel
+    stepped = fmodel if bridged is None else bridged
+    train_model = DDP(stepped) if world > 1 else stepped
     stop = {"requested": False}
 
     def on_sigint(signum, frame):
@@ -918,7 +945,8 @@ def train(cfg) -> list[tuple[int, float]]:
                 tok_s = steps * cfg.batch_size * cfg.block_size / max(now - t_last, 1e-9)
                 left = (now - t_start) / (iter_num - start_iter) * (cfg.max_iters - iter_num)
                 print(f"step {iter_num} | loss {loss:.3f} | density {density_at(iter_num, cfg):.3f}"
-                      f" | lr {lr:.2e} | {tok_s / 1e3:.1f}k tok/s | {left / 60:.1f} min left")
+                      f" | lr {lr:.2e} | {tok_s / 1e3:.1f}k tok/s | {left / 60:.1f} min left"
+                      + (bridged.log_text() if bridged else ""))
                 t_last = now
             eval_now = rank == 0 and (iter_num % cfg.eval_interval == 0 or last)
             if eval_now:
@@ -926,9 +954,11 @@ def train(cfg) -> list[tuple[int, float]]:
                 best_val_loss = min(best_val_loss, out["val"])
                 print(f"eval {iter_num} | train {out['train']:.3f} | val {out['val']:.3f}")
                 print("sample: " + repr(out["sample"])[:200])
+                if bridged is not None:
+                    print(evaluate_bridges(bridged, data, cfg, device, autocast))
             if rank == 0 and (eval_now or stop["requested"]):
                 save_checkpoint(ckpt_path, model, optimizer, cfg, iter_num, best_val_loss,
-                                data_path)
+                                data_path, bridged and bridged.checkpoint())
                 t_last = time.time()  # eval and save time is not training throughput
             if stop["requested"]:
                 print(f"saved {ckpt_path} at step {iter_num}; continue with --init_from=resume")
@@ -940,6 +970,124 @@ def train(cfg) -> list[tuple[int, float]]:
     print(f"done: {iter_num} steps in {(time.time() - t_start) / 60:.1f} min, best val loss "
           f"{best_val_loss:.3f}, checkpoint {ckpt_path}")
     return history
+
+
+# -----------------------------------------------------------------------------
+# bridges (paper 2.3, 3.3, A.3; README: Bridges): the sparse model trains beside a frozen dense
+# one, joined at each of the 2L sites (GPT.forward) by an encoder f_i (dense -> sparse: Linear,
+# AbsTopK) and a decoder g_i (sparse -> dense: Linear), so that its circuits explain the dense
+# model. loss = sparse CE + c_nmse * sum_i [NMSE(f_i(h_dense_i), h_sparse_i) + NMSE(g_i(h_sparse_i),
+# h_dense_i)] + c_kl * sum_i [KL(dense logits || dense to site i, f_i, sparse from there on)
+# + KL(dense logits || sparse to site i, g_i, dense from there on)]
+
+
+def nmse(pred, target):
+    """Squared error over the target's variance per token (over its channels; the denominator
+    detached, a fixed scale), mean over tokens: 1 is as bad as predicting each token's mean."""
+    return ((pred - target).pow(2).mean(-1) / (target.var(-1, correction=0).detach() + 1e-6)).mean()
+
+
+class Bridged(nn.Module):
+    """The sparse model, the frozen dense one, and the bridges: dense matrices with biases.
+    forward(idx, targets) -> (terms, loss); it keeps the terms for the log line."""
+
+    def __init__(self, sparse: GPT, dense: GPT, cfg, dense_path: str):
+        super().__init__()
+        self.sparse, self.dense, self.cfg = sparse, dense, cfg
+        self.dense_path = os.path.abspath(dense_path)
+        self.dense_sha1 = hashlib.sha1(Path(dense_path).read_bytes()).hexdigest()
+        d, sites = dense.cfg.d_model, range(2 * cfg.n_layer)
+        self.enc = nn.ModuleList(nn.Linear(d, cfg.d_model) for _ in sites)
+        self.dec = nn.ModuleList(nn.Linear(cfg.d_model, d) for _ in sites)
+        # f_i writes a sparse residual stream: AbsTopK keeps afrac of it (d_sparse/4 by default)
+        self.k = max(1, int(cfg.afrac * cfg.d_model)) if cfg.afrac < 1 else None
+
+    def forward(self, idx, targets):
+        h_dense, h_sparse, rows = [], [], []
+        with torch.no_grad():  # the dense model's own pass needs no gradient; the hybrids' do
+            logits, dense_ce = self.dense(idx, targets, resids=h_dense)
+            log_p = F.log_softmax(logits.float(), -1).flatten(0, 1)
+            p = log_p.exp()  # KL(p || q) = sum p log p - sum p log q, its first term a constant
+            neg_entropy = (p * log_p).sum(-1).mean()
+        _, ce = self.sparse(idx, targets, resids=h_sparse)
+        for i, (f, g) in enumerate(zip(self.enc, self.dec)):
+            to_sparse, to_dense = f(h_dense[i]), g(h_sparse[i])
+            to_sparse = to_sparse if self.k is None else abstopk(to_sparse, self.k)
+            hybrids = [F.log_softmax(m(idx, site=i, x=h)[0].float(), -1).flatten(0, 1)
+                       for m, h in ((self.sparse, to_sparse), (self.dense, to_dense))]
+            rows.append(torch.stack(  # NMSE d->s, s->d, KL d->s, s->d, CE d->s, s->d
+                [nmse(to_sparse, h_sparse[i]), nmse(to_dense, h_dense[i])]
+                + [neg_entropy - (p * q).sum(-1).mean() for q in hybrids]
+                + [F.nll_loss(q, targets.flatten()) for q in hybrids]))
+        terms = torch.stack(rows)
+        loss = ce + self.cfg.c_nmse * terms[:, :2].sum() + self.cfg.c_kl * terms[:, 2:4].sum()
+        self.terms = dict(ce=ce.detach(), dense_ce=dense_ce, sites=terms.detach())
+        return self.terms, loss
+
+    def log_text(self) -> str:  # the last batch's terms
+        t = self.terms["sites"].sum(0).tolist()
+        return f" | ce {self.terms['ce']:.3f} nmse {t[0] + t[1]:.3f} kl {t[2] + t[3]:.3f}"
+
+    def checkpoint(self) -> dict:
+        return dict(dense=self.dense_path, dense_sha1=self.dense_sha1, enc=self.enc.state_dict(),
+                    dec=self.dec.state_dict())
+
+    def load(self, saved: dict, where: str):
+        if saved["dense_sha1"] != self.dense_sha1:
+            sys.exit(f"error: {self.dense_path} changed since {where} was trained beside it; "
+                     "bridge to the dense checkpoint it was trained with")
+        self.enc.load_state_dict(saved["enc"])
+        self.dec.load_state_dict(saved["dec"])
+
+
+def bridge_to_dense(cfg, model: GPT, optimizer, device) -> tuple[Bridged, tuple]:
+    """The dense model, checked to fit, and new bridges, which the optimizer steps with the sparse
+    model (matrices decayed, biases not; never projected); and the dense run's (data_path,
+    tokenizer), which this run trains on."""
+    dense, tokenizer, dcfg = load_checkpoint(cfg.bridge_to, device)
+    tok = [Path(p, "tokenizer.tiktoken") for p in (dcfg.data_path, os.path.dirname(cfg.bridge_to))]
+    bad = [f"it is weight-sparse (density {dcfg.density:g}); train a dense run (--density=1)"
+           ] * (dcfg.density < 1) + [f"its {k} is {dcfg[k]}, this run's {cfg[k]}: pass --{k}="
+                                     f"{dcfg[k]}" for k in ("n_layer", "vocab_size", "block_size")
+                                     if dcfg[k] != cfg[k] and (k != "block_size" or dcfg[k] < cfg[k])]
+    bad += [f"its token cache {tok[0]} is missing or has another tokenizer"] * (
+        not tok[0].exists() or tok[0].read_bytes() != tok[1].read_bytes())
+    if bad:
+        sys.exit(f"error: cannot bridge to {cfg.bridge_to}: {bad[0]}")
+    bridged = Bridged(model, dense.requires_grad_(False), cfg, cfg.bridge_to).to(device)
+    params = [*bridged.enc.parameters(), *bridged.dec.parameters()]
+    for decay in (True, False):
+        optimizer.add_param_group({"params": [p for p in params if (p.dim() == 2) == decay],
+                                   "weight_decay": cfg.weight_decay * decay})
+    print(f"bridges: {len(bridged.enc)} sites to {cfg.bridge_to} (d_model {dcfg.d_model}), "
+          f"{sum(p.numel() for p in params):,} dense weights")
+    return bridged, (dcfg.data_path, tokenizer)
+
+
+def load_bridged(path: str, device="cpu") -> Bridged:
+    """A bridged run's sparse model, dense model and bridges, as trained (for prune.py)."""
+    sparse, _, cfg = load_checkpoint(path, device)
+    saved = read_checkpoint(path).get("bridges")
+    if saved is None:
+        sys.exit(f"error: {path} has no bridges; train one with --bridge_to=DENSE/ckpt.pt")
+    bridged = Bridged(sparse, load_checkpoint(saved["dense"], device)[0], cfg, saved["dense"])
+    bridged.load(saved, path)
+    return bridged.to(device).requires_grad_(False)
+
+
+@torch.no_grad()
+def evaluate_bridges(bridged: Bridged, data: dict, cfg, device, autocast) -> str:
+    """The eval line: on evaluate()'s val batches, both models' CE, each site's NMSE both ways,
+    the CE of every hybrid path (d->s: dense to site i, then sparse; s->d: the reverse)."""
+    gen, runs = torch.Generator().manual_seed(cfg.seed), []
+    for _ in range(cfg.eval_iters):
+        with autocast:
+            runs.append(bridged(*get_batch(data["val"], cfg.block_size, cfg.batch_size, gen,
+                                           device))[0])
+    m = {k: sum(r[k] for r in runs) / len(runs) for k in runs[0]}
+    col = lambda j: " ".join(f"{v:.3f}" for v in m["sites"][:, j].tolist())
+    return (f"bridges val | ce sparse {m['ce']:.3f} dense {m['dense_ce']:.3f} | nmse d->s {col(0)}"
+            f" s->d {col(1)} | hybrid ce d->s {col(4)} s->d {col(5)}")
 
 
 # -----------------------------------------------------------------------------
@@ -968,6 +1116,13 @@ def bench(cfg, warmup=3, rounds=10) -> dict:
         project_weights(model, *target)
         fmodel = torch.compile(model) if vcfg.compile else model
         runs[name] = (model, fmodel, make_optimizer(model, vcfg, device.type), target, [])
+        if cfg.bridge_to and name in ("sparse", "sparse eager"):  # the same model, bridged
+            torch.manual_seed(cfg.seed)
+            model = GPT(GPTConfig.from_config(vcfg)).to(device)
+            project_weights(model, *target)
+            optimizer = make_optimizer(model, vcfg, device.type)
+            bridged = bridge_to_dense(vcfg, model, optimizer, device)[0]
+            runs[name.replace("sparse", "bridged")] = (model, bridged, optimizer, target, [])
     x, y = torch.randint(cfg.vocab_size, (2, cfg.batch_size, cfg.block_size),
                          generator=torch.Generator().manual_seed(cfg.seed)).to(device)
     for _ in range(warmup + rounds):
@@ -998,9 +1153,9 @@ def bench(cfg, warmup=3, rounds=10) -> dict:
         if cuda:
             line += f" | MFU {flops / step / peak_flops:5.1%} | peak {peak / 2**30:.2f} GiB"
         print(line)
-    for name in [n for n in step_ms if "sparse" in n]:
-        dense = name.replace("sparse", "dense")
-        print(f"ratio {name} / {dense}: {step_ms[name] / step_ms[dense]:.2f}")
+    for name in [n for n in step_ms if n.startswith(("sparse", "bridged"))]:
+        base = name.replace("sparse", "dense").replace("bridged", "sparse")
+        print(f"ratio {name} / {base}: {step_ms[name] / step_ms[base]:.2f}")
     return step_ms
 
 

@@ -1570,3 +1570,110 @@ def test_prune_runs_on_a_released_folder_with_means_in_its_tokenizer(tmp_path, m
     prune.main(argv)  # tokens and means cached, keyed to the corpus, tokenizer and model
     out = capsys.readouterr().out
     assert "val tokens" not in out and "using the cached node means" in out
+
+
+# -----------------------------------------------------------------------------
+# bridges: a sparse model trained beside a frozen dense one (sparse_gpt.py), steering (prune.py)
+
+
+@pytest.fixture(scope="session")
+def dense_run(tmp_path_factory, corpus_dir) -> str:
+    """A tiny dense run (density 1, afrac 1) to bridge to; returns its ckpt.pt."""
+    cfg = tiny_cfg(tmp_path_factory.mktemp("dense"), corpus_dir, density=1.0, afrac=1.0,
+                   max_iters=4, eval_interval=4, eval_iters=1)
+    sg.train(cfg)
+    return os.path.join(cfg.out_dir, "ckpt.pt")
+
+
+def bridged_pair(tmp_path, identity: bool, **cfg) -> sg.Bridged:
+    """small_model beside a copy of itself (afrac 1: AbsTopK would clip an identity encoder),
+    with identity bridges or freshly initialised ones; the copy frozen as train() freezes it."""
+    (tmp_path / "dense.pt").write_bytes(b"stands for the dense checkpoint")
+    cfg = sg.Config(sg.DEFAULTS, n_layer=2, d_model=32, afrac=1.0, **cfg)
+    b = sg.Bridged(small_model(afrac=1.0), small_model(afrac=1.0).requires_grad_(False), cfg,
+                   str(tmp_path / "dense.pt"))
+    if identity:
+        for lin in [*b.enc, *b.dec]:
+            lin.weight.data.copy_(torch.eye(32))
+            lin.bias.data.zero_()
+    return b
+
+
+def test_identity_bridges_to_a_copy_make_every_hybrid_the_plain_forward(tmp_path):
+    b = bridged_pair(tmp_path, identity=True)
+    idx = torch.randint(64, (3, 16), generator=torch.Generator().manual_seed(0))
+    resids = []
+    logits, ce = b.sparse(idx, idx, resids=resids)
+    assert len(resids) == 4  # before each attention and each MLP of 2 blocks
+    for site in range(4):
+        assert torch.equal(b.sparse(idx, site=site, x=resids[site])[0], logits)
+    terms, loss = b(idx, idx)
+    sites = terms["sites"]  # per site: NMSE d->s, s->d, KL d->s, s->d, hybrid CE d->s, s->d
+    assert sites.shape == (4, 6) and sites[:, :4].abs().max().item() < 1e-6
+    assert torch.allclose(sites[:, 4:], ce.expand(4, 2)) and loss.item() == pytest.approx(ce.item())
+    assert terms["dense_ce"].item() == pytest.approx(ce.item())
+    cfg = sg.Config(sg.DEFAULTS, n_layer=2, d_model=32)  # the default afrac: k = d_sparse / 4
+    assert sg.Bridged(small_model(), small_model(), cfg, str(tmp_path / "dense.pt")).k == 8
+
+
+def test_gradient_reaches_the_decoders_through_the_frozen_dense_model(tmp_path):
+    b = bridged_pair(tmp_path, identity=False, c_nmse=0.0)  # the KL terms alone
+    idx = torch.randint(64, (3, 16), generator=torch.Generator().manual_seed(0))
+    b(idx, idx)[1].backward()
+    assert all(p.grad is None for p in b.dense.parameters())
+    assert all(g.weight.grad.abs().sum() > 0 for g in b.dec)  # g_i feeds only the dense model
+    assert all(f.weight.grad.abs().sum() > 0 for f in b.enc)
+
+
+def test_bridged_training_keeps_the_dense_model_and_saves_the_bridges(tmp_path, corpus_dir,
+                                                                     dense_run, monkeypatch,
+                                                                     capsys):
+    made, real = [], sg.bridge_to_dense
+    monkeypatch.setattr(sg, "bridge_to_dense", lambda *a: made.append(real(*a)) or made[-1])
+    cfg = tiny_cfg(tmp_path, corpus_dir, max_iters=4, eval_interval=2, eval_iters=1,
+                   log_interval=2, bridge_to=dense_run)
+    sg.train(cfg)
+    bridged, before = made[0][0], sg.read_checkpoint(dense_run)["model"]
+    assert all(torch.equal(v, before[k]) for k, v in bridged.dense.state_dict().items())
+    out = capsys.readouterr().out
+    assert "| ce " in out and " nmse " in out and " kl " in out  # each loss term, every log line
+    assert out.count("bridges val | ce sparse") == 2 and "hybrid ce d->s" in out
+    ckpt = sg.read_checkpoint(os.path.join(cfg.out_dir, "ckpt.pt"))
+    with open(dense_run, "rb") as f:
+        assert ckpt["bridges"]["dense_sha1"] == hashlib.file_digest(f, "sha1").hexdigest()
+    assert ckpt["bridges"]["dense"] == os.path.abspath(dense_run)
+    assert all(torch.equal(v, bridged.enc.state_dict()[k]) for k, v in ckpt["bridges"]["enc"].items())
+    assert (bridged.enc[0].weight != 0).all()  # bridges are dense: never projected
+    model, _, _ = sg.load_checkpoint(os.path.join(cfg.out_dir, "ckpt.pt"))  # prune, tasks: as usual
+    assert model.state_dict().keys() == bridged.sparse.state_dict().keys()
+    loaded = sg.load_bridged(os.path.join(cfg.out_dir, "ckpt.pt"))
+    assert torch.equal(loaded.dec[1].weight, bridged.dec[1].weight)
+
+
+def swapped_tokenizer(folder):
+    """Two tokens of the tokenizer beside a run trade ranks: same size, another tokenizer."""
+    lines = (folder / "tokenizer.tiktoken").read_text().splitlines()
+    lines[300], lines[301] = lines[301].split()[0] + " 300", lines[300].split()[0] + " 301"
+    (folder / "tokenizer.tiktoken").write_text("\n".join(lines) + "\n")
+
+
+@pytest.mark.parametrize("case, flag, expected", [
+    ("sparse", "", "it is weight-sparse (density 0.0625)"),
+    ("layers", "--n_layer=2", "its n_layer is 1, this run's 2: pass --n_layer=1"),
+    ("vocab", "--vocab_size=600", "its vocab_size is 512, this run's 600: pass --vocab_size=512"),
+    ("context", "--block_size=128", "its block_size is 64, this run's 128: pass --block_size=64"),
+    ("tokenizer", "", "has another tokenizer")])
+def test_each_bridge_refusal_is_one_line_before_any_work(case, flag, expected, tmp_path,
+                                                         corpus_dir, dense_run):
+    dense = copy_run(os.path.dirname(dense_run), tmp_path / "dense")
+    if case == "sparse":
+        ckpt = torch.load(dense, weights_only=True)
+        torch.save({**ckpt, "config": {**ckpt["config"], "density": 1 / 16}}, dense)
+    if case == "tokenizer":
+        swapped_tokenizer(tmp_path / "dense")
+    argv = ["--preset=tiny", f"--data_dir={corpus_dir}", "--vocab_size=512",
+            f"--out_dir={tmp_path / 'out'}", f"--bridge_to={dense}"] + [flag] * bool(flag)
+    with pytest.raises(SystemExit) as e:
+        sg.main(argv)
+    assert str(e.value).startswith(f"error: cannot bridge to {dense}: ") and expected in str(e.value)
+    assert "\n" not in str(e.value) and not (tmp_path / "out").exists()
