@@ -75,6 +75,7 @@ DEFAULTS = dict(
     bridge_to="",  # a dense run's ckpt.pt; its tokenizer and token cache are used
     c_nmse=1.0,  # weight of the bridges' reconstruction losses
     c_kl=1.0,  # weight of the hybrid paths' KL to the dense model
+    hybrid_frac=0.25,  # fraction of each batch the hybrid paths run on in training: their cost
     # loop and system
     eval_interval=250,  # steps between evaluations (each saves the checkpoint)
     eval_iters=20,  # batches per evaluation
@@ -112,6 +113,7 @@ RULES = dict(
     density=FRACTION, embed_ratio=POSITIVE, anneal_frac=SHARE, warmup_frac=SHARE,
     min_per_neuron=(lambda v, c: 0 <= v <= c.density * c.d_model, "in [0, density * d_model]"),
     c_nmse=(lambda v, c: 0 <= v < math.inf, ">= 0"), c_kl=(lambda v, c: 0 <= v < math.inf, ">= 0"),
+    hybrid_frac=FRACTION,
     batch_size=COUNT, max_iters=COUNT, learning_rate=POSITIVE, adam_eps=POSITIVE, device=DEVICE,
     weight_decay=(lambda v, c: 0 <= v < math.inf, ">= 0"), eval_interval=COUNT, eval_iters=COUNT,
     log_interval=COUNT, activation=(lambda v, c: v in ("gelu", "relu"), "gelu or relu"),
@@ -1004,21 +1006,24 @@ class Bridged(nn.Module):
 
     def forward(self, idx, targets):
         h_dense, h_sparse, rows = [], [], []
+        # the 4L hybrid passes cost most: in training they see the batch's first n sequences, an
+        # unbiased sample of it (README: Bridges); evaluation runs them on every sequence
+        n = max(1, round(self.cfg.hybrid_frac * len(idx))) if self.training else len(idx)
         with torch.no_grad():  # the dense model's own pass needs no gradient; the hybrids' do
             logits, dense_ce = self.dense(idx, targets, resids=h_dense)
-            log_p = F.log_softmax(logits.float(), -1).flatten(0, 1)
+            log_p = F.log_softmax(logits[:n].float(), -1).flatten(0, 1)
             p = log_p.exp()  # KL(p || q) = sum p log p - sum p log q, its first term a constant
             neg_entropy = (p * log_p).sum(-1).mean()
         _, ce = self.sparse(idx, targets, resids=h_sparse)
         for i, (f, g) in enumerate(zip(self.enc, self.dec)):
             to_sparse, to_dense = f(h_dense[i]), g(h_sparse[i])
             to_sparse = to_sparse if self.k is None else abstopk(to_sparse, self.k)
-            hybrids = [F.log_softmax(m(idx, site=i, x=h)[0].float(), -1).flatten(0, 1)
+            hybrids = [F.log_softmax(m(idx[:n], site=i, x=h[:n])[0].float(), -1).flatten(0, 1)
                        for m, h in ((self.sparse, to_sparse), (self.dense, to_dense))]
             rows.append(torch.stack(  # NMSE d->s, s->d, KL d->s, s->d, CE d->s, s->d
                 [nmse(to_sparse, h_sparse[i]), nmse(to_dense, h_dense[i])]
                 + [neg_entropy - (p * q).sum(-1).mean() for q in hybrids]
-                + [F.nll_loss(q, targets.flatten()) for q in hybrids]))
+                + [F.nll_loss(q, targets[:n].flatten()) for q in hybrids]))
         terms = torch.stack(rows)
         loss = ce + self.cfg.c_nmse * terms[:, :2].sum() + self.cfg.c_kl * terms[:, 2:4].sum()
         self.terms = dict(ce=ce.detach(), dense_ce=dense_ce, sites=terms.detach())
@@ -1080,10 +1085,12 @@ def evaluate_bridges(bridged: Bridged, data: dict, cfg, device, autocast) -> str
     """The eval line: on evaluate()'s val batches, both models' CE, each site's NMSE both ways,
     the CE of every hybrid path (d->s: dense to site i, then sparse; s->d: the reverse)."""
     gen, runs = torch.Generator().manual_seed(cfg.seed), []
+    bridged.eval()
     for _ in range(cfg.eval_iters):
         with autocast:
             runs.append(bridged(*get_batch(data["val"], cfg.block_size, cfg.batch_size, gen,
                                            device))[0])
+    bridged.train()
     m = {k: sum(r[k] for r in runs) / len(runs) for k in runs[0]}
     col = lambda j: " ".join(f"{v:.3f}" for v in m["sites"][:, j].tolist())
     return (f"bridges val | ce sparse {m['ce']:.3f} dense {m['dense_ce']:.3f} | nmse d->s {col(0)}"
