@@ -658,57 +658,55 @@ def write_svg(path: str, r: dict):
 # through its bridge into the dense model it was trained beside (a --bridge_to checkpoint)
 
 STRENGTHS = [i / 10 for i in range(11)]
-STEER_AT = {"while_return_true": "mlp"}  # the last block's read the paper steers: else attention
+STEER_AT = {"while_return_true": "mlp"}  # which read of the last block the paper steers
 
 
 @torch.no_grad()
 def steer(model, bridged, tokenizer, keep, test: dict, task: str, cfg) -> dict:
-    """For every test prompt: the channel's counterfactual delta at every token (its value under
-    the pair's other prompt minus under this one; a pair's prompts differ in a few tokens but
-    have the same token count, so position t meets position t, and pairs that do not are left
-    out), times the channel's decoder row, times RMS(sparse) / RMS(dense) of the residual stream
-    at the site over val text (the delta is read after RMSNorm, the bridge acts before it), times
-    a strength, added to the dense model's residual read at that site. Returns the dense model's
-    mean probability of the other prompt's answer, steered, along a random direction of the same
-    norm (mean of 5), and not steered, in both directions (prompt_a -> b, b -> a)."""
-    last, dense = test["last"], bridged.dense
+    """Per test prompt: the channel's counterfactual delta at every token (its value under the
+    pair's other prompt minus under this one; the two prompts differ in a few tokens, not in
+    length, so position t meets position t: pairs of two lengths are left out), times its decoder
+    row, times RMS(sparse) / RMS(dense) of the site's residual stream over val text (the delta is
+    read after RMSNorm, the bridge acts before it), times a strength, added to the dense model's
+    read there. Returns its mean probability of the other prompt's answer per direction: steered,
+    along random directions of the same norm (mean of 5), and not steered."""
+    last, dense, rows = test["last"], bridged.dense, torch.arange(len(test["last"]))
     loc = f"{model.cfg.n_layer - 1}.{STEER_AT.get(task, 'attn')}.resid_in"
     record = {}
     with hooked(model, lambda name, x: record.setdefault(name, x)):  # stores x, returns it
         model(test["idx"])
-    answer = lambda v: v[torch.arange(len(last)), last]
-    separation = lambda v: (v[0::2].mean() - v[1::2].mean()).abs() / (v.std() + 1e-6)
-    names = [n for i, n in enumerate(node_names(model)) if n.startswith(loc + ".") and (
-        keep is None or keep[i] > 0)] or [f"{loc}.{c}" for c in range(model.cfg.d_model)]
-    node = cfg.steer_node or max(names, key=lambda n: separation(answer(
-        record[loc][..., int(n.rsplit(".", 1)[1])])).item())
+
+    def separation(name: str) -> float:  # at the answer: |mean on prompt_a - on prompt_b| / std
+        v = record[loc][rows, last, int(name.rsplit(".", 1)[1])]
+        return ((v[0::2].mean() - v[1::2].mean()).abs() / (v.std() + 1e-6)).item()
+
+    names = [n for i, n in enumerate(node_names(model)) if n.startswith(loc + ".")
+             and (keep is None or keep[i] > 0)] or [f"{loc}.{c}" for c in range(model.cfg.d_model)]
+    node = cfg.steer_node or max(names, key=separation)  # no circuit node there: any channel
     loc, c = node.rsplit(".", 1)
-    site = 2 * int(loc.split(".")[0]) + (loc.split(".")[1] == "mlp")
+    site = 2 * int(loc.split(".")[0]) + loc.endswith("mlp.resid_in")
     x = record[loc][..., int(c)]
     delta = x.view(-1, 2, x.shape[1]).flip(1).reshape(x.shape) - x
     same = (last.view(-1, 2)[:, 0] == last.view(-1, 2)[:, 1]).repeat_interleave(2).float()
-    gen = torch.Generator().manual_seed(cfg.seed)
-    text = sparse_gpt.get_batch(np.fromfile(os.path.join(bridged.cfg.data_path, "val.bin"),
-                                            np.uint16), model.cfg.block_size, 32, gen, x.device)[0]
-    h_s, h_d = [], []
+    gen, h_s, h_d = torch.Generator().manual_seed(cfg.seed), [], []
+    val = np.fromfile(os.path.join(bridged.cfg.data_path, "val.bin"), np.uint16)
+    text = sparse_gpt.get_batch(val, model.cfg.block_size, 32, gen, x.device)[0]
     model(text, resids=h_s)
     dense(text, resids=h_d)
     ratio = (h_s[site].pow(2).mean() / h_d[site].pow(2).mean()).sqrt().item()
     row = bridged.dec[site].weight[:, int(c)] * ratio
     other = torch.where(test["sign"] > 0, test["tok_b"], test["tok_a"])
 
-    def p_other(direction, strength) -> list[float]:  # mean over prompt_a rows, prompt_b rows
-        add = strength * delta[..., None] * direction
-        with hooked(dense, lambda name, h: h + add if name == loc else h):
-            logits = dense(test["idx"])[0][torch.arange(len(last)), last]
-        p = logits.float().softmax(-1).gather(1, other[:, None])[:, 0] * same
+    def p_other(direction, strength) -> list[float]:  # means over prompt_a rows, prompt_b rows
+        with hooked(dense, lambda name, h: h + strength * delta[..., None] * direction
+                    if name == loc else h):
+            p = dense(test["idx"])[0][rows, last].float().softmax(-1)[rows, other] * same
         return [(p[i::2].sum() / same[i::2].sum()).item() for i in (0, 1)]
 
     randoms = [torch.randn(len(row), generator=gen).to(row) for _ in range(5)]
-    randoms = [r * row.norm() / r.norm() for r in randoms]
     curves = {"steered": [p_other(row, s) for s in STRENGTHS], "none": p_other(row, 0.0),
-              "random": [np.mean([p_other(r, s) for r in randoms], axis=0).tolist()
-                         for s in STRENGTHS]}
+              "random": [np.mean([p_other(r * row.norm() / r.norm(), s) for r in randoms], 0)
+                         .tolist() for s in STRENGTHS]}
     a, b = (tokenizer.decode([test[k][0].item()]) for k in ("tok_a", "tok_b"))
     return {"task": task, "node": node, "site": site, "rms_ratio": ratio, "strength": STRENGTHS,
             "n_pairs": int(same.sum().item()) // 2, "directions": {
@@ -717,43 +715,41 @@ def steer(model, bridged, tokenizer, keep, test: dict, task: str, cfg) -> dict:
 
 
 def print_steering(r: dict):
-    print(f"{r['task']}: steering the dense model through {r['node']} (site {r['site']}, RMS "
-          f"ratio {r['rms_ratio']:.3f}, {r['n_pairs']} test pairs): mean P(the other answer)")
-    dirs = r["directions"]
-    print(f"{'strength':>8}" + "".join(f"{d:>16}{'random':>10}" for d in dirs))
+    print(f"{r['task']}: the dense model steered through {r['node']} (site {r['site']}, RMS ratio "
+          f"{r['rms_ratio']:.3f}, {r['n_pairs']} test pairs): mean P(the other answer)\n"
+          f"{'strength':>8}" + "".join(f"{d:>16}{'random':>10}" for d in r["directions"]))
     for i, s in enumerate(r["strength"]):
         print(f"{s:>8.1f}" + "".join(f"{v['steered'][i]:>16.4f}{v['random'][i]:>10.4f}"
-                                     for v in dirs.values()))
-    for d, v in dirs.items():
+                                     for v in r["directions"].values()))
+    for d, v in r["directions"].items():
         print(f"{d}: none {v['none']:.4f}; at strength 1, x{v['steered'][-1] / v['none']:.1f} "
               f"over none, x{v['steered'][-1] / v['random'][-1]:.1f} over random")
 
 
 def write_steer_svg(path: str, r: dict):
-    """The curves of <task>.steer.json on a log axis, as plain SVG text like the circuits."""
-    width, height, left, top, right = 640, 360, 70, 60, 200  # pixels
+    """The curves of <task>.steer.json against strength, log axis, as plain SVG text."""
     curves = [(f"{d} {k}", v[k] if k != "none" else [v[k]] * len(r["strength"]), colour, dash)
               for (d, v), colour in zip(r["directions"].items(), ("#2b6cb0", "#c53030"))
               for k, dash in (("steered", ""), ("random", "6 3"), ("none", "2 3"))]
     logs = [math.log10(max(p, 1e-12)) for c in curves for p in c[1]]
     lo, hi = math.floor(min(logs)), max(math.ceil(max(logs)), math.floor(min(logs)) + 1)
-    px = lambda s: left + s * (width - left - right)
-    py = lambda p: top + (hi - math.log10(max(p, 1e-12))) / (hi - lo) * (height - top - 40)
-    out = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" '
-           'font-family="sans-serif" font-size="11"><rect width="100%" height="100%" fill="white"/>',
+    px = lambda s: 70 + 370 * s  # pixels
+    py = lambda p: 60 + 260 * (hi - math.log10(max(p, 1e-12))) / (hi - lo)
+    out = ['<svg xmlns="http://www.w3.org/2000/svg" width="640" height="360" font-family='
+           '"sans-serif" font-size="11"><rect width="100%" height="100%" fill="white"/>',
            f'<text x="10" y="22" font-size="15" font-weight="bold">{html.escape(r["task"])}: '
-           f'steering the dense model through {html.escape(r["node"])}</text>',
-           f'<text x="10" y="42" fill="#555">mean P(the other answer) against strength '
-           f'(0 = none, 1 = fully patched), log axis; {r["n_pairs"]} test pairs</text>']
-    out += [f'<line x1="{left}" y1="{py(10**e):.0f}" x2="{px(1)}" y2="{py(10**e):.0f}" '
-            f'stroke="#e4e4e4"/><text x="{left - 6}" y="{py(10**e) + 4:.0f}" text-anchor="end" '
-            f'fill="#888">1e{e}</text>' for e in range(lo, hi + 1)]
-    out += [f'<text x="{px(s):.0f}" y="{height - 22}" text-anchor="middle" fill="#888">{s:g}'
-            '</text>' for s in (0, 0.5, 1)]
+           f'the dense model steered through {html.escape(r["node"])}</text><text x="10" y="42" '
+           'fill="#555">mean P(the other answer) against strength (0 = none, 1 = fully patched)'
+           f', {r["n_pairs"]} test pairs</text>']
+    out += [f'<line x1="70" y1="{py(10**e):.0f}" x2="440" y2="{py(10**e):.0f}" stroke="#e4e4e4"/>'
+            f'<text x="64" y="{py(10**e) + 4:.0f}" text-anchor="end" fill="#888">1e{e}</text>'
+            for e in range(lo, hi + 1)]
+    out += [f'<text x="{px(s):.0f}" y="340" text-anchor="middle" fill="#888">{s:g}</text>'
+            for s in (0, 0.5, 1)]
     for i, (label, ps, colour, dash) in enumerate(curves):
-        pts = " ".join(f"{px(s):.0f},{py(p):.1f}" for s, p in zip(r["strength"], ps))
-        out.append(f'<polyline points="{pts}" fill="none" stroke="{colour}" stroke-width="2" '
-                   f'stroke-dasharray="{dash}"/><text x="{px(1) + 10:.0f}" y="{top + 16 * i}" '
+        points = " ".join(f"{px(s):.0f},{py(p):.1f}" for s, p in zip(r["strength"], ps))
+        out.append(f'<polyline points="{points}" fill="none" stroke="{colour}" stroke-width="2" '
+                   f'stroke-dasharray="{dash}"/><text x="450" y="{60 + 16 * i}" '
                    f'fill="{colour}">{html.escape(label)}</text>')
     Path(path).write_text("\n".join(out + ["</svg>"]) + "\n")
 
@@ -866,11 +862,8 @@ def main(argv):
             sys.exit(f"error: no task is solved at accuracy >= {cfg.solved_acc:.0%}; "
                      "name some with --tasks=a,b or lower --solved_acc")
     bridged = sparse_gpt.load_bridged(paths[0], device) if cfg.steer else None
-    where = cfg.steer_node.split(".")
-    if cfg.steer and cfg.steer_node and (int(where[0]) >= bridged.cfg.n_layer
-                                         or int(where[-1]) >= bridged.cfg.d_model):
-        sys.exit(f"error: --steer_node={cfg.steer_node} is not in this model "
-                 f"({bridged.cfg.n_layer} layers, d_model {bridged.cfg.d_model})")
+    if cfg.steer_node and cfg.steer_node not in node_names(loaded[0][0]):
+        sys.exit(f"error: --steer_node={cfg.steer_node} is not a node of {paths[0]}")
     runs = []
     for path, (model, tokenizer, cfg_model) in zip(paths, loaded):
         model.requires_grad_(False)  # only the masks learn

@@ -1578,9 +1578,9 @@ def test_prune_runs_on_a_released_folder_with_means_in_its_tokenizer(tmp_path, m
 
 @pytest.fixture(scope="session")
 def dense_run(tmp_path_factory, corpus_dir) -> str:
-    """A tiny dense run (density 1, afrac 1) to bridge to; returns its ckpt.pt."""
+    """A tiny dense run (density 1, afrac 1, 2 layers) to bridge to; returns its ckpt.pt."""
     cfg = tiny_cfg(tmp_path_factory.mktemp("dense"), corpus_dir, density=1.0, afrac=1.0,
-                   max_iters=4, eval_interval=4, eval_iters=1)
+                   n_layer=2, max_iters=4, eval_interval=4, eval_iters=1)
     sg.train(cfg)
     return os.path.join(cfg.out_dir, "ckpt.pt")
 
@@ -1607,7 +1607,7 @@ def test_identity_bridges_to_a_copy_make_every_hybrid_the_plain_forward(tmp_path
     assert len(resids) == 4  # before each attention and each MLP of 2 blocks
     for site in range(4):
         assert torch.equal(b.sparse(idx, site=site, x=resids[site])[0], logits)
-    terms, loss = b(idx, idx)
+    terms, loss = b.eval()(idx, idx)  # in eval mode the hybrids run on every sequence
     sites = terms["sites"]  # per site: NMSE d->s, s->d, KL d->s, s->d, hybrid CE d->s, s->d
     assert sites.shape == (4, 6) and sites[:, :4].abs().max().item() < 1e-6
     assert torch.allclose(sites[:, 4:], ce.expand(4, 2)) and loss.item() == pytest.approx(ce.item())
@@ -1625,28 +1625,34 @@ def test_gradient_reaches_the_decoders_through_the_frozen_dense_model(tmp_path):
     assert all(f.weight.grad.abs().sum() > 0 for f in b.enc)
 
 
-def test_bridged_training_keeps_the_dense_model_and_saves_the_bridges(tmp_path, corpus_dir,
-                                                                     dense_run, monkeypatch,
-                                                                     capsys):
-    made, real = [], sg.bridge_to_dense
-    monkeypatch.setattr(sg, "bridge_to_dense", lambda *a: made.append(real(*a)) or made[-1])
-    cfg = tiny_cfg(tmp_path, corpus_dir, max_iters=4, eval_interval=2, eval_iters=1,
+@pytest.fixture(scope="session")
+def bridged_run(tmp_path_factory, corpus_dir, dense_run):
+    """A tiny run bridged to dense_run: (its ckpt.pt, the Bridged object it trained, its log)."""
+    made, real, log = [], sg.bridge_to_dense, tmp_path_factory.mktemp("bridged") / "log.txt"
+    cfg = tiny_cfg(log.parent, corpus_dir, n_layer=2, max_iters=4, eval_interval=2, eval_iters=1,
                    log_interval=2, bridge_to=dense_run)
-    sg.train(cfg)
-    bridged, before = made[0][0], sg.read_checkpoint(dense_run)["model"]
+    with pytest.MonkeyPatch.context() as mp, open(log, "w") as f:
+        mp.setattr(sg, "bridge_to_dense", lambda *a: made.append(real(*a)) or made[-1])
+        mp.setattr(sys, "stdout", f)
+        sg.train(cfg)
+    return os.path.join(cfg.out_dir, "ckpt.pt"), made[0][0], log.read_text()
+
+
+def test_bridged_training_keeps_the_dense_model_and_saves_the_bridges(dense_run, bridged_run):
+    path, bridged, out = bridged_run
+    before = sg.read_checkpoint(dense_run)["model"]
     assert all(torch.equal(v, before[k]) for k, v in bridged.dense.state_dict().items())
-    out = capsys.readouterr().out
     assert "| ce " in out and " nmse " in out and " kl " in out  # each loss term, every log line
     assert out.count("bridges val | ce sparse") == 2 and "hybrid ce d->s" in out
-    ckpt = sg.read_checkpoint(os.path.join(cfg.out_dir, "ckpt.pt"))
+    ckpt = sg.read_checkpoint(path)
     with open(dense_run, "rb") as f:
         assert ckpt["bridges"]["dense_sha1"] == hashlib.file_digest(f, "sha1").hexdigest()
     assert ckpt["bridges"]["dense"] == os.path.abspath(dense_run)
     assert all(torch.equal(v, bridged.enc.state_dict()[k]) for k, v in ckpt["bridges"]["enc"].items())
     assert (bridged.enc[0].weight != 0).all()  # bridges are dense: never projected
-    model, _, _ = sg.load_checkpoint(os.path.join(cfg.out_dir, "ckpt.pt"))  # prune, tasks: as usual
+    model, _, _ = sg.load_checkpoint(path)  # what prune.py and tasks.py read: the sparse model
     assert model.state_dict().keys() == bridged.sparse.state_dict().keys()
-    loaded = sg.load_bridged(os.path.join(cfg.out_dir, "ckpt.pt"))
+    loaded = sg.load_bridged(path)
     assert torch.equal(loaded.dec[1].weight, bridged.dec[1].weight)
 
 
@@ -1659,7 +1665,7 @@ def swapped_tokenizer(folder):
 
 @pytest.mark.parametrize("case, flag, expected", [
     ("sparse", "", "it is weight-sparse (density 0.0625)"),
-    ("layers", "--n_layer=2", "its n_layer is 1, this run's 2: pass --n_layer=1"),
+    ("layers", "--n_layer=1", "its n_layer is 2, this run's 1: pass --n_layer=2"),
     ("vocab", "--vocab_size=600", "its vocab_size is 512, this run's 600: pass --vocab_size=512"),
     ("context", "--block_size=128", "its block_size is 64, this run's 128: pass --block_size=64"),
     ("tokenizer", "", "has another tokenizer")])
@@ -1671,9 +1677,33 @@ def test_each_bridge_refusal_is_one_line_before_any_work(case, flag, expected, t
         torch.save({**ckpt, "config": {**ckpt["config"], "density": 1 / 16}}, dense)
     if case == "tokenizer":
         swapped_tokenizer(tmp_path / "dense")
-    argv = ["--preset=tiny", f"--data_dir={corpus_dir}", "--vocab_size=512",
+    argv = ["--preset=tiny", f"--data_dir={corpus_dir}", "--vocab_size=512", "--n_layer=2",
             f"--out_dir={tmp_path / 'out'}", f"--bridge_to={dense}"] + [flag] * bool(flag)
     with pytest.raises(SystemExit) as e:
         sg.main(argv)
     assert str(e.value).startswith(f"error: cannot bridge to {dense}: ") and expected in str(e.value)
     assert "\n" not in str(e.value) and not (tmp_path / "out").exists()
+
+
+def test_steering_writes_its_curves_and_strength_zero_changes_nothing(bridged_run, dense_run,
+                                                                     tmp_path):
+    run = shutil.copytree(os.path.dirname(bridged_run[0]), tmp_path / "run")
+    argv = [f"--ckpt={run / 'ckpt.pt'}", "--tasks=single_double_quote", "--steer=True",
+            "--steps=2", "--n_pairs=6", "--control=False", "--target_loss=10", "--mean_batches=1"]
+    prune.main(argv)
+    r = json.loads((run / "circuits" / "single_double_quote.steer.json").read_text())
+    assert r["node"].startswith("1.attn.resid_in.") and r["strength"][0] == 0 and r["n_pairs"] == 6
+    ET.parse(run / "circuits" / "single_double_quote.steer.svg")
+    bridged, tokenizer = sg.load_bridged(str(run / "ckpt.pt")), sg.load_checkpoint(str(run / "ckpt.pt"))[1]
+    pairs = tasks.for_tokenizer(tokenizer, "single_double_quote",
+                                tasks.make_pairs("single_double_quote", 6, 0, "test"))
+    test = tasks.encode_pairs(tokenizer, pairs, 64)
+    with torch.no_grad():  # the dense model unsteered: P(the other prompt's answer)
+        logits = bridged.dense(test["idx"])[0][torch.arange(12), test["last"]].softmax(-1)
+    p = logits[torch.arange(12), torch.where(test["sign"] > 0, test["tok_b"], test["tok_a"])]
+    for i, (d, v) in enumerate(r["directions"].items()):
+        assert len(v["steered"]) == len(v["random"]) == 11
+        assert v["steered"][0] == v["none"] == pytest.approx(p[i::2].mean().item(), rel=1e-6)
+    assert any(v["steered"][-1] != v["none"] for v in r["directions"].values())
+    with pytest.raises(SystemExit, match="has no bridges; train one with --bridge_to="):
+        sg.load_bridged(dense_run)
