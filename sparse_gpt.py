@@ -1001,6 +1001,9 @@ class Bridged(nn.Module):
         d, sites = dense.cfg.d_model, range(2 * cfg.n_layer)
         self.enc = nn.ModuleList(nn.Linear(d, cfg.d_model) for _ in sites)
         self.dec = nn.ModuleList(nn.Linear(cfg.d_model, d) for _ in sites)
+        for lin in [*self.enc, *self.dec]:  # as the model's matrices: the default init is ~5x
+            nn.init.normal_(lin.weight, std=0.02)  # larger, and its bias alone outweighs the
+            nn.init.zeros_(lin.bias)  # sparse model's residual stream (RMS ~0.01; README)
         # f_i writes a sparse residual stream: AbsTopK keeps afrac of it (d_sparse/4 by default)
         self.k = max(1, int(cfg.afrac * cfg.d_model)) if cfg.afrac < 1 else None
 
