@@ -552,10 +552,9 @@ class GPT(nn.Module):
         return x if self.wpe is None else x + self.wpe.weight[: idx.shape[1]]
 
     def forward(self, idx, targets=None, site=0, x=None, resids=None):
-        """Logits, and their mean cross-entropy given targets. Two extras for bridges (below): the
-        2L sites are the residual stream before each attention and each MLP (site 2l, 2l+1 of block
-        l); with x the model runs from `site` on x instead of its own stream, and `resids`, a list,
-        collects the stream at every site it passes."""
+        """Logits, and their mean cross-entropy given targets. For bridges (below): site 2l / 2l+1
+        is the residual stream before block l's attention / MLP; given x the model runs from `site`
+        on x, not its own stream; `resids`, a list, collects the stream at every site it passes."""
         x = self.embed(idx) if x is None else x
         for i in range(site, 2 * len(self.blocks)):
             if resids is not None:
@@ -948,7 +947,7 @@ def train(cfg) -> list[tuple[int, float]]:
                 left = (now - t_start) / (iter_num - start_iter) * (cfg.max_iters - iter_num)
                 print(f"step {iter_num} | loss {loss:.3f} | density {density_at(iter_num, cfg):.3f}"
                       f" | lr {lr:.2e} | {tok_s / 1e3:.1f}k tok/s | {left / 60:.1f} min left"
-                      + (bridged.log_text() if bridged else ""))
+                      + (bridged.log if bridged else ""))  # the last batch's terms
                 t_last = now
             eval_now = rank == 0 and (iter_num % cfg.eval_interval == 0 or last)
             if eval_now:
@@ -991,7 +990,7 @@ def nmse(pred, target):
 
 class Bridged(nn.Module):
     """The sparse model, the frozen dense one, and the bridges: dense matrices with biases.
-    forward(idx, targets) -> (terms, loss); it keeps the terms for the log line."""
+    forward(idx, targets) -> (the terms of the loss, detached; the loss)."""
 
     def __init__(self, sparse: GPT, dense: GPT, cfg, dense_path: str):
         super().__init__()
@@ -1029,12 +1028,8 @@ class Bridged(nn.Module):
                 + [F.nll_loss(q, targets[:n].flatten()) for q in hybrids]))
         terms = torch.stack(rows)
         loss = ce + self.cfg.c_nmse * terms[:, :2].sum() + self.cfg.c_kl * terms[:, 2:4].sum()
-        self.terms = dict(ce=ce.detach(), dense_ce=dense_ce, sites=terms.detach())
-        return self.terms, loss
-
-    def log_text(self) -> str:  # the last batch's terms
-        t = self.terms["sites"].sum(0).tolist()
-        return f" | ce {self.terms['ce']:.3f} nmse {t[0] + t[1]:.3f} kl {t[2] + t[3]:.3f}"
+        self.log = f" | ce {ce:.3f} nmse {terms[:, :2].sum():.3f} kl {terms[:, 2:4].sum():.3f}"
+        return dict(ce=ce.detach(), dense_ce=dense_ce, sites=terms.detach()), loss
 
     def checkpoint(self) -> dict:
         return dict(dense=self.dense_path, dense_sha1=self.dense_sha1, enc=self.enc.state_dict(),
@@ -1055,9 +1050,10 @@ def bridge_to_dense(cfg, model: GPT, optimizer, device) -> tuple[Bridged, tuple]
     dense, tokenizer, dcfg = load_checkpoint(cfg.bridge_to, device)
     tok = [Path(p, "tokenizer.tiktoken") for p in (dcfg.data_path, os.path.dirname(cfg.bridge_to))]
     bad = [f"it is weight-sparse (density {dcfg.density:g}); train a dense run (--density=1)"
-           ] * (dcfg.density < 1) + [f"its {k} is {dcfg[k]}, this run's {cfg[k]}: pass --{k}="
-                                     f"{dcfg[k]}" for k in ("n_layer", "vocab_size", "block_size")
-                                     if dcfg[k] != cfg[k] and (k != "block_size" or dcfg[k] < cfg[k])]
+           ] * (dcfg.density < 1) + [
+        f"its {k} is {dcfg[k]}, this run's {cfg[k]}: pass --{k}={dcfg[k]}"
+        for k in ("n_layer", "vocab_size", "block_size")  # a longer dense context is fine
+        if dcfg[k] != cfg[k] and (k != "block_size" or dcfg[k] < cfg[k])]
     bad += [f"its token cache {tok[0]} is missing or has another tokenizer"] * (
         not tok[0].exists() or tok[0].read_bytes() != tok[1].read_bytes())
     if bad:

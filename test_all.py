@@ -545,8 +545,9 @@ def test_ddp_on_two_processes_trains_the_one_process_model(bridged, tmp_path, co
     whole: the ranks must agree bit for bit (DDP hands each the same averaged gradient), the
     curve with one process to 2e-6 relative. Two half-batch means averaged are not one mean bit
     for bit: the losses differ by <= 2e-7 relative over these 6 steps (measured; <= 5e-7 with
-    bridges); a wrong shard or an unaveraged gradient moves them by >= 1e-4. (Over 40 steps a weight at the top-k threshold can flip and
-    the gap grows to ~1e-2, but one process accumulating the same two halves matches DDP.)"""
+    bridges); a wrong shard or an unaveraged gradient moves them by >= 1e-4. (Over 40 steps a
+    weight at the top-k threshold can flip and the gap grows to ~1e-2, but one process
+    accumulating the same two halves matches DDP.)"""
     cfg = tiny_cfg(tmp_path / "single", corpus_dir, max_iters=6, eval_interval=3, eval_iters=1,
                    log_interval=3)
     if bridged:  # the bridges' gradients are averaged too, and resume restores them
@@ -589,8 +590,8 @@ def test_ddp_on_two_processes_trains_the_one_process_model(bridged, tmp_path, co
     assert "eval 6" in log0 and "step 6" in log0 and log1 == ""
     assert sg.read_checkpoint(str(tmp_path / "ddp" / "ckpt.pt"))["iter_num"] == 6
     if bridged:  # the bridges train alike in both
-        two, one = (sg.read_checkpoint(str(path))["bridges"]
-                    for path in (tmp_path / "ddp" / "ckpt.pt", os.path.join(cfg.out_dir, "ckpt.pt")))
+        two, one = (sg.read_checkpoint(str(path))["bridges"] for path in
+                    (tmp_path / "ddp" / "ckpt.pt", os.path.join(cfg.out_dir, "ckpt.pt")))
         assert max((two[m][k] - one[m][k]).abs().max().item() for m in ("enc", "dec")
                    for k in one[m]) < 1e-5
 
@@ -1657,7 +1658,8 @@ def test_bridged_training_keeps_the_dense_model_and_saves_the_bridges(dense_run,
     with open(dense_run, "rb") as f:
         assert ckpt["bridges"]["dense_sha1"] == hashlib.file_digest(f, "sha1").hexdigest()
     assert ckpt["bridges"]["dense"] == os.path.abspath(dense_run)
-    assert all(torch.equal(v, bridged.enc.state_dict()[k]) for k, v in ckpt["bridges"]["enc"].items())
+    enc = bridged.enc.state_dict()
+    assert all(torch.equal(v, enc[k]) for k, v in ckpt["bridges"]["enc"].items())
     assert (bridged.enc[0].weight != 0).all()  # bridges are dense: never projected
     model, _, _ = sg.load_checkpoint(path)  # what prune.py and tasks.py read: the sparse model
     assert model.state_dict().keys() == bridged.sparse.state_dict().keys()
@@ -1690,7 +1692,8 @@ def test_each_bridge_refusal_is_one_line_before_any_work(case, flag, expected, t
             f"--out_dir={tmp_path / 'out'}", f"--bridge_to={dense}"] + [flag] * bool(flag)
     with pytest.raises(SystemExit) as e:
         sg.main(argv)
-    assert str(e.value).startswith(f"error: cannot bridge to {dense}: ") and expected in str(e.value)
+    assert str(e.value).startswith(f"error: cannot bridge to {dense}: ")
+    assert expected in str(e.value)
     assert "\n" not in str(e.value) and not (tmp_path / "out").exists()
 
 
@@ -1703,7 +1706,8 @@ def test_steering_writes_its_curves_and_strength_zero_changes_nothing(bridged_ru
     r = json.loads((run / "circuits" / "single_double_quote.steer.json").read_text())
     assert r["node"].startswith("1.attn.resid_in.") and r["strength"][0] == 0 and r["n_pairs"] == 6
     ET.parse(run / "circuits" / "single_double_quote.steer.svg")
-    bridged, tokenizer = sg.load_bridged(str(run / "ckpt.pt")), sg.load_checkpoint(str(run / "ckpt.pt"))[1]
+    bridged = sg.load_bridged(str(run / "ckpt.pt"))
+    tokenizer = sg.load_checkpoint(str(run / "ckpt.pt"))[1]
     pairs = tasks.for_tokenizer(tokenizer, "single_double_quote",
                                 tasks.make_pairs("single_double_quote", 6, 0, "test"))
     test = tasks.encode_pairs(tokenizer, pairs, 64)
