@@ -92,310 +92,18 @@ PRESETS = {
                 compile=True),
 }
 
-# where AbsTopK may act (afrac_nodes); the ninth node location, final.resid_in, has none
-NODE_LOCATIONS = ("attn.resid_in", "attn.q", "attn.k", "attn.v", "attn.resid_delta",
-                  "mlp.resid_in", "mlp.post_act", "mlp.resid_delta")
-# What each value must be, checked after presets and flags: key -> (test(value, cfg), rule).
-COUNT, POSITIVE = (lambda v, c: v >= 1, "at least 1"), (lambda v, c: 0 < v < math.inf, "> 0")
-FRACTION, SHARE = (lambda v, c: 0 < v <= 1, "in (0, 1]"), (lambda v, c: 0 <= v <= 1, "in [0, 1]")
-DEVICE = (lambda v, c: v in ("auto", "cpu", "cuda", "mps"), "auto, cpu, cuda or mps")
-RULES = dict(
-    out_dir=(lambda v, c: v != "", "a folder"),
-    init_from=(lambda v, c: v in ("scratch", "resume"), "scratch or resume"),
-    vocab_size=(lambda v, c: 263 <= v <= 65536, "in [263, 65536] (6 task tokens; uint16 ids)"),
-    n_layer=COUNT, d_model=COUNT, d_mlp=COUNT, block_size=COUNT, afrac=FRACTION,
-    d_head=(lambda v, c: v >= 1 and c.d_model % v == 0, "at least 1 and a divisor of d_model"),
-    density=FRACTION, embed_ratio=POSITIVE, anneal_frac=SHARE, warmup_frac=SHARE,
-    min_per_neuron=(lambda v, c: 0 <= v <= c.density * c.d_model, "in [0, density * d_model]"),
-    batch_size=COUNT, max_iters=COUNT, learning_rate=POSITIVE, adam_eps=POSITIVE, device=DEVICE,
-    weight_decay=(lambda v, c: 0 <= v < math.inf, ">= 0"), eval_interval=COUNT, eval_iters=COUNT,
-    log_interval=COUNT, activation=(lambda v, c: v in ("gelu", "relu"), "gelu or relu"),
-    afrac_nodes=(lambda v, c: v == "all" or set(v.split(",")) <= set(NODE_LOCATIONS),
-                 "all or some of " + ",".join(NODE_LOCATIONS)))
-# what --init_from=resume may change: none of it touches the model, the data or the schedule
-RESUME_MAY_CHANGE = ("out_dir cache_dir init_from overwrite device compile eval_interval "
-                     "eval_iters log_interval bench").split()
-
 
 class Config(dict):
     __getattr__ = dict.__getitem__  # a dict whose keys read as attributes: cfg.n_layer
-
-
-def parse_value(text: str, default):
-    if isinstance(default, bool):  # a KeyError for anything else
-        return {"true": True, "1": True, "yes": True, "false": False, "0": False, "no": False}[
-            text.lower()]
-    return os.path.expanduser(text) if isinstance(default, str) else type(default)(text)
-
-
-def print_help(defaults, presets):
-    """Every key, its default and the comment beside it in its script's DEFAULTS."""
-    owner = [m for m in list(sys.modules.values())
-             if getattr(m, "__dict__", {}).get("DEFAULTS") is defaults]
-    text = open(owner[0].__file__).read().split("DEFAULTS = dict(")[1] if owner else ""
-    notes = dict(re.findall(r"^    (\w+)=.*?# (.*)$", text.split("\n)")[0], re.M))
-    print("\n".join([f"  {f'--{k}={v}':<26} {notes.get(k, '')}" for k, v in defaults.items()]
-                    + [f"presets (--preset=NAME): {' '.join(presets or ())}"] * bool(presets)))
-
-
-def parse_config(argv, defaults=DEFAULTS, presets=PRESETS, rules=RULES) -> Config:
-    """--key=value over --preset=NAME over defaults, then checked against the rules. Shared by
-    all three scripts. --help lists the keys; bad input exits with one clear line."""
-    if {"-h", "--help"} & set(argv):
-        print_help(defaults, presets)
-        sys.exit(0)
-    pairs = {}
-    for arg in argv:
-        if not arg.startswith("--") or "=" not in arg:
-            sys.exit(f"error: expected --key=value, got '{arg}'")
-        key, text = arg[2:].split("=", 1)
-        if key not in defaults:
-            sys.exit(f"error: unknown config key '{key}'; valid keys: {' '.join(defaults)}")
-        try:
-            pairs[key] = parse_value(text, defaults[key])
-        except (KeyError, ValueError):
-            kind = type(defaults[key]).__name__
-            sys.exit(f"error: --{key}={text} is not a valid {kind} (default {defaults[key]!r})")
-    cfg = Config(defaults)
-    if presets:
-        name = pairs.get("preset", cfg.preset)
-        if name == "auto":
-            name = "gpu" if torch.cuda.is_available() else "cpu"
-        if name not in presets:
-            sys.exit(f"error: unknown preset '{name}'; valid presets: {' '.join(presets)}")
-        cfg.update(presets[name], preset=name)
-    cfg.update(pairs)
-    for key, (ok, rule) in rules.items():
-        if key in cfg and not ok(cfg[key], cfg):
-            sys.exit(f"error: {key}={cfg[key]} is invalid: it must be {rule}")
-    return cfg
-
-
-# -----------------------------------------------------------------------------
-# corpus: every .py file under a folder, split into train/val by a hash of its path
-
-
-def stdlib_dir() -> str:
-    return sysconfig.get_paths()["stdlib"]
-
-
-def list_py_files(root: str) -> list[str]:
-    if not os.path.isdir(root):
-        sys.exit(f"error: corpus folder '{root}' not found (or not a folder); pass --data_dir=PATH")
-    found = []
-    for dirpath, dirnames, filenames in os.walk(root):
-        dirnames[:] = sorted(d for d in dirnames if d != "site-packages")
-        found += [os.path.join(dirpath, f) for f in sorted(filenames) if f.endswith(".py")]
-    if not found:
-        sys.exit(f"error: no .py files under '{root}'; pass --data_dir= a folder of Python code")
-    return found
-
-
-def path_hash(relpath: str) -> int:
-    return int(hashlib.sha1(relpath.encode()).hexdigest(), 16)
-
-
-def is_val_file(relpath: str) -> bool:
-    """About 1 file in 20 goes to val, decided by its path alone (stable across machines)."""
-    return path_hash(relpath) % 20 == 0
-
-
-def read_corpus(root: str) -> tuple[list[str], list[str]]:
-    """Returns (train_docs, val_docs); unreadable and non-UTF-8 files are skipped, counted."""
-    docs, skipped = {}, 0
-    for path in list_py_files(root):
-        try:
-            docs[os.path.relpath(path, root)] = Path(path).read_text(encoding="utf-8")
-        except (OSError, UnicodeDecodeError):
-            skipped += 1
-    if len(docs) < 2:
-        sys.exit(f"error: corpus '{root}' has {len(docs)} readable .py file(s), fewer than 2")
-    val_names = [p for p in docs if is_val_file(p)] or [min(docs, key=path_hash)]  # small corpora
-    train = [text for p, text in docs.items() if p not in val_names]
-    val = [docs[p] for p in val_names]
-    print(f"corpus: {len(train)} train + {len(val)} val files from {root} ({skipped} skipped: "
-          "unreadable or not UTF-8)")
-    return train, val
-
-
-# -----------------------------------------------------------------------------
-# tokenizer: byte-level BPE, trained here, used through tiktoken for speed
-
-# Pre-tokenizer: newline+indentation, words with an optional leading space, and runs of
-# punctuation kept together (paper 2), so ("  ')  ]]  ], are single chunks. Newlines are never
-# part of a punctuation run: otherwise BPE merges "]\n" and never learns "]]".
-PRETOKEN_PATTERN = r"""\n[ \t]*| ?\w+| ?[^\s\w]+|[ \t]+(?!\S)|\s"""
-# The pre-tokenizer of OpenAI's tinypython_2k, the released models' tokenizer: punctuation runs
-# keep trailing newlines and slashes, a letter run keeps one leading non-letter ("(self").
-TINYPYTHON_PATTERN = (r"""[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n/]*|"""
-                      r"""\s*[\r\n]+|\s+(?!\S)|\s+""")
-# Tokens the tasks answer with: merged first, so they exist whatever the corpus statistics.
-REQUIRED_TOKENS = ['("', "('", '")', "')", "]]", "],"]
-EOT = "<|endoftext|>"
-
-
-def train_bpe(docs: list[str], vocab_size: int, pattern=PRETOKEN_PATTERN) -> dict[bytes, int]:
-    """Learns vocab_size - 257 merges (256 bytes + end-of-text are fixed). Returns tiktoken
-    ranks. Incremental: a merge only revisits the words that contain its pair."""
-    # re lacks \p{L}; regex (a dependency of tiktoken) has it but cuts ours a little differently
-    pretoken = regex.compile(pattern) if r"\p" in pattern else re.compile(pattern)
-    word_counts = Counter(word for doc in docs for word in pretoken.findall(doc))
-    words = [list(w.encode()) for w in word_counts]
-    freqs = list(word_counts.values())
-    token_bytes = [bytes([i]) for i in range(256)]
-    pair_count, where = Counter(), {}
-    for i, (w, f) in enumerate(zip(words, freqs)):
-        for pair in zip(w, w[1:]):
-            pair_count[pair] += f
-            where.setdefault(pair, set()).add(i)
-
-    def merge(pair):
-        new_id = len(token_bytes)
-        token_bytes.append(token_bytes[pair[0]] + token_bytes[pair[1]])
-        changed = set()
-        for i in where.pop(pair, ()):
-            w, f = words[i], freqs[i]
-            out, j = [], 0
-            while j < len(w):
-                if j + 1 < len(w) and (w[j], w[j + 1]) == pair:
-                    out.append(new_id)
-                    j += 2
-                else:
-                    out.append(w[j])
-                    j += 1
-            for p in zip(w, w[1:]):
-                pair_count[p] -= f
-            for p in zip(out, out[1:]):
-                pair_count[p] += f
-                where.setdefault(p, set()).add(i)
-            changed.update(zip(w, w[1:]), zip(out, out[1:]))
-            words[i] = out
-        pair_count.pop(pair, None)
-        return changed
-
-    for tok in REQUIRED_TOKENS:  # two-byte tokens: one merge each
-        merge(tuple(tok.encode()))
-    # a heap of (-count, pair) with stale entries skipped on pop; ties break on the pair ids
-    heap = [(-c, p) for p, c in pair_count.items() if c > 0]
-    heapq.heapify(heap)
-    while len(token_bytes) < vocab_size - 1 and heap:
-        neg, pair = heapq.heappop(heap)
-        if pair_count.get(pair, 0) != -neg:
-            continue
-        for p in merge(pair):
-            if pair_count.get(p, 0) > 0:
-                heapq.heappush(heap, (-pair_count[p], p))
-    return {b: rank for rank, b in enumerate(token_bytes)}
-
-
-def make_encoding(ranks: dict[bytes, int], name="sparse_gpt", pattern=PRETOKEN_PATTERN):
-    return tiktoken.Encoding(name, pat_str=pattern, mergeable_ranks=ranks,
-                             special_tokens={EOT: len(ranks)})
-
-
-def save_tokenizer(ranks: dict[bytes, int], path: str):
-    """tiktoken's rank-file format: one 'base64(token) rank' per line."""
-    lines = [f"{base64.b64encode(b).decode()} {ranks[b]}\n" for b in sorted(ranks, key=ranks.get)]
-    atomic_write(path, lambda f: f.write("".join(lines).encode()))
-
-
-def load_tokenizer(path: str, fix: str = "copy a good one there") -> tiktoken.Encoding:
-    try:  # fix: what the user should do when the file is missing or damaged
-        ranks = {base64.b64decode(tok, validate=True): int(rank)
-                 for tok, rank in map(str.split, Path(path).read_text().splitlines())}
-        return make_encoding(ranks)
-    except (OSError, ValueError) as e:  # missing, a folder, not text, not 'base64 rank' lines
-        sys.exit(f"error: cannot read tokenizer '{path}' ({type(e).__name__}); {fix}")
-
-
-def atomic_write(path: str, write):
-    """write(f) fills path.tmp, which is synced to disk, then renamed over path: a crash leaves
-    the old file or the new one, never half of one. An interrupted write removes its .tmp."""
-    try:
-        with open(path + ".tmp", "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(path + ".tmp", path)
-    except BaseException:
-        Path(path + ".tmp").unlink(missing_ok=True)
-        raise
-
-
-def load_data_gym_tokenizer(folder: str) -> tiktoken.Encoding:
-    """tinypython_2k as the released models ship it, GPT-2 style: vocab.bpe + encoder.json, read
-    by tiktoken (which checks that they agree), end-of-text after the last rank, their pattern."""
-    files = [os.path.join(folder, f) for f in ("vocab.bpe", "encoder.json")]
-    try:  # the file hashes key tiktoken's cache, so a replaced file is never read stale
-        hashes = [hashlib.sha256(open(f, "rb").read()).hexdigest() for f in files]
-        ranks = tiktoken.load.data_gym_to_mergeable_bpe_ranks(*files, *hashes)
-    except (OSError, AssertionError, KeyError, ValueError) as e:
-        sys.exit(f"error: no tinypython tokenizer in {folder} ({type(e).__name__}): download its "
-                 "vocab.bpe and encoder.json there (README: Prune the paper's released models)")
-    return make_encoding(ranks, "tinypython_2k", TINYPYTHON_PATTERN)
-
-
-# -----------------------------------------------------------------------------
-# token data: uint16 train.bin / val.bin, cached per corpus and vocab size
-
-
-def cache_digest(folder: str) -> bytes:
-    """sha1 of the cache's files. sha1.txt, written last, records it: a cache whose files do not
-    match it (missing, truncated, corrupt, half-built) is rebuilt, never trusted."""
-    names = ("tokenizer.tiktoken", "train.bin", "val.bin")
-    return hashlib.sha1(b"".join(Path(folder, n).read_bytes() for n in names)).hexdigest().encode()
-
-
-def prepare_data(cfg) -> tuple[str, tiktoken.Encoding]:
-    """Returns (folder with train.bin/val.bin/tokenizer.tiktoken, tokenizer), building them once."""
-    root = os.path.abspath(cfg.data_dir or stdlib_dir())
-    key = hashlib.sha1(f"{root}|{cfg.vocab_size}|{PRETOKEN_PATTERN}|{REQUIRED_TOKENS}".encode())
-    for path in list_py_files(root):
-        key.update(f"{os.path.relpath(path, root)}:{os.path.getsize(path)}".encode())
-    name = f"{os.path.basename(root)}-{key.hexdigest()[:10]}"
-    folder = os.path.abspath(os.path.join(cfg.cache_dir, name))
-    tok_path = os.path.join(folder, "tokenizer.tiktoken")
-    try:  # a cache that is missing or does not match its sha1.txt is rebuilt
-        if Path(folder, "sha1.txt").read_bytes() == cache_digest(folder):
-            print(f"data: using cached tokens in {folder}")
-            return folder, load_tokenizer(tok_path, f"delete the folder {folder} to rebuild it")
-    except OSError:
-        pass
-    t0 = time.time()
-    train_docs, val_docs = read_corpus(root)
-    ranks = train_bpe(train_docs, cfg.vocab_size)
-    if len(ranks) + 1 < cfg.vocab_size:  # BPE ran out of pairs to merge
-        sys.exit(f"error: corpus '{root}' yields only {len(ranks) + 1} tokens; lower --vocab_size")
-    os.makedirs(folder, exist_ok=True)
-    save_tokenizer(ranks, tok_path)
-    enc = make_encoding(ranks)
-    t1 = time.time()
-    print(f"tokenizer: {len(ranks) + 1} tokens trained in {t1 - t0:.1f}s")
-    for split, docs in (("train", train_docs), ("val", val_docs)):
-        ids = [t for doc in enc.encode_ordinary_batch(docs) for t in doc + [enc.eot_token]]
-        atomic_write(os.path.join(folder, f"{split}.bin"), np.array(ids, dtype=np.uint16).tofile)
-        print(f"data: {split}.bin holds {len(ids):,} tokens")
-    atomic_write(os.path.join(folder, "sha1.txt"), lambda f: f.write(cache_digest(folder)))
-    print(f"data: encoded in {time.time() - t1:.1f}s, cached in {folder}")
-    return folder, enc
-
-
-def get_batch(data: np.ndarray, block_size: int, batch_size: int, gen: torch.Generator, device,
-              rank: int = 0, world: int = 1):
-    """Random windows of block_size tokens; the generator makes every batch reproducible."""
-    ix = torch.randint(len(data) - block_size - 1, (batch_size,), generator=gen).tolist()
-    ix = ix[rank::world]  # DDP: every rank draws the same global batch and keeps its share
-    xy = torch.from_numpy(np.stack([data[i : i + block_size + 1].astype(np.int64) for i in ix]))
-    if device.type == "cuda":
-        xy = xy.pin_memory()  # so that the copy to the GPU can overlap the step
-    xy = xy.to(device, non_blocking=True)
-    return xy[:, :-1], xy[:, 1:]
 
 
 # -----------------------------------------------------------------------------
 # model: GPT with RMSNorm, small heads, attention sinks, a bigram table, and AbsTopK at every
 # node location (paper section 1)
 
+# where AbsTopK may act (afrac_nodes); the ninth node location, final.resid_in, has none
+NODE_LOCATIONS = ("attn.resid_in", "attn.q", "attn.k", "attn.v", "attn.resid_delta",
+                  "mlp.resid_in", "mlp.post_act", "mlp.resid_delta")
 # the model's keys of DEFAULTS, as the dataclass GPT is built from: GPTConfig(d_model=64, ...)
 MODEL_KEYS = ("vocab_size n_layer d_model d_head n_head d_mlp block_size afrac afrac_nodes "
               "activation bias pos_embed norm_eps attn_sink bigram_table").split()
@@ -644,149 +352,19 @@ def normalize_grad_rms_(params) -> torch.Tensor:
 
 
 # -----------------------------------------------------------------------------
-# checkpoints
-
-
-def save_checkpoint(path, model, optimizer, cfg, iter_num, best_val_loss, data_path):
-    """Atomic (see atomic_write). A checkpoint holds only tensors, dicts, lists, numbers, strings
-    and None, so that it loads with weights_only=True: keep it so, the config included."""
-    ckpt = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "config": dict(cfg),
-            "iter_num": iter_num, "best_val_loss": best_val_loss, "data_path": data_path}
-    atomic_write(path, lambda f: torch.save(ckpt, f))
-
-
-def read_checkpoint(path: str) -> dict:
-    if not os.path.exists(path):
-        sys.exit(f"error: checkpoint '{path}' not found; train one with python sparse_gpt.py")
-    try:  # weights_only: a pickled object could run any code when loaded
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        why = "it holds code, not just data: refused" if "GLOBAL" in str(e) else type(e).__name__
-        sys.exit(f"error: cannot read checkpoint '{path}' ({why}); retrain or pick another")
-    if not (isinstance(ckpt, dict) and "model" in ckpt and isinstance(ckpt.get("config"), dict)):
-        sys.exit(f"error: '{path}' is not a sparse_gpt checkpoint (no model/config)")
-    return ckpt
-
-
-def load_checkpoint(path: str, device="cpu") -> tuple[GPT, tiktoken.Encoding, Config]:
-    """Our ckpt.pt with tokenizer.tiktoken beside it, or a released model's folder (or its
-    final_model.pt) with tinypython's vocab.bpe and encoder.json."""
-    folder = path if os.path.isdir(path) else os.path.dirname(path) or "."
-    if os.path.isdir(path) or os.path.basename(path) == "final_model.pt":
-        model, cfg = load_release(folder)
-        tokenizer = load_data_gym_tokenizer(folder)
-    else:
-        ckpt = read_checkpoint(path)
-        cfg = Config({**DEFAULTS, **ckpt["config"]}, data_path=ckpt.get("data_path", ""))
-        try:
-            model = GPT(GPTConfig.from_config(cfg))
-            model.load_state_dict(ckpt["model"])
-        except (RuntimeError, TypeError, ValueError, AttributeError):
-            sys.exit(f"error: checkpoint '{path}' does not match this model code; retrain it")
-        tokenizer = load_tokenizer(os.path.join(folder, "tokenizer.tiktoken"),
-                                   f"copy the run's own there (its cache {cfg.data_path} has one)")
-    if tokenizer.n_vocab != cfg.vocab_size:
-        sys.exit(f"error: the tokenizer beside '{path}' has {tokenizer.n_vocab} tokens, the model "
-                 f"{cfg.vocab_size}; put the model's own tokenizer there")
-    return model.to(device).eval(), tokenizer, cfg
-
-
-# -----------------------------------------------------------------------------
-# the paper's released models (openai/circuit_sparsity): a folder with beeg_config.json (their
-# GPTConfig), final_model.pt (a state_dict) and tinypython's encoder.json and vocab.bpe
-
-# their field: (our key, their default); refused: (the one value we run, their default)
-RELEASE_FIELDS = dict(
-    vocab_size=("vocab_size", 50304), block_size=("block_size", 1024), n_layer=("n_layer", 12),
-    d_model=("d_model", 768), n_head=("n_head", 12), d_head=("d_head", None), d_mlp=("d_mlp", None),
-    bias=("bias", True), activation_type=("activation", "gelu"), afrac=("afrac", None),
-    afrac_loctypes=("afrac_nodes", "attn_in,attn_out,mlp_in,mlp_out"),
-    enable_bigram_table=("bigram_table", False), sink=("attn_sink", False))
-RELEASE_REFUSED = dict(rms_norm=(True, False), residual_activation_type=("identity",) * 2,
-                       tied_unembed=(False, True), d_pos_emb=(None, None),
-                       use_tied_aux_matrix=(False, False), tokenizer_name=("tinypython_2k",) * 2)
-RELEASE_IGNORED = ("dropout ln_bias debug_nans grad_checkpointing flash enable_sparse_kernels "
-                   "learnable_bigram_table dropout_cat_pos_emb sinusoidal_cat_pos_emb").split()
-# their state_dict names -> ours (transformer.h.3.ln_1.weight -> blocks.3.attn_norm.weight)
-RELEASE_NAMES = {"transformer.h.": "blocks.", ".ln_1.": ".attn_norm.", ".ln_2.": ".mlp_norm.",
-                 "attn_imp.sink_logit": "sink", "transformer.ln_f.": "final_norm.",
-                 "transformer.": "", "bigram_table": "bigram.weight"}
-RELEASE_LOCATIONS = dict(zip("attn_in attn_q attn_k attn_v attn_out mlp_in mlp_neuron mlp_out"
-                             .split(), NODE_LOCATIONS))  # their afrac_loctypes -> our locations
-
-
-def release_config(beeg: dict, where: str) -> Config:
-    """Their GPTConfig as our flat config; what we cannot run exactly is a one-line error."""
-    beeg = {"d_mlp" if k == "n_mlp" else k: v for k, v in beeg.items()}  # older files: n_mlp
-    refused = [f"{k}={beeg.get(k, d)!r}" for k, (ok, d) in RELEASE_REFUSED.items()
-               if beeg.get(k, d) != ok]
-    refused += [k for k in beeg if k not in {*RELEASE_FIELDS, *RELEASE_REFUSED, *RELEASE_IGNORED}]
-    cfg = Config(DEFAULTS, pos_embed=True, norm_eps=torch.finfo(torch.float32).eps, data_path="")
-    cfg.update({ours: beeg.get(k, default) for k, (ours, default) in RELEASE_FIELDS.items()})
-    locations = [t for t in cfg.afrac_nodes.split(",") if t] * (cfg.afrac is not None)
-    refused += [f"afrac_loctypes {t}" for t in locations if t not in RELEASE_LOCATIONS]
-    refused += [f"activation_type={cfg.activation!r}"] * (cfg.activation not in ("gelu", "relu"))
-    if refused:
-        sys.exit(f"error: {where}: {refused[0]} is not supported by this loader")
-    cfg.update(d_head=cfg.d_head or cfg.d_model // cfg.n_head, d_mlp=cfg.d_mlp or 4 * cfg.d_model,
-               afrac=cfg.afrac if locations else 1.0,
-               afrac_nodes=",".join(RELEASE_LOCATIONS[t] for t in locations) or "all")
-    return cfg
-
-
-def load_release(folder: str) -> tuple[GPT, Config]:
-    """A released model as our GPT, its logits equal to theirs (float32)."""
-    cfg_path, sd_path = (os.path.join(folder, f) for f in ("beeg_config.json", "final_model.pt"))
-    try:
-        cfg = release_config(json.loads(Path(cfg_path).read_text()), cfg_path)
-        sd = torch.load(sd_path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        sys.exit(f"error: cannot read {cfg_path} and final_model.pt ({type(e).__name__}); download "
-                 "them into one folder (README: Prune the paper's released models)")
-    rename = re.compile("|".join(map(re.escape, RELEASE_NAMES)))
-    sd = {rename.sub(lambda m: RELEASE_NAMES[m[0]], k): t.float() for k, t in sd.items()
-          if not re.fullmatch(r"transformer\.h\.\d+\.attn\.bias", k)}  # a causal-mask buffer
-    if not cfg.bigram_table:
-        sd.pop("bigram.weight", None)  # a buffer their model then ignores
-    bias = sd.pop("final_logits_bias", torch.zeros(1))
-    if bias.any():  # added to every logit = added to every row of the bigram table
-        cfg["bigram_table"] = True
-        sd["bigram.weight"] = sd.get("bigram.weight", torch.zeros(cfg.vocab_size, 1)) + bias
-    model = GPT(GPTConfig.from_config(cfg))
-    want = model.state_dict()
-    bad = sorted(set(want) ^ set(sd))
-    bad += [k for k in sd if k in want and sd[k].shape != want[k].shape]
-    if bad:
-        sys.exit(f"error: {sd_path} does not fit its beeg_config.json (tensor {bad[0]})")
-    model.load_state_dict(sd)
-    return model, cfg
-
-
-# -----------------------------------------------------------------------------
 # training loop
 
 
-def pick_device(name: str) -> torch.device:
-    seen = dict(cuda=torch.cuda.is_available(), mps=torch.backends.mps.is_available(), cpu=True)
-    if name == "auto":
-        name = next(n for n, ok in seen.items() if ok)
-    if not seen.get(name):
-        sys.exit(f"error: --device={name} but no such device is visible; use --device=cpu")
-    return torch.device(name)
-
-
-def setup_ddp(device: torch.device, batch_size: int) -> tuple[int, int, torch.device]:
-    """Under torchrun (RANK set) joins the process group: NCCL, one GPU per process, or gloo."""
-    if "RANK" not in os.environ:
-        return 0, 1, device
-    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
-    if batch_size % world:
-        sys.exit(f"error: global batch_size={batch_size} is not a multiple of {world} processes")
+def get_batch(data: np.ndarray, block_size: int, batch_size: int, gen: torch.Generator, device,
+              rank: int = 0, world: int = 1):
+    """Random windows of block_size tokens; the generator makes every batch reproducible."""
+    ix = torch.randint(len(data) - block_size - 1, (batch_size,), generator=gen).tolist()
+    ix = ix[rank::world]  # DDP: every rank draws the same global batch and keeps its share
+    xy = torch.from_numpy(np.stack([data[i : i + block_size + 1].astype(np.int64) for i in ix]))
     if device.type == "cuda":
-        device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
-        torch.cuda.set_device(device)
-    dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    return rank, world, device
+        xy = xy.pin_memory()  # so that the copy to the GPU can overlap the step
+    xy = xy.to(device, non_blocking=True)
+    return xy[:, :-1], xy[:, 1:]
 
 
 @torch.no_grad()
@@ -804,24 +382,6 @@ def evaluate(model, fmodel, data: dict, tokenizer, cfg, device, autocast) -> dic
         idx = model.generate(idx, 48, gen=torch.Generator(device=device).manual_seed(0))
     model.train()
     return out | {"sample": tokenizer.decode(idx[0].tolist())}
-
-
-def resume(ckpt_path: str, cfg, model, optimizer) -> tuple[int, float, str]:
-    """Loads the run's model and optimizer; returns (iter_num, best_val_loss, data_path)."""
-    ckpt = read_checkpoint(ckpt_path)
-    changed = [k for k in DEFAULTS if k not in RESUME_MAY_CHANGE
-               and ckpt["config"].get(k, DEFAULTS[k]) != cfg[k]]
-    if changed:
-        sys.exit(f"error: --init_from=resume continues the run's own config; drop the flags "
-                 f"that change it ({', '.join(changed)}), or start a new run elsewhere")
-    try:
-        model.load_state_dict(ckpt["model"])
-        optimizer.load_state_dict(ckpt["optimizer"])
-        state = int(ckpt["iter_num"]), float(ckpt["best_val_loss"]), ckpt.get("data_path", "")
-    except (KeyError, RuntimeError, ValueError, TypeError) as e:
-        sys.exit(f"error: cannot resume {ckpt_path} ({type(e).__name__}); start a new run")
-    print(f"resuming from {ckpt_path} at step {state[0]}")
-    return state
 
 
 def train_step(model, fmodel, optimizer, x, y, autocast) -> torch.Tensor:
@@ -942,6 +502,473 @@ def train(cfg) -> list[tuple[int, float]]:
     return history
 
 
+# =============================================================================
+# below: machinery, read when you need it
+# =============================================================================
+
+# -----------------------------------------------------------------------------
+# corpus: every .py file under a folder, split into train/val by a hash of its path
+
+
+def stdlib_dir() -> str:
+    return sysconfig.get_paths()["stdlib"]
+
+
+def list_py_files(root: str) -> list[str]:
+    if not os.path.isdir(root):
+        sys.exit(f"error: corpus folder '{root}' not found (or not a folder); pass --data_dir=PATH")
+    found = []
+    for dirpath, dirnames, filenames in os.walk(root):
+        dirnames[:] = sorted(d for d in dirnames if d != "site-packages")
+        found += [os.path.join(dirpath, f) for f in sorted(filenames) if f.endswith(".py")]
+    if not found:
+        sys.exit(f"error: no .py files under '{root}'; pass --data_dir= a folder of Python code")
+    return found
+
+
+def path_hash(relpath: str) -> int:
+    return int(hashlib.sha1(relpath.encode()).hexdigest(), 16)
+
+
+def is_val_file(relpath: str) -> bool:
+    """About 1 file in 20 goes to val, decided by its path alone (stable across machines)."""
+    return path_hash(relpath) % 20 == 0
+
+
+def read_corpus(root: str) -> tuple[list[str], list[str]]:
+    """Returns (train_docs, val_docs); unreadable and non-UTF-8 files are skipped, counted."""
+    docs, skipped = {}, 0
+    for path in list_py_files(root):
+        try:
+            docs[os.path.relpath(path, root)] = Path(path).read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError):
+            skipped += 1
+    if len(docs) < 2:
+        sys.exit(f"error: corpus '{root}' has {len(docs)} readable .py file(s), fewer than 2")
+    val_names = [p for p in docs if is_val_file(p)] or [min(docs, key=path_hash)]  # small corpora
+    train = [text for p, text in docs.items() if p not in val_names]
+    val = [docs[p] for p in val_names]
+    print(f"corpus: {len(train)} train + {len(val)} val files from {root} ({skipped} skipped: "
+          "unreadable or not UTF-8)")
+    return train, val
+
+
+# -----------------------------------------------------------------------------
+# tokenizer: byte-level BPE, trained here, used through tiktoken for speed
+
+# Pre-tokenizer: newline+indentation, words with an optional leading space, and runs of
+# punctuation kept together (paper 2), so ("  ')  ]]  ], are single chunks. Newlines are never
+# part of a punctuation run: otherwise BPE merges "]\n" and never learns "]]".
+PRETOKEN_PATTERN = r"""\n[ \t]*| ?\w+| ?[^\s\w]+|[ \t]+(?!\S)|\s"""
+# The pre-tokenizer of OpenAI's tinypython_2k, the released models' tokenizer: punctuation runs
+# keep trailing newlines and slashes, a letter run keeps one leading non-letter ("(self").
+TINYPYTHON_PATTERN = (r"""[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n/]*|"""
+                      r"""\s*[\r\n]+|\s+(?!\S)|\s+""")
+# Tokens the tasks answer with: merged first, so they exist whatever the corpus statistics.
+REQUIRED_TOKENS = ['("', "('", '")', "')", "]]", "],"]
+EOT = "<|endoftext|>"
+
+
+def train_bpe(docs: list[str], vocab_size: int, pattern=PRETOKEN_PATTERN) -> dict[bytes, int]:
+    """Learns vocab_size - 257 merges (256 bytes + end-of-text are fixed). Returns tiktoken
+    ranks. Incremental: a merge only revisits the words that contain its pair."""
+    # re lacks \p{L}; regex (a dependency of tiktoken) has it but cuts ours a little differently
+    pretoken = regex.compile(pattern) if r"\p" in pattern else re.compile(pattern)
+    word_counts = Counter(word for doc in docs for word in pretoken.findall(doc))
+    words = [list(w.encode()) for w in word_counts]
+    freqs = list(word_counts.values())
+    token_bytes = [bytes([i]) for i in range(256)]
+    pair_count, where = Counter(), {}
+    for i, (w, f) in enumerate(zip(words, freqs)):
+        for pair in zip(w, w[1:]):
+            pair_count[pair] += f
+            where.setdefault(pair, set()).add(i)
+
+    def merge(pair):
+        new_id = len(token_bytes)
+        token_bytes.append(token_bytes[pair[0]] + token_bytes[pair[1]])
+        changed = set()
+        for i in where.pop(pair, ()):
+            w, f = words[i], freqs[i]
+            out, j = [], 0
+            while j < len(w):
+                if j + 1 < len(w) and (w[j], w[j + 1]) == pair:
+                    out.append(new_id)
+                    j += 2
+                else:
+                    out.append(w[j])
+                    j += 1
+            for p in zip(w, w[1:]):
+                pair_count[p] -= f
+            for p in zip(out, out[1:]):
+                pair_count[p] += f
+                where.setdefault(p, set()).add(i)
+            changed.update(zip(w, w[1:]), zip(out, out[1:]))
+            words[i] = out
+        pair_count.pop(pair, None)
+        return changed
+
+    for tok in REQUIRED_TOKENS:  # two-byte tokens: one merge each
+        merge(tuple(tok.encode()))
+    # a heap of (-count, pair) with stale entries skipped on pop; ties break on the pair ids
+    heap = [(-c, p) for p, c in pair_count.items() if c > 0]
+    heapq.heapify(heap)
+    while len(token_bytes) < vocab_size - 1 and heap:
+        neg, pair = heapq.heappop(heap)
+        if pair_count.get(pair, 0) != -neg:
+            continue
+        for p in merge(pair):
+            if pair_count.get(p, 0) > 0:
+                heapq.heappush(heap, (-pair_count[p], p))
+    return {b: rank for rank, b in enumerate(token_bytes)}
+
+
+def make_encoding(ranks: dict[bytes, int], name="sparse_gpt", pattern=PRETOKEN_PATTERN):
+    return tiktoken.Encoding(name, pat_str=pattern, mergeable_ranks=ranks,
+                             special_tokens={EOT: len(ranks)})
+
+
+def save_tokenizer(ranks: dict[bytes, int], path: str):
+    """tiktoken's rank-file format: one 'base64(token) rank' per line."""
+    lines = [f"{base64.b64encode(b).decode()} {ranks[b]}\n" for b in sorted(ranks, key=ranks.get)]
+    atomic_write(path, lambda f: f.write("".join(lines).encode()))
+
+
+def load_tokenizer(path: str, fix: str = "copy a good one there") -> tiktoken.Encoding:
+    try:  # fix: what the user should do when the file is missing or damaged
+        ranks = {base64.b64decode(tok, validate=True): int(rank)
+                 for tok, rank in map(str.split, Path(path).read_text().splitlines())}
+        return make_encoding(ranks)
+    except (OSError, ValueError) as e:  # missing, a folder, not text, not 'base64 rank' lines
+        sys.exit(f"error: cannot read tokenizer '{path}' ({type(e).__name__}); {fix}")
+
+
+
+
+def load_data_gym_tokenizer(folder: str) -> tiktoken.Encoding:
+    """tinypython_2k as the released models ship it, GPT-2 style: vocab.bpe + encoder.json, read
+    by tiktoken (which checks that they agree), end-of-text after the last rank, their pattern."""
+    files = [os.path.join(folder, f) for f in ("vocab.bpe", "encoder.json")]
+    try:  # the file hashes key tiktoken's cache, so a replaced file is never read stale
+        hashes = [hashlib.sha256(open(f, "rb").read()).hexdigest() for f in files]
+        ranks = tiktoken.load.data_gym_to_mergeable_bpe_ranks(*files, *hashes)
+    except (OSError, AssertionError, KeyError, ValueError) as e:
+        sys.exit(f"error: no tinypython tokenizer in {folder} ({type(e).__name__}): download its "
+                 "vocab.bpe and encoder.json there (README: Prune the paper's released models)")
+    return make_encoding(ranks, "tinypython_2k", TINYPYTHON_PATTERN)
+
+
+# -----------------------------------------------------------------------------
+# token data: uint16 train.bin / val.bin, cached per corpus and vocab size
+
+
+def cache_digest(folder: str) -> bytes:
+    """sha1 of the cache's files. sha1.txt, written last, records it: a cache whose files do not
+    match it (missing, truncated, corrupt, half-built) is rebuilt, never trusted."""
+    names = ("tokenizer.tiktoken", "train.bin", "val.bin")
+    return hashlib.sha1(b"".join(Path(folder, n).read_bytes() for n in names)).hexdigest().encode()
+
+
+def prepare_data(cfg) -> tuple[str, tiktoken.Encoding]:
+    """Returns (folder with train.bin/val.bin/tokenizer.tiktoken, tokenizer), building them once."""
+    root = os.path.abspath(cfg.data_dir or stdlib_dir())
+    key = hashlib.sha1(f"{root}|{cfg.vocab_size}|{PRETOKEN_PATTERN}|{REQUIRED_TOKENS}".encode())
+    for path in list_py_files(root):
+        key.update(f"{os.path.relpath(path, root)}:{os.path.getsize(path)}".encode())
+    name = f"{os.path.basename(root)}-{key.hexdigest()[:10]}"
+    folder = os.path.abspath(os.path.join(cfg.cache_dir, name))
+    tok_path = os.path.join(folder, "tokenizer.tiktoken")
+    try:  # a cache that is missing or does not match its sha1.txt is rebuilt
+        if Path(folder, "sha1.txt").read_bytes() == cache_digest(folder):
+            print(f"data: using cached tokens in {folder}")
+            return folder, load_tokenizer(tok_path, f"delete the folder {folder} to rebuild it")
+    except OSError:
+        pass
+    t0 = time.time()
+    train_docs, val_docs = read_corpus(root)
+    ranks = train_bpe(train_docs, cfg.vocab_size)
+    if len(ranks) + 1 < cfg.vocab_size:  # BPE ran out of pairs to merge
+        sys.exit(f"error: corpus '{root}' yields only {len(ranks) + 1} tokens; lower --vocab_size")
+    os.makedirs(folder, exist_ok=True)
+    save_tokenizer(ranks, tok_path)
+    enc = make_encoding(ranks)
+    t1 = time.time()
+    print(f"tokenizer: {len(ranks) + 1} tokens trained in {t1 - t0:.1f}s")
+    for split, docs in (("train", train_docs), ("val", val_docs)):
+        ids = [t for doc in enc.encode_ordinary_batch(docs) for t in doc + [enc.eot_token]]
+        atomic_write(os.path.join(folder, f"{split}.bin"), np.array(ids, dtype=np.uint16).tofile)
+        print(f"data: {split}.bin holds {len(ids):,} tokens")
+    atomic_write(os.path.join(folder, "sha1.txt"), lambda f: f.write(cache_digest(folder)))
+    print(f"data: encoded in {time.time() - t1:.1f}s, cached in {folder}")
+    return folder, enc
+
+
+# -----------------------------------------------------------------------------
+# checkpoints
+
+
+def atomic_write(path: str, write):
+    """write(f) fills path.tmp, which is synced to disk, then renamed over path: a crash leaves
+    the old file or the new one, never half of one. An interrupted write removes its .tmp."""
+    try:
+        with open(path + ".tmp", "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(path + ".tmp", path)
+    except BaseException:
+        Path(path + ".tmp").unlink(missing_ok=True)
+        raise
+def save_checkpoint(path, model, optimizer, cfg, iter_num, best_val_loss, data_path):
+    """Atomic (see atomic_write). A checkpoint holds only tensors, dicts, lists, numbers, strings
+    and None, so that it loads with weights_only=True: keep it so, the config included."""
+    ckpt = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "config": dict(cfg),
+            "iter_num": iter_num, "best_val_loss": best_val_loss, "data_path": data_path}
+    atomic_write(path, lambda f: torch.save(ckpt, f))
+
+
+def read_checkpoint(path: str) -> dict:
+    if not os.path.exists(path):
+        sys.exit(f"error: checkpoint '{path}' not found; train one with python sparse_gpt.py")
+    try:  # weights_only: a pickled object could run any code when loaded
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        why = "it holds code, not just data: refused" if "GLOBAL" in str(e) else type(e).__name__
+        sys.exit(f"error: cannot read checkpoint '{path}' ({why}); retrain or pick another")
+    if not (isinstance(ckpt, dict) and "model" in ckpt and isinstance(ckpt.get("config"), dict)):
+        sys.exit(f"error: '{path}' is not a sparse_gpt checkpoint (no model/config)")
+    return ckpt
+
+
+def load_checkpoint(path: str, device="cpu") -> tuple[GPT, tiktoken.Encoding, Config]:
+    """Our ckpt.pt with tokenizer.tiktoken beside it, or a released model's folder (or its
+    final_model.pt) with tinypython's vocab.bpe and encoder.json."""
+    folder = path if os.path.isdir(path) else os.path.dirname(path) or "."
+    if os.path.isdir(path) or os.path.basename(path) == "final_model.pt":
+        model, cfg = load_release(folder)
+        tokenizer = load_data_gym_tokenizer(folder)
+    else:
+        ckpt = read_checkpoint(path)
+        cfg = Config({**DEFAULTS, **ckpt["config"]}, data_path=ckpt.get("data_path", ""))
+        try:
+            model = GPT(GPTConfig.from_config(cfg))
+            model.load_state_dict(ckpt["model"])
+        except (RuntimeError, TypeError, ValueError, AttributeError):
+            sys.exit(f"error: checkpoint '{path}' does not match this model code; retrain it")
+        tokenizer = load_tokenizer(os.path.join(folder, "tokenizer.tiktoken"),
+                                   f"copy the run's own there (its cache {cfg.data_path} has one)")
+    if tokenizer.n_vocab != cfg.vocab_size:
+        sys.exit(f"error: the tokenizer beside '{path}' has {tokenizer.n_vocab} tokens, the model "
+                 f"{cfg.vocab_size}; put the model's own tokenizer there")
+    return model.to(device).eval(), tokenizer, cfg
+
+
+# what --init_from=resume may change: none of it touches the model, the data or the schedule
+RESUME_MAY_CHANGE = ("out_dir cache_dir init_from overwrite device compile eval_interval "
+                     "eval_iters log_interval bench").split()
+
+def resume(ckpt_path: str, cfg, model, optimizer) -> tuple[int, float, str]:
+    """Loads the run's model and optimizer; returns (iter_num, best_val_loss, data_path)."""
+    ckpt = read_checkpoint(ckpt_path)
+    changed = [k for k in DEFAULTS if k not in RESUME_MAY_CHANGE
+               and ckpt["config"].get(k, DEFAULTS[k]) != cfg[k]]
+    if changed:
+        sys.exit(f"error: --init_from=resume continues the run's own config; drop the flags "
+                 f"that change it ({', '.join(changed)}), or start a new run elsewhere")
+    try:
+        model.load_state_dict(ckpt["model"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+        state = int(ckpt["iter_num"]), float(ckpt["best_val_loss"]), ckpt.get("data_path", "")
+    except (KeyError, RuntimeError, ValueError, TypeError) as e:
+        sys.exit(f"error: cannot resume {ckpt_path} ({type(e).__name__}); start a new run")
+    print(f"resuming from {ckpt_path} at step {state[0]}")
+    return state
+
+
+# -----------------------------------------------------------------------------
+# the paper's released models (openai/circuit_sparsity): a folder with beeg_config.json (their
+# GPTConfig), final_model.pt (a state_dict) and tinypython's encoder.json and vocab.bpe
+
+# their field: (our key, their default); refused: (the one value we run, their default)
+RELEASE_FIELDS = dict(
+    vocab_size=("vocab_size", 50304), block_size=("block_size", 1024), n_layer=("n_layer", 12),
+    d_model=("d_model", 768), n_head=("n_head", 12), d_head=("d_head", None), d_mlp=("d_mlp", None),
+    bias=("bias", True), activation_type=("activation", "gelu"), afrac=("afrac", None),
+    afrac_loctypes=("afrac_nodes", "attn_in,attn_out,mlp_in,mlp_out"),
+    enable_bigram_table=("bigram_table", False), sink=("attn_sink", False))
+RELEASE_REFUSED = dict(rms_norm=(True, False), residual_activation_type=("identity",) * 2,
+                       tied_unembed=(False, True), d_pos_emb=(None, None),
+                       use_tied_aux_matrix=(False, False), tokenizer_name=("tinypython_2k",) * 2)
+RELEASE_IGNORED = ("dropout ln_bias debug_nans grad_checkpointing flash enable_sparse_kernels "
+                   "learnable_bigram_table dropout_cat_pos_emb sinusoidal_cat_pos_emb").split()
+# their state_dict names -> ours (transformer.h.3.ln_1.weight -> blocks.3.attn_norm.weight)
+RELEASE_NAMES = {"transformer.h.": "blocks.", ".ln_1.": ".attn_norm.", ".ln_2.": ".mlp_norm.",
+                 "attn_imp.sink_logit": "sink", "transformer.ln_f.": "final_norm.",
+                 "transformer.": "", "bigram_table": "bigram.weight"}
+RELEASE_LOCATIONS = dict(zip("attn_in attn_q attn_k attn_v attn_out mlp_in mlp_neuron mlp_out"
+                             .split(), NODE_LOCATIONS))  # their afrac_loctypes -> our locations
+
+
+def release_config(beeg: dict, where: str) -> Config:
+    """Their GPTConfig as our flat config; what we cannot run exactly is a one-line error."""
+    beeg = {"d_mlp" if k == "n_mlp" else k: v for k, v in beeg.items()}  # older files: n_mlp
+    refused = [f"{k}={beeg.get(k, d)!r}" for k, (ok, d) in RELEASE_REFUSED.items()
+               if beeg.get(k, d) != ok]
+    refused += [k for k in beeg if k not in {*RELEASE_FIELDS, *RELEASE_REFUSED, *RELEASE_IGNORED}]
+    cfg = Config(DEFAULTS, pos_embed=True, norm_eps=torch.finfo(torch.float32).eps, data_path="")
+    cfg.update({ours: beeg.get(k, default) for k, (ours, default) in RELEASE_FIELDS.items()})
+    locations = [t for t in cfg.afrac_nodes.split(",") if t] * (cfg.afrac is not None)
+    refused += [f"afrac_loctypes {t}" for t in locations if t not in RELEASE_LOCATIONS]
+    refused += [f"activation_type={cfg.activation!r}"] * (cfg.activation not in ("gelu", "relu"))
+    if refused:
+        sys.exit(f"error: {where}: {refused[0]} is not supported by this loader")
+    cfg.update(d_head=cfg.d_head or cfg.d_model // cfg.n_head, d_mlp=cfg.d_mlp or 4 * cfg.d_model,
+               afrac=cfg.afrac if locations else 1.0,
+               afrac_nodes=",".join(RELEASE_LOCATIONS[t] for t in locations) or "all")
+    return cfg
+
+
+def load_release(folder: str) -> tuple[GPT, Config]:
+    """A released model as our GPT, its logits equal to theirs (float32)."""
+    cfg_path, sd_path = (os.path.join(folder, f) for f in ("beeg_config.json", "final_model.pt"))
+    try:
+        cfg = release_config(json.loads(Path(cfg_path).read_text()), cfg_path)
+        sd = torch.load(sd_path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        sys.exit(f"error: cannot read {cfg_path} and final_model.pt ({type(e).__name__}); download "
+                 "them into one folder (README: Prune the paper's released models)")
+    rename = re.compile("|".join(map(re.escape, RELEASE_NAMES)))
+    sd = {rename.sub(lambda m: RELEASE_NAMES[m[0]], k): t.float() for k, t in sd.items()
+          if not re.fullmatch(r"transformer\.h\.\d+\.attn\.bias", k)}  # a causal-mask buffer
+    if not cfg.bigram_table:
+        sd.pop("bigram.weight", None)  # a buffer their model then ignores
+    bias = sd.pop("final_logits_bias", torch.zeros(1))
+    if bias.any():  # added to every logit = added to every row of the bigram table
+        cfg["bigram_table"] = True
+        sd["bigram.weight"] = sd.get("bigram.weight", torch.zeros(cfg.vocab_size, 1)) + bias
+    model = GPT(GPTConfig.from_config(cfg))
+    want = model.state_dict()
+    bad = sorted(set(want) ^ set(sd))
+    bad += [k for k in sd if k in want and sd[k].shape != want[k].shape]
+    if bad:
+        sys.exit(f"error: {sd_path} does not fit its beeg_config.json (tensor {bad[0]})")
+    model.load_state_dict(sd)
+    return model, cfg
+
+
+# -----------------------------------------------------------------------------
+# devices and DDP (torchrun)
+
+
+def pick_device(name: str) -> torch.device:
+    seen = dict(cuda=torch.cuda.is_available(), mps=torch.backends.mps.is_available(), cpu=True)
+    if name == "auto":
+        name = next(n for n, ok in seen.items() if ok)
+    if not seen.get(name):
+        sys.exit(f"error: --device={name} but no such device is visible; use --device=cpu")
+    return torch.device(name)
+
+
+def setup_ddp(device: torch.device, batch_size: int) -> tuple[int, int, torch.device]:
+    """Under torchrun (RANK set) joins the process group: NCCL, one GPU per process, or gloo."""
+    if "RANK" not in os.environ:
+        return 0, 1, device
+    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    if batch_size % world:
+        sys.exit(f"error: global batch_size={batch_size} is not a multiple of {world} processes")
+    if device.type == "cuda":
+        device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+        torch.cuda.set_device(device)
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return rank, world, device
+
+
+# -----------------------------------------------------------------------------
+# command line
+
+# What each value must be, checked after presets and flags: key -> (test(value, cfg), rule).
+COUNT, POSITIVE = (lambda v, c: v >= 1, "at least 1"), (lambda v, c: 0 < v < math.inf, "> 0")
+FRACTION, SHARE = (lambda v, c: 0 < v <= 1, "in (0, 1]"), (lambda v, c: 0 <= v <= 1, "in [0, 1]")
+DEVICE = (lambda v, c: v in ("auto", "cpu", "cuda", "mps"), "auto, cpu, cuda or mps")
+RULES = dict(
+    out_dir=(lambda v, c: v != "", "a folder"),
+    init_from=(lambda v, c: v in ("scratch", "resume"), "scratch or resume"),
+    vocab_size=(lambda v, c: 263 <= v <= 65536, "in [263, 65536] (6 task tokens; uint16 ids)"),
+    n_layer=COUNT, d_model=COUNT, d_mlp=COUNT, block_size=COUNT, afrac=FRACTION,
+    d_head=(lambda v, c: v >= 1 and c.d_model % v == 0, "at least 1 and a divisor of d_model"),
+    density=FRACTION, embed_ratio=POSITIVE, anneal_frac=SHARE, warmup_frac=SHARE,
+    min_per_neuron=(lambda v, c: 0 <= v <= c.density * c.d_model, "in [0, density * d_model]"),
+    batch_size=COUNT, max_iters=COUNT, learning_rate=POSITIVE, adam_eps=POSITIVE, device=DEVICE,
+    weight_decay=(lambda v, c: 0 <= v < math.inf, ">= 0"), eval_interval=COUNT, eval_iters=COUNT,
+    log_interval=COUNT, activation=(lambda v, c: v in ("gelu", "relu"), "gelu or relu"),
+    afrac_nodes=(lambda v, c: v == "all" or set(v.split(",")) <= set(NODE_LOCATIONS),
+                 "all or some of " + ",".join(NODE_LOCATIONS)))
+
+
+def parse_value(text: str, default):
+    if isinstance(default, bool):  # a KeyError for anything else
+        return {"true": True, "1": True, "yes": True, "false": False, "0": False, "no": False}[
+            text.lower()]
+    return os.path.expanduser(text) if isinstance(default, str) else type(default)(text)
+
+
+def print_help(defaults, presets):
+    """Every key, its default and the comment beside it in its script's DEFAULTS."""
+    owner = [m for m in list(sys.modules.values())
+             if getattr(m, "__dict__", {}).get("DEFAULTS") is defaults]
+    text = open(owner[0].__file__).read().split("DEFAULTS = dict(")[1] if owner else ""
+    notes = dict(re.findall(r"^    (\w+)=.*?# (.*)$", text.split("\n)")[0], re.M))
+    print("\n".join([f"  {f'--{k}={v}':<26} {notes.get(k, '')}" for k, v in defaults.items()]
+                    + [f"presets (--preset=NAME): {' '.join(presets or ())}"] * bool(presets)))
+
+
+def parse_config(argv, defaults=DEFAULTS, presets=PRESETS, rules=RULES) -> Config:
+    """--key=value over --preset=NAME over defaults, then checked against the rules. Shared by
+    all three scripts. --help lists the keys; bad input exits with one clear line."""
+    if {"-h", "--help"} & set(argv):
+        print_help(defaults, presets)
+        sys.exit(0)
+    pairs = {}
+    for arg in argv:
+        if not arg.startswith("--") or "=" not in arg:
+            sys.exit(f"error: expected --key=value, got '{arg}'")
+        key, text = arg[2:].split("=", 1)
+        if key not in defaults:
+            sys.exit(f"error: unknown config key '{key}'; valid keys: {' '.join(defaults)}")
+        try:
+            pairs[key] = parse_value(text, defaults[key])
+        except (KeyError, ValueError):
+            kind = type(defaults[key]).__name__
+            sys.exit(f"error: --{key}={text} is not a valid {kind} (default {defaults[key]!r})")
+    cfg = Config(defaults)
+    if presets:
+        name = pairs.get("preset", cfg.preset)
+        if name == "auto":
+            name = "gpu" if torch.cuda.is_available() else "cpu"
+        if name not in presets:
+            sys.exit(f"error: unknown preset '{name}'; valid presets: {' '.join(presets)}")
+        cfg.update(presets[name], preset=name)
+    cfg.update(pairs)
+    for key, (ok, rule) in rules.items():
+        if key in cfg and not ok(cfg[key], cfg):
+            sys.exit(f"error: {key}={cfg[key]} is invalid: it must be {rule}")
+    return cfg
+
+
+def cli(main):
+    """A script's main(argv), run so that Ctrl-C exits with 130 and a file the system refuses (a
+    folder where a file belongs, no permission, a full disk) exits with one line naming it."""
+    def run(argv=None):
+        try:
+            return main(sys.argv[1:] if argv is None else argv)
+        except KeyboardInterrupt:
+            sys.exit(130)
+        except OSError as e:
+            where = f": '{str(e.filename).removesuffix('.tmp')}'" if e.filename else ""
+            sys.exit(f"error: {e.strerror or e}{where}; fix that path or pass another")
+    return run
+
+
 # -----------------------------------------------------------------------------
 # benchmark: what weight and activation sparsity cost per step (--bench=True)
 
@@ -1002,20 +1029,6 @@ def bench(cfg, warmup=3, rounds=10) -> dict:
         dense = name.replace("sparse", "dense")
         print(f"ratio {name} / {dense}: {step_ms[name] / step_ms[dense]:.2f}")
     return step_ms
-
-
-def cli(main):
-    """A script's main(argv), run so that Ctrl-C exits with 130 and a file the system refuses (a
-    folder where a file belongs, no permission, a full disk) exits with one line naming it."""
-    def run(argv=None):
-        try:
-            return main(sys.argv[1:] if argv is None else argv)
-        except KeyboardInterrupt:
-            sys.exit(130)
-        except OSError as e:
-            where = f": '{str(e.filename).removesuffix('.tmp')}'" if e.filename else ""
-            sys.exit(f"error: {e.strerror or e}{where}; fix that path or pass another")
-    return run
 
 
 @cli
