@@ -33,6 +33,7 @@ RULES = dict(  # what each value must be (see sparse_gpt.RULES)
     device=sparse_gpt.DEVICE)
 
 Pair = namedtuple("Pair", "prompt_a prompt_b token_a token_b")
+SOLVED_ACC = 0.9  # a task counts as solved at this accuracy (prune.py prunes the solved ones)
 
 # -----------------------------------------------------------------------------
 # little helpers that make prompts read like the standard library, from a seeded random.Random
@@ -458,15 +459,22 @@ def answer_logits(model, tokenizer, pairs: list[Pair]) -> tuple[torch.Tensor, to
     return torch.where(first_right, a, b), torch.where(first_right, b, a)
 
 
-def score(right: torch.Tensor, wrong: torch.Tensor) -> tuple[torch.Tensor, float]:
-    """Cross-entropy over just the two answers (= softplus of wrong - right), mean over prompts;
-    accuracy = fraction of prompts whose correct answer has the strictly higher logit."""
-    return F.softplus(wrong - right).mean(), (right > wrong).float().mean().item()
+def score(margin: torch.Tensor) -> tuple[torch.Tensor, float]:
+    """margin: logit of the correct answer - logit of the wrong one, per prompt. Cross-entropy
+    over just the two answers (= softplus(-margin)), mean over prompts; accuracy = fraction of
+    prompts whose correct answer has the strictly higher logit. prune.py scores with it too."""
+    return F.softplus(-margin).mean(), (margin > 0).float().mean().item()
+
+
+def solved(scores: dict, min_acc: float = SOLVED_ACC) -> list[str]:
+    """The tasks of scores (name -> (task loss, accuracy, pairs)) solved at accuracy >= min_acc."""
+    return [name for name, (_, acc, _) in scores.items() if acc >= min_acc]
 
 
 def task_loss(model, tokenizer, pairs: list[Pair]) -> tuple[torch.Tensor, float]:
     """(task loss as a differentiable scalar, accuracy) on these pairs."""
-    return score(*answer_logits(model, tokenizer, pairs))
+    right, wrong = answer_logits(model, tokenizer, pairs)
+    return score(right - wrong)
 
 
 @torch.no_grad()
@@ -481,7 +489,7 @@ def evaluate(model, tokenizer, names, n: int = 200, seed: int = 0, split: str = 
         pairs = for_tokenizer(tokenizer, name, make_pairs(name, n, seed, split))
         right, wrong = zip(*(answer_logits(model, tokenizer, pairs[i : i + batch_pairs])
                              for i in range(0, n, batch_pairs)))
-        loss, acc = score(torch.cat(right), torch.cat(wrong))
+        loss, acc = score(torch.cat(right) - torch.cat(wrong))
         out[name] = (loss.item(), acc, n)
     return out
 
@@ -510,7 +518,7 @@ def main(argv):
     model, tokenizer, _ = sparse_gpt.load_checkpoint(cfg.ckpt, device)
     print(f"{cfg.ckpt}: {cfg.n} {cfg.split} pairs per task (seed {cfg.seed})")
     print(f"{'task':<30}{'acc':>7}{'loss':>8}{'n':>6}")
-    solved, accs = [], []
+    scores = {}
     for group, title in ((TASKS, ""), (ATTACKS, "attacks on bracket_counting:")):
         chosen = [t for t in names if t in group]
         if title and chosen:
@@ -523,11 +531,12 @@ def main(argv):
                 continue
             print(f"{name:<30}{acc:>7.1%}{loss:>8.3f}{n:>6}")
             if group is TASKS:
-                accs.append(acc)
-                solved += [name] * (acc >= 0.9)
-    if accs:
+                scores[name] = (loss, acc, n)
+    if scores:
+        done, accs = solved(scores), [acc for _, acc, _ in scores.values()]
         print(f"{f'mean over {len(accs)} tasks':<30}{sum(accs) / len(accs):>7.1%}")
-        print(f"solved (accuracy >= 90%): {len(solved)} of {len(accs)}: {' '.join(solved) or '-'}")
+        print(f"solved (accuracy >= {SOLVED_ACC:.0%}): {len(done)} of {len(accs)}: "
+              f"{' '.join(done) or '-'}")
 
 
 if __name__ == "__main__":
