@@ -178,8 +178,8 @@ def release_tokens(tokenizer, cfg) -> str:
     """A released model has no val.bin of ours: the val split of the stdlib (or data_dir) in its
     own tokenizer, encoded once into cache_dir. Returns the folder holding val.bin."""
     root = os.path.abspath(cfg.data_dir or sparse_gpt.stdlib_dir())
-    folder = sparse_gpt.cache_folder(cfg.cache_dir, root, sorted(tokenizer._mergeable_ranks.items()),
-                                     tokenizer._pat_str)
+    made_with = sorted(tokenizer._mergeable_ranks.items()), tokenizer._pat_str
+    folder = sparse_gpt.cache_folder(cfg.cache_dir, root, *made_with)
     if not os.path.exists(os.path.join(folder, "val.bin")):
         _, val = sparse_gpt.read_corpus(root)
         os.makedirs(folder, exist_ok=True)
@@ -257,8 +257,8 @@ def train_masks(model, means, train: dict, cfg) -> torch.Tensor:
             tau.clamp_(-1, 1)
         if (step + 1) % LOG_EVERY == 0 or step + 1 == cfg.steps:
             left = (time.time() - t0) / (step + 1) * (cfg.steps - step - 1)
-            print(f"  k_coef {cfg.k_coef:g} step {step + 1}/{cfg.steps} | task loss {task.item():.3f}"
-                f" | kept {int(keep.sum())} | lr {lr:.1e} | {left:.0f}s left")
+            print(f"  k_coef {cfg.k_coef:g} step {step + 1}/{cfg.steps} | task loss "
+                  f"{task.item():.3f} | kept {int(keep.sum())} | lr {lr:.1e} | {left:.0f}s left")
     return tau.detach()
 
 
@@ -422,13 +422,13 @@ def find_circuit(model, means, train: dict, cfg) -> tuple:
             keep[i] = 1.0
         if n % LOG_EVERY == 0:
             print(f"  drop pass {n}/{k} | kept {int(keep.sum())} | "
-                f"{(time.time() - t0) / n * (k - n):.0f}s left")
+                  f"{(time.time() - t0) / n * (k - n):.0f}s left")
     z = diff_with(model, means, keep, train)  # one forward for both losses
     info.update(n_nodes=int(keep.sum()), loss_raw=pair_loss(z, train)[0].item(),
                 loss_calibrated=pair_loss(z, train, *fit_calibration(z, train))[0].item())
     print(f"  masks keep {info['masks_kept']} nodes, bisection {k}, after the drop pass "
-        f"{info['n_nodes']}: train loss {info['loss_calibrated']:.3f} calibrated, "
-        f"{info['loss_raw']:.3f} raw")
+          f"{info['n_nodes']}: train loss {info['loss_calibrated']:.3f} calibrated, "
+          f"{info['loss_raw']:.3f} raw")
     return keep, info
 
 

@@ -279,13 +279,13 @@ class GPT(nn.Module):
         of a mask-training step; the last MLP everywhere, 28% (`cpu` preset)."""
         rows = torch.arange(len(last), device=idx.device)
         x = self.embed(idx)
-        for i, block in enumerate(self.blocks):
-            x = block(x, at=(rows, last) if i == len(self.blocks) - 1 else None)
+        for block in self.blocks:
+            x = block(x, at=(rows, last) if block is self.blocks[-1] else None)
         h = self.final_in(self.final_norm(x))[:, 0]
         z = (h * (self.lm_head.weight[tok_a] - self.lm_head.weight[tok_b])).sum(-1)
-        if self.bigram is not None:
-            now = idx[rows, last]
-            z = z + self.bigram.weight[now, tok_a] - self.bigram.weight[now, tok_b]
+        if self.bigram is not None:  # the row of the token at the answer position
+            table, now = self.bigram.weight, idx[rows, last]
+            z = z + table[now, tok_a] - table[now, tok_b]
         return z
 
     @torch.no_grad()
@@ -300,7 +300,6 @@ class GPT(nn.Module):
 # -----------------------------------------------------------------------------
 # weight sparsity (paper section 2): after every optimizer step each sparse matrix keeps its
 # ceil(density * numel) largest-magnitude entries, with a floor of min_per_neuron per neuron
-
 
 EMBEDDINGS = ("wte.weight", "wpe.weight", "lm_head.weight")  # wpe: sparse like wte (official)
 
@@ -401,7 +400,8 @@ def lr_at(it: int, cfg) -> float:
 
 
 # -----------------------------------------------------------------------------
-# training loop
+# training loop: lr -> batch -> step -> projection -> log / eval / save. The run's setup, its
+# Ctrl-C handling and the cross-rank plumbing are named helpers below the marked line.
 
 
 def get_batch(data: np.ndarray, block_size: int, batch_size: int, gen: torch.Generator, device,
@@ -459,7 +459,7 @@ def train(cfg, ckpt: dict | None = None) -> list[tuple[int, float]]:
     # Adam step and projection; evaluation uses fmodel, outside DDP, on rank 0 alone
     train_model = DDP(fmodel) if world > 1 else fmodel
     history, start_iter, t_start, t_last = [], iter_num, time.time(), time.time()
-    with leaving_process_group(world), ctrl_c_finishes_the_step() as stop:
+    with ctrl_c_finishes_the_step(world) as stop:
         while iter_num < cfg.max_iters:
             lr = lr_at(iter_num, cfg)
             for group in optimizer.param_groups:
@@ -504,9 +504,7 @@ def train(cfg, ckpt: dict | None = None) -> list[tuple[int, float]]:
     return history
 
 
-# =============================================================================
-# below: machinery, read when you need it
-# =============================================================================
+# ======================= below: machinery, read when you need it =======================
 
 # -----------------------------------------------------------------------------
 # corpus: every .py file under a folder, split into train/val by a hash of its path
@@ -645,8 +643,6 @@ def load_tokenizer(path: str, fix: str = "copy a good one there") -> tiktoken.En
         sys.exit(f"error: cannot read tokenizer '{path}' ({type(e).__name__}); {fix}")
 
 
-
-
 def load_data_gym_tokenizer(folder: str) -> tiktoken.Encoding:
     """tinypython_2k as the released models ship it, GPT-2 style: vocab.bpe + encoder.json, read
     by tiktoken (which checks that they agree), end-of-text after the last rank, their pattern."""
@@ -677,7 +673,8 @@ def cache_folder(cache_dir: str, root: str, *made_with) -> str:
     key = hashlib.sha1("|".join(map(str, (root, *made_with))).encode())
     for path in list_py_files(root):
         key.update(f"{os.path.relpath(path, root)}:{os.path.getsize(path)}".encode())
-    return os.path.abspath(os.path.join(cache_dir, f"{os.path.basename(root)}-{key.hexdigest()[:10]}"))
+    name = f"{os.path.basename(root)}-{key.hexdigest()[:10]}"
+    return os.path.abspath(os.path.join(cache_dir, name))
 
 
 def write_tokens(path: str, docs: list[str], enc: tiktoken.Encoding) -> int:
@@ -717,7 +714,7 @@ def prepare_data(cfg) -> tuple[str, tiktoken.Encoding]:
 
 
 # -----------------------------------------------------------------------------
-# checkpoints
+# checkpoints, and a run's start (resume or not) and stop (Ctrl-C)
 
 
 def atomic_write(path: str, write):
@@ -732,6 +729,8 @@ def atomic_write(path: str, write):
     except BaseException:
         Path(path + ".tmp").unlink(missing_ok=True)
         raise
+
+
 def save_checkpoint(path, model, optimizer, cfg, iter_num, best_val_loss, data_path):
     """Atomic (see atomic_write). A checkpoint holds only tensors, dicts, lists, numbers, strings
     and None, so that it loads with weights_only=True: keep it so, the config included."""
@@ -777,38 +776,33 @@ def load_checkpoint(path: str, device="cpu") -> tuple[GPT, tiktoken.Encoding, Co
 
 
 # what --init_from=resume may change: none of it touches the model, the data or the schedule
-# what --init_from=resume may change: none of it touches the model, the data or the schedule
 RESUME_MAY_CHANGE = ("out_dir cache_dir init_from overwrite device compile eval_interval "
                      "eval_iters log_interval bench").split()
 
 
-def resume(ckpt: dict, ckpt_path: str, cfg, model, optimizer) -> tuple[int, float, str]:
-    """Loads the run's model and optimizer; returns (iter_num, best_val_loss, data_path)."""
-    changed = [k for k in DEFAULTS if k not in RESUME_MAY_CHANGE
-               and ckpt["config"].get(k, DEFAULTS[k]) != cfg[k]]
-    if changed:
-        sys.exit(f"error: --init_from=resume continues the run's own config; drop the flags "
-                 f"that change it ({', '.join(changed)}), or start a new run elsewhere")
-    try:
-        model.load_state_dict(ckpt["model"])
-        optimizer.load_state_dict(ckpt["optimizer"])
-        state = int(ckpt["iter_num"]), float(ckpt["best_val_loss"]), ckpt.get("data_path", "")
-    except (KeyError, RuntimeError, ValueError, TypeError) as e:
-        sys.exit(f"error: cannot resume {ckpt_path} ({type(e).__name__}); start a new run")
-    print(f"resuming from {ckpt_path} at step {state[0]}")
-    return state
-
-
 def start_run(cfg, ckpt, model, optimizer, device, rank: int, world: int) -> tuple:
     """train()'s setup, every check passed before anything is written to out_dir: the resumed
-    state (ckpt is the run's checkpoint, read here if the caller has not) or a refusal to
-    overwrite one, the token data (built once), the tokenizer copied beside the checkpoint.
-    Returns (iter_num, best_val_loss, data, tokenizer, data_path)."""
+    model and optimizer (ckpt: the run's checkpoint, read here if the caller has not) or a
+    refusal to overwrite a checkpoint, the token data (built once), the tokenizer copied beside
+    the checkpoint. Returns (iter_num, best_val_loss, data, tokenizer, data_path)."""
     ckpt_path = os.path.join(cfg.out_dir, "ckpt.pt")
     iter_num, best_val_loss, trained_on = 0, math.inf, None
     if cfg.init_from == "resume":
         ckpt = ckpt or read_checkpoint(ckpt_path)
-        iter_num, best_val_loss, trained_on = resume(ckpt, ckpt_path, cfg, model, optimizer)
+        changed = [k for k in DEFAULTS if k not in RESUME_MAY_CHANGE
+                   and ckpt["config"].get(k, DEFAULTS[k]) != cfg[k]]
+        if changed:
+            sys.exit(f"error: --init_from=resume continues the run's own config; drop the flags "
+                     f"that change it ({', '.join(changed)}), or start a new run elsewhere")
+        try:
+            model.load_state_dict(ckpt["model"])
+            optimizer.load_state_dict(ckpt["optimizer"])
+            iter_num, best_val_loss = int(ckpt["iter_num"]), float(ckpt["best_val_loss"])
+            trained_on = ckpt.get("data_path", "")
+        except (KeyError, RuntimeError, ValueError, TypeError) as e:
+            sys.exit(f"error: cannot resume {ckpt_path} ({type(e).__name__}); start a new run")
+        print(f"resuming from {ckpt_path} at step {iter_num}")
+        ckpt.clear()  # loaded: free its tensors now, not when the caller's reference goes
     elif os.path.exists(ckpt_path) and not cfg.overwrite:
         sys.exit(f"error: {ckpt_path} already holds a model; continue it with --init_from=resume, "
                  "or pass another --out_dir, or --overwrite=True to replace it")
@@ -839,6 +833,28 @@ def start_run(cfg, ckpt, model, optimizer, device, rank: int, world: int) -> tup
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     return iter_num, best_val_loss, data, tokenizer, data_path
+
+
+@contextmanager
+def ctrl_c_finishes_the_step(world: int):
+    """The first Ctrl-C (SIGINT) asks the training loop to stop: it finishes the step, saves and
+    exits with 130 (stop.requested, read after every step). A second Ctrl-C aborts at once.
+    However training ends, the old handler comes back and a DDP process leaves its group."""
+    stop = SimpleNamespace(requested=False)
+
+    def on_sigint(signum, frame):
+        if stop.requested:
+            raise KeyboardInterrupt
+        stop.requested = True
+        print("\nCtrl-C: finishing this step, saving, exiting (press again to abort)")
+
+    old_handler = signal.signal(signal.SIGINT, on_sigint)
+    try:
+        yield stop
+    finally:
+        signal.signal(signal.SIGINT, old_handler)
+        if world > 1:
+            dist.destroy_process_group()
 
 
 # -----------------------------------------------------------------------------
@@ -939,16 +955,6 @@ def setup_ddp(device: torch.device, batch_size: int) -> tuple[int, int, torch.de
     return rank, world, device
 
 
-@contextmanager
-def leaving_process_group(world: int):
-    """Under torchrun, leaves the process group when training ends, however it ends."""
-    try:
-        yield
-    finally:
-        if world > 1:
-            dist.destroy_process_group()
-
-
 def mean_over_ranks(loss: float, stop: bool, world: int, device) -> tuple[float, bool]:
     """The global batch's loss (the mean of the ranks' losses) for the log, and whether any rank
     saw Ctrl-C, so that all stop at the same step. Both travel in one tensor: one all_reduce, a
@@ -1033,25 +1039,6 @@ def parse_config(argv, defaults=DEFAULTS, presets=PRESETS, rules=RULES) -> Confi
         if key in cfg and not ok(cfg[key], cfg):
             sys.exit(f"error: {key}={cfg[key]} is invalid: it must be {rule}")
     return cfg
-
-
-@contextmanager
-def ctrl_c_finishes_the_step():
-    """The first Ctrl-C (SIGINT) asks the training loop to stop: it finishes the step, saves and
-    exits with 130 (stop.requested, read after every step). A second Ctrl-C aborts at once."""
-    stop = SimpleNamespace(requested=False)
-
-    def on_sigint(signum, frame):
-        if stop.requested:
-            raise KeyboardInterrupt
-        stop.requested = True
-        print("\nCtrl-C: finishing this step, saving, exiting (press again to abort)")
-
-    old_handler = signal.signal(signal.SIGINT, on_sigint)
-    try:
-        yield stop
-    finally:
-        signal.signal(signal.SIGINT, old_handler)
 
 
 def cli(main):
