@@ -577,8 +577,9 @@ def test_ddp_on_two_processes_trains_the_one_process_model(bridged, tmp_path, co
     accumulating the same two halves matches DDP.)"""
     cfg = tiny_cfg(tmp_path / "single", corpus_dir, max_iters=6, eval_interval=3, eval_iters=1,
                    log_interval=3)
-    if bridged:  # the bridges' gradients are averaged too, and resume restores them
-        cfg.update(n_layer=2, bridge_to=request.getfixturevalue("dense_run"))
+    if bridged:  # the bridges' gradients are averaged too, and resume restores them. afrac=1:
+        # no AbsTopK, whose choices a roundoff can flip (measured: the curves part by 7e-3 in 6)
+        cfg.update(n_layer=2, afrac=1.0, bridge_to=request.getfixturevalue("dense_run"))
     real_save = sg.save_checkpoint  # keeps a copy of every checkpoint, named by its step
     monkeypatch.setattr(sg, "save_checkpoint",
                         lambda path, *a: real_save(path, *a) or shutil.copy(path, f"{path}.{a[3]}"))
@@ -589,7 +590,7 @@ def test_ddp_on_two_processes_trains_the_one_process_model(bridged, tmp_path, co
     for name in ("ckpt.pt.3", "tokenizer.tiktoken"):  # the single run's checkpoint at step 3
         shutil.copy(os.path.join(cfg.out_dir, name), resume_dir / name.replace(".3", ""))
     keys = "preset data_dir cache_dir vocab_size max_iters eval_interval eval_iters log_interval"
-    base = [f"--{k}={cfg[k]}" for k in keys.split() + ["n_layer", "bridge_to"] * bridged]
+    base = [f"--{k}={cfg[k]}" for k in keys.split() + ["n_layer", "afrac", "bridge_to"] * bridged]
     argv = {"fresh": base + [f"--out_dir={tmp_path / 'ddp'}"],
             "resumed": base + [f"--out_dir={resume_dir}", "--init_from=resume"]}
     ports = (free_port(), free_port())  # the resumed run joins a new process group
@@ -1702,7 +1703,7 @@ def bridged_run(tmp_path_factory, corpus_dir, dense_run):
         mp.setattr(sg, "bridge_to_dense", lambda *a: made.append(real(*a)) or made[-1])
         mp.setattr(sys, "stdout", f)
         sg.train(cfg)
-    return os.path.join(cfg.out_dir, "ckpt.pt"), made[0][0], log.read_text()
+    return os.path.join(cfg.out_dir, "ckpt.pt"), made[0], log.read_text()
 
 
 def test_bridged_training_keeps_the_dense_model_and_saves_the_bridges(dense_run, bridged_run):
