@@ -897,6 +897,15 @@ def test_evaluate_scores_every_pair_of_every_chunk(wrong_pair, task_tokenizer):
     assert loss == pytest.approx((19 * SOFTPLUS_MINUS_10 + SOFTPLUS_10) / 20, rel=1e-4)
 
 
+def test_evaluate_reads_the_split_it_is_asked_for(task_tokenizer):
+    """A model wrong on every prompt of the first 10 train pairs: 0% on them, 100% on test."""
+    train = tasks.make_pairs("for_while", 10, split="train")
+    model = ReadingModel(task_tokenizer, "for_while", wrong_on=[s for p in train for s in p[:2]])
+    for split, acc in (("train", 0.0), ("test", 1.0)):
+        out = tasks.evaluate(model, task_tokenizer, ["for_while"], n=10, split=split)
+        assert out["for_while"][1] == acc, split
+
+
 def test_a_tie_between_the_two_answers_is_not_a_right_answer(task_tokenizer):
     """All logits equal: no prompt's right answer is strictly higher (accuracy 0) and the
     two-way cross-entropy is exactly log 2."""
@@ -1451,6 +1460,11 @@ def test_main_writes_json_txt_and_svg(planted_ckpt, capsys):
     assert checks["sufficiency"]["acc"] == 1.0 and checks["necessity"]["acc"] <= 0.75
     assert set(checks) == {"full", "sufficiency", "sufficiency_uncalibrated", "necessity",
                            "random_ablation", "empty_circuit"}
+    # the checks run on the held-out test pairs: the whole model's loss there, by GPT.forward
+    test = tasks.encode_pairs(byte_tokenizer(), tasks.make_pairs("planted", 32, 0, "test"), 8)
+    with torch.no_grad():
+        held_out = F.softplus(-test["sign"] * last_logit_diff(planted_model(), test)).mean()
+    assert checks["full"]["loss"] == pytest.approx(held_out.item(), abs=1e-6)
     # shuffled answers carry no signal the model could read: the control finds no circuit
     assert result["control"]["n_edges"] is None and result["control"]["n_nodes"] is None
     assert "fail" in out
