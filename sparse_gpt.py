@@ -260,7 +260,7 @@ TINYPYTHON_PATTERN = (r"""[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+
 # Tokens the tasks answer with: merged first, so they exist whatever the corpus statistics.
 REQUIRED_TOKENS = ['("', "('", '")', "')", "]]", "],"]
 EOT = "<|endoftext|>"
-MAX_PRETOKEN = 1024
+MAX_PRETOKEN = 1024  # the standard library's longest pre-token has 201 characters
 
 
 def train_bpe(docs: list[str], vocab_size: int, pattern=PRETOKEN_PATTERN) -> dict[bytes, int]:
@@ -268,8 +268,7 @@ def train_bpe(docs: list[str], vocab_size: int, pattern=PRETOKEN_PATTERN) -> dic
     ranks. Incremental: a merge only revisits the words that contain its pair."""
     # re lacks \p{L}; regex (a dependency of tiktoken) has it but cuts ours a little differently
     pretoken = regex.compile(pattern) if r"\p" in pattern else re.compile(pattern)
-    # a pre-token is cut into pieces of at most MAX_PRETOKEN characters (the standard library's
-    # longest has 201), so that no input makes one merge walk a giant word again and again
+    # pre-tokens cut to MAX_PRETOKEN characters: no input makes merges walk one giant word
     word_counts = Counter(w[i : i + MAX_PRETOKEN] for doc in docs for w in pretoken.findall(doc)
                           for i in range(0, len(w), MAX_PRETOKEN))
     words = [list(w.encode()) for w in word_counts]
@@ -570,11 +569,9 @@ class Block(nn.Module):
 class GPT(nn.Module):
     def __init__(self, cfg: GPTConfig):
         super().__init__()
-        small = [k for k in "vocab_size n_layer d_model d_head d_mlp block_size".split()
-                 if getattr(cfg, k) < 1] + ["n_head"] * (cfg.n_head < 0)
-        if small or not 0 < cfg.afrac <= 1:
-            raise ValueError(f"GPTConfig: {(small or ['afrac'])[0]} is out of range (sizes are at "
-                             "least 1, n_head at least 0, afrac in (0, 1])")
+        if min(cfg.vocab_size, cfg.n_layer, cfg.d_model, cfg.d_head, cfg.d_mlp, cfg.block_size,
+               cfg.n_head + 1) < 1:
+            raise ValueError(f"every size must be at least 1 (n_head at least 0) in {cfg}")
         self.cfg = cfg
         self.wte = nn.Embedding(cfg.vocab_size, cfg.d_model)
         self.wpe = nn.Embedding(cfg.block_size, cfg.d_model) if cfg.pos_embed else None
@@ -825,10 +822,11 @@ def release_config(beeg: dict, where: str) -> Config:
     refused = [f"{k}={beeg.get(k, d)!r}" for k, (ok, d) in RELEASE_REFUSED.items()
                if beeg.get(k, d) != ok]
     refused += [k for k in beeg if k not in {*RELEASE_FIELDS, *RELEASE_REFUSED, *RELEASE_IGNORED}]
-    wrong = [f"{k} is missing" for k, (_, d) in RELEASE_FIELDS.items() if d is not None
-             and k not in beeg] + [f"{k}={beeg[k]!r} is not of type {type(DEFAULTS[ours]).__name__}"
-                                   for k, (ours, _) in RELEASE_FIELDS.items() if beeg.get(k)
-                                   is not None and not same_kind(beeg[k], DEFAULTS[ours])]
+    wrong = [f"{k} is missing" for k, (_, d) in RELEASE_FIELDS.items()
+             if d is not None and k not in beeg]
+    wrong += [f"{k}={v!r} is not of type {type(DEFAULTS[ours]).__name__}"
+              for k, (ours, _) in RELEASE_FIELDS.items()
+              if (v := beeg.get(k)) is not None and not same_kind(v, DEFAULTS[ours])]
     if wrong:
         sys.exit(f"error: {where}: {wrong[0]}; fix the file, or download it again")
     cfg = Config(DEFAULTS, pos_embed=True, norm_eps=torch.finfo(torch.float32).eps, data_path="")
@@ -982,8 +980,8 @@ def train_step(model, fmodel, optimizer, x, y, autocast) -> torch.Tensor:
 
 
 def train(cfg) -> list[tuple[int, float]]:
-    """Trains per cfg; returns the (step, loss) history. Saves out_dir/ckpt.pt at every eval,
-    on Ctrl-C or SIGTERM and at the end. Nothing is written to out_dir until every check has passed."""
+    """Trains per cfg; returns the (step, loss) history. Saves out_dir/ckpt.pt at every eval, on
+    Ctrl-C or SIGTERM and at the end. Nothing is written to out_dir until every check has passed."""
     rank, world, device = setup_ddp(pick_device(cfg.device), cfg.batch_size)
     cfg, ckpt_path = absolute_paths(cfg), os.path.join(cfg.out_dir, "ckpt.pt")
     check_memory(cfg, device, training=True)
@@ -1110,6 +1108,7 @@ def bench(cfg, warmup=3, rounds=10) -> dict:
     """Times training steps of the model at its target density and of its dense twin (density=1,
     afrac=1) on random tokens, interleaved step by step; on CUDA both eager and compiled."""
     device = pick_device(cfg.device)
+    check_memory(cfg, device, training=True)
     cuda = device.type == "cuda"
     sync = torch.cuda.synchronize if cuda else (lambda: None)
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=cuda)

@@ -29,7 +29,7 @@ DEFAULTS = dict(
 RULES = dict(  # what each value must be (see sparse_gpt.RULES)
     tasks=(lambda v, c: v == "all" or all(t in ALL for t in v.split(",")),
            "all or comma-separated task names (python tasks.py shows every task)"),
-    n=sparse_gpt.up_to(100_000), seed=sparse_gpt.SEED, split=(lambda v, c: v in ("train", "test"), "train or test"),
+    n=sparse_gpt.up_to(100_000), split=(lambda v, c: v in ("train", "test"), "train or test"),
     device=sparse_gpt.DEVICE)
 
 Pair = namedtuple("Pair", "prompt_a prompt_b token_a token_b")

@@ -1347,7 +1347,7 @@ def bad_function_calls(w):
              ValueError, "batch_pairs must be at least 1"),
             (lambda: tasks.make_pairs("for_while", "3"), ValueError, "n must be a whole number"),
             (lambda: tasks.task_loss(*loaded(run / "ckpt.pt")[:2], []), ValueError, "no pairs"),
-            (lambda: sg.GPT(sg.GPTConfig(d_head=0)), ValueError, "d_head"),
+            (lambda: sg.GPT(sg.GPTConfig(d_head=0)), ValueError, "d_head=0"),
             (lambda: sg.load_checkpoint(str(run / "ckpt.pt"), device=absent), SystemExit, absent)]
 
 
