@@ -699,11 +699,11 @@ def prune_checkpoint(path: str, model, tokenizer, means, names: list[str], cfg) 
             continue
         r.update(describe(model, tokenizer, means, keep, train, test, cfg))
         r["seconds"] = round(time.time() - t0, 1)
-        # the three files change together or not at all (write_txt and write_svg take a path)
-        sparse_gpt.write_files_together({base + ".json": lambda f: f.write(json.dumps(r, indent=1)
-                                                                      .encode()),
-                                         base + ".txt": lambda f: write_txt(f.name, r),
-                                         base + ".svg": lambda f: write_svg(f.name, r)})
+        text = json.dumps(r, indent=1).encode()
+        sparse_gpt.write_files_together({  # the three files change together or not at all
+            base + ".json": lambda f: f.write(text),
+            base + ".txt": lambda f: write_txt(f.name, r),  # these two write to a path: f's own
+            base + ".svg": lambda f: write_svg(f.name, r)})
         print(f"{name}: {r['circuit']['n_nodes']} nodes, {r['circuit']['n_edges']} edges in "
               f"{r['seconds']:.0f}s -> {base}.json .txt .svg")
     return results
