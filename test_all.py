@@ -7,6 +7,7 @@ import json
 import math
 import os
 import random
+import resource
 import shutil
 import signal
 import socket
@@ -314,9 +315,12 @@ def test_corpus_split_is_by_path_and_skips_bad_files(tmp_path, capsys):
     for i in range(60):
         (tmp_path / f"m{i}.py").write_text(f"x = {i}\n")
     (tmp_path / "bad.py").write_bytes(b"\xff\xfe not utf-8 \xc3\x28")
+    os.mkfifo(tmp_path / "pipe.py")  # would block a read forever
+    with open(tmp_path / "huge.py", "wb") as f:  # sparse: no disk used
+        f.truncate(sg.MAX_FILE_BYTES + 1)
     train, val = sg.read_corpus(str(tmp_path))
     assert len(train) + len(val) == 60 and len(val) > 0
-    assert "1 skipped" in capsys.readouterr().out
+    assert "3 skipped" in capsys.readouterr().out
     assert sg.read_corpus(str(tmp_path)) == (train, val)
     for i in range(60):  # other contents, the same paths: the same files in val
         (tmp_path / f"m{i}.py").write_text(f"y = {i}\n")
@@ -325,6 +329,13 @@ def test_corpus_split_is_by_path_and_skips_bad_files(tmp_path, capsys):
     # 4.3 of them either side (1 in 10 or 1 in 30 falls far outside)
     n_val = sum(sg.is_val_file(f"pkg{i // 50}/mod_{i}.py") for i in range(4000))
     assert 140 <= n_val <= 260, n_val
+
+
+def test_bpe_cuts_a_giant_pre_token_so_no_token_outgrows_the_cap():
+    """5000 brackets are one pre-token: uncut, merges would double a token up to 4096 bytes,
+    every merge walking the whole word (a 200 MB file of NULs ran 262 s at 5.4 GB)."""
+    ranks = sg.train_bpe(["(" * 5000, "x = [1]\n"], 300)
+    assert max(map(len, ranks)) == sg.MAX_PRETOKEN
 
 
 # -----------------------------------------------------------------------------
@@ -1529,6 +1540,11 @@ def test_main_writes_json_txt_and_svg(planted_ckpt, capsys):
     svg = ET.parse(circuits / "planted.svg").getroot()
     labels = [t.text for t in svg.iter("{http://www.w3.org/2000/svg}text")]
     assert {"r0", "n0", "n1", "w1", "r1", "'A'", "'B'"} <= set(labels)
+    # a search that finds nothing marks the circuit found before as stale
+    prune.main([f"--ckpt={planted_ckpt}", "--tasks=planted", "--steps=2", "--control=False",
+                "--target_loss=1e-9", "--n_pairs=8", "--mean_batches=4"])
+    assert sorted(os.listdir(circuits)) == ["planted.stale.json", "planted.stale.svg",
+                                            "planted.stale.txt"]
 
 
 def test_compare_prints_b_over_a_for_two_different_models(planted_ckpt, capsys):
@@ -1580,6 +1596,9 @@ def test_bad_checkpoint_or_task_is_a_clear_one_line_error(tmp_path, planted_ckpt
 # bad input: every case exits non-zero with one "error: ..." line, no traceback, and leaves the
 # files already there (a trained run, its tokenizer, its token cache) byte for byte as they were
 
+# a quick search that always finds a circuit: any node set reaches a loss of 50
+CIRCUIT_RUN = ["--tasks=for_while", "--steps=2", "--n_pairs=4", "--control=False",
+               "--mean_batches=1", "--target_loss=50", "--device=cpu"]
 WORLD_RUN = ["--vocab_size=300", "--n_layer=1", "--d_model=16", "--d_head=8", "--d_mlp=32",
              "--block_size=16", "--batch_size=2", "--max_iters=2", "--eval_interval=2",
              "--eval_iters=1", "--log_interval=1", "--density=0.25", "--device=cpu"]
@@ -1646,7 +1665,56 @@ def world(tmp_path_factory):
     copy_run(run, bad / "short_val", data_path=str(bad / "short_cache"))
     copy_run(run, bad / "missing_val", data_path=str(bad / "nowhere"))
     (bad / "a_file").write_text("x")
+    hostile_files(root)
     return root
+
+
+def hostile_files(root):
+    """The second pass's inputs (issue 20), in root/bad2: FIFOs where files are read, a corpus
+    file too big or with a name that is not UTF-8, released configs of the wrong type, range or
+    size, NaN weights, foreign config keys and tokenizers, a locked run, a run with circuits."""
+    run, bad2, corpus = root / "run", root / "bad2", root / "corpus"
+    for name, extra in (("fifo_corpus", "pipe.py"), ("big_corpus", "big.py"),
+                        ("badname_corpus", b"caf\xe9.py")):
+        shutil.copytree(corpus, bad2 / name)
+        if name == "fifo_corpus":
+            os.mkfifo(bad2 / name / extra)
+        elif name == "big_corpus":  # 32 MiB of NULs, sparse: one 32-million-byte pre-token
+            with open(bad2 / name / extra, "wb") as f:
+                f.truncate(32 * 2**20)
+        else:
+            open(os.path.join(os.fsencode(bad2 / name), extra), "w").write("x = 1\n")
+    for name, file in (("fifo_ckpt", "ckpt.pt"), ("fifo_tok", "tokenizer.tiktoken")):
+        copy_run(run, bad2 / name)
+        (bad2 / name / file).unlink()
+        os.mkfifo(bad2 / name / file)
+    beeg = RELEASE_CASES["relu_no_bias"]
+    for name, change in (("rel_str", dict(d_model="16")), ("rel_float", dict(n_layer=2.5)),
+                         ("rel_neg", dict(d_model=-16)), ("rel_huge", dict(d_model=2**30)),
+                         ("rel_afrac", dict(afrac=1.5)), ("rel_afrac0", dict(afrac=0.0)),
+                         ("rel_no_vocab", dict(vocab_size=None)), ("rel_fifo", {})):
+        write_release(bad2 / name, beeg)
+        changed = {k: v for k, v in {**beeg, **change}.items() if v is not None}
+        (bad2 / name / "beeg_config.json").write_text(json.dumps(changed))
+    (bad2 / "rel_fifo" / "beeg_config.json").unlink()
+    os.mkfifo(bad2 / "rel_fifo" / "beeg_config.json")
+    write_release(bad2 / "rel_not_flat", beeg)
+    torch.save({"transformer.wte.weight": [1.0, 2.0]}, bad2 / "rel_not_flat" / "final_model.pt")
+    ckpt = torch.load(run / "ckpt.pt", weights_only=True)
+    nan_model = dict(ckpt["model"])
+    nan_model["blocks.0.mlp.c_fc.weight"] = nan_model["blocks.0.mlp.c_fc.weight"] * math.nan
+    copy_run(run, bad2 / "nan_run", model=nan_model)
+    copy_run(run, bad2 / "unknown_key", config={**ckpt["config"], "new_key": 1})
+    copy_run(run, bad2 / "typed_key", config={**ckpt["config"], "d_model": "16"})
+    copy_run(run, bad2 / "foreign_tok")  # another corpus's tokenizer of the same size
+    train, _ = sg.read_corpus(str(root / "corpus2"))
+    sg.save_tokenizer(sg.train_bpe(train[::-1][:2], 300), str(bad2 / "foreign_tok" /
+                                                               "tokenizer.tiktoken"))
+    copy_run(run, bad2 / "locked_run")
+    (bad2 / "locked_run" / "run.lock").write_text(str(os.getppid()))  # alive: pytest's parent
+    copy_run(run, bad2 / "half_run", iter_num=1)  # resuming it trains step 2, then saves
+    copy_run(run, bad2 / "circuit_run")
+    prune.main([f"--ckpt={bad2 / 'circuit_run' / 'ckpt.pt'}"] + CIRCUIT_RUN)
 
 
 def snapshot(root) -> dict:
@@ -1655,6 +1723,9 @@ def snapshot(root) -> dict:
     for dirpath, dirs, names in os.walk(root):
         out.update({os.path.join(dirpath, d): None for d in dirs})
         for n in names:
+            if not os.path.isfile(os.path.join(dirpath, n)):  # a FIFO: never opened
+                out[os.path.join(dirpath, n)] = "not a file"
+                continue
             with open(os.path.join(dirpath, n), "rb") as f:
                 out[os.path.join(dirpath, n)] = hashlib.file_digest(f, "sha1").hexdigest()
     return out
@@ -1712,7 +1783,51 @@ def bad_input_cases(w):
           ([f"--ckpt={bad / 'missing_val' / 'ckpt.pt'}", tasks_ok], "val.bin")]
     tiny_run = data + WORLD_RUN + [f"--out_dir={w / 'new'}"]  # what follows overrides these
     return ([("sparse_gpt.py", tiny_run + a, m) for a, m in S] + [("tasks.py", a, m) for a, m in T]
-            + [("prune.py", a, m) for a, m in P])
+            + [("prune.py", a, m) for a, m in P] + hostile_cases(w, tiny_run))
+
+
+def hostile_cases(w, tiny_run):
+    """The second pass (issue 20): (script, argv, text of the one line, setup) where setup may
+    set environment variables ("env") or a file-size limit ("fsize": a full disk past it)."""
+    b2, ckpt, tasks_ok = w / "bad2", f"--ckpt={w / 'run' / 'ckpt.pt'}", "--tasks=for_while"
+    torchrun = {"RANK": "1", "WORLD_SIZE": "2"}
+    resume = lambda name: ["--init_from=resume", f"--out_dir={b2 / name}"]  # noqa: E731
+    S = [([f"--data_dir={b2 / c}", "--vocab_size=9000"], "yields only", {"prints": skipped})
+         for c, skipped in (("fifo_corpus", "(1 skipped"), ("big_corpus", "(1 skipped"),
+                            ("badname_corpus", "(0 skipped"))]  # read, then a BPE too small
+    S += [(["--d_model=1000000000", "--d_head=8"], "GiB", {}), (["--n_head=-1"], "n_head", {}),
+          (["--max_iters=1000000000000"], "max_iters", {}),
+          (["--seed=100000000000000000000000"], "seed", {}),
+          (["--eval_iters=1000000000"], "eval_iters", {}), ([], "RANK", {"env": torchrun}),
+          (resume("locked_run"), "in use by another run (pid", {}),
+          (resume("nan_run"), "blocks.0.mlp.c_fc.weight; start a new run", {}),
+          (resume("unknown_key"), "new_key", {}), (resume("typed_key"), "d_model='16'", {}),
+          (resume("half_run"), "half_run/ckpt.pt", {"fsize": 20_000})]
+    T = [([f"--ckpt={b2 / 'fifo_ckpt' / 'ckpt.pt'}"], "not a regular file", {}),
+         ([f"--ckpt={b2 / 'fifo_tok' / 'ckpt.pt'}"], "not a regular file", {}),
+         ([f"--ckpt={b2 / 'rel_fifo'}"], "not a regular file", {}),
+         ([f"--ckpt={b2 / 'rel_str'}"], "d_model='16' is not of type int", {}),
+         ([f"--ckpt={b2 / 'rel_float'}"], "n_layer=2.5 is not of type int", {}),
+         ([f"--ckpt={b2 / 'rel_neg'}"], "d_model=-16 is invalid", {}),
+         ([f"--ckpt={b2 / 'rel_huge'}"], "GiB", {}),
+         ([f"--ckpt={b2 / 'rel_afrac'}"], "afrac=1.5 is invalid", {}),
+         ([f"--ckpt={b2 / 'rel_afrac0'}"], "afrac=0.0 is invalid", {}),
+         ([f"--ckpt={b2 / 'rel_no_vocab'}"], "vocab_size is missing", {}),
+         ([f"--ckpt={b2 / 'rel_not_flat'}"], "not a flat dict of named tensors", {}),
+         ([f"--ckpt={b2 / 'nan_run'}"], "NaN or infinite weights in blocks.0.mlp.c_fc", {}),
+         ([f"--ckpt={b2 / 'unknown_key' / 'ckpt.pt'}"], "new_key", {}),
+         ([f"--ckpt={b2 / 'foreign_tok' / 'ckpt.pt'}"], "is not the tokenizer", {}),
+         ([ckpt, "--n=10000000"], "n=10000000", {})]
+    P = [([f"--ckpt={b2 / 'nan_run'}"], "NaN or infinite weights in blocks.0.mlp.c_fc", {}),
+         ([f"--ckpt={b2 / 'fifo_ckpt'}"], "not a regular file", {}),
+         ([f"--ckpt={w / 'bad' / 'circuits_file'}"], "cannot write", {}),  # a run folder
+         ([ckpt, "--n_pairs=100000000"], "n_pairs", {}), ([ckpt, "--steps=1000000000"], "steps", {}),
+         ([ckpt, "--mean_batches=1000000000"], "mean_batches", {}),
+         ([f"--ckpt={b2 / 'circuit_run' / 'ckpt.pt'}"] + CIRCUIT_RUN, "circuits/for_while.json",
+          {"fsize": 1000})]  # a full disk at the second of a circuit's three files
+    return ([("sparse_gpt.py", tiny_run + a, m, x) for a, m, x in S]
+            + [("tasks.py", a + [tasks_ok], m, x) for a, m, x in T]
+            + [("prune.py", a + [tasks_ok], m, x) for a, m, x in P])
 
 
 def bad_function_calls(w):
@@ -1721,6 +1836,7 @@ def bad_function_calls(w):
     small = sg.parse_config([f"--data_dir={w / 'corpus'}", f"--cache_dir={w / 'cache'}",
                              f"--out_dir={w / 'new'}"] + WORLD_RUN)
     loaded = lambda path: sg.load_checkpoint(str(path))  # noqa: E731
+    absent = "mps" if torch.cuda.is_available() else "cuda"
     return [(lambda: sg.parse_config(["--density=2"]), SystemExit, "density"),
             (lambda: sg.parse_config(["--learning_rate=nan"]), SystemExit, "learning_rate"),
             (lambda: loaded(bad / "evil.pt"), SystemExit, "evil.pt"),
@@ -1737,7 +1853,14 @@ def bad_function_calls(w):
              "n must be at least 1"),
             (lambda: prune.load_means(*loaded(bad / "short_val" / "ckpt.pt")[::2],
                                       str(bad / "short_val" / "ckpt.pt"), 2, torch.device("cpu")),
-             SystemExit, "val.bin")]
+             SystemExit, "val.bin"),
+            # the second pass (issue 20)
+            (lambda: tasks.evaluate(*loaded(run / "ckpt.pt")[:2], ["for_while"], batch_pairs=0),
+             ValueError, "batch_pairs must be at least 1"),
+            (lambda: tasks.make_pairs("for_while", "3"), ValueError, "n must be a whole number"),
+            (lambda: tasks.task_loss(*loaded(run / "ckpt.pt")[:2], []), ValueError, "no pairs"),
+            (lambda: sg.GPT(sg.Config(sg.DEFAULTS, d_head=0)), ValueError, "d_head"),
+            (lambda: sg.load_checkpoint(str(run / "ckpt.pt"), device=absent), SystemExit, absent)]
 
 
 def raised_in(world, kind, call):
@@ -1754,7 +1877,7 @@ def raised_in(world, kind, call):
     return e, before, after
 
 
-N_BAD_CALLS = 13
+N_BAD_CALLS = 18
 
 
 @pytest.mark.parametrize("i", range(N_BAD_CALLS))
@@ -1769,21 +1892,44 @@ def test_bad_input_to_public_functions_raises_one_clear_line(i, world):
     assert after == before
 
 
-N_BAD_CASES = 90
+N_BAD_CASES = 90 + 36  # the first pass's, then the second's (hostile_cases)
 MAINS = {"sparse_gpt.py": lambda: sg.main, "tasks.py": lambda: tasks.main,
          "prune.py": lambda: prune.main}
+CASE_TIMEOUT = 60  # seconds: a case that hangs fails, instead of blocking the suite
+
+
+class Hang(BaseException):  # not an OSError, as TimeoutError is, which the code may catch
+    pass
+
+
+def timed_out(signum, frame):
+    raise Hang(f"still running after {CASE_TIMEOUT}s")
 
 
 @pytest.mark.parametrize("i", range(N_BAD_CASES))
-def test_bad_input_is_one_error_line_and_changes_no_file(i, world, capsys):
+def test_bad_input_is_one_error_line_and_changes_no_file(i, world, capsys, monkeypatch):
     cases = bad_input_cases(world)
     assert len(cases) == N_BAD_CASES
-    script, argv, must_name = cases[i]
-    e, before, after = raised_in(world, SystemExit, lambda: MAINS[script]()(argv))
+    script, argv, must_name, setup = (cases[i] + ({},))[:4]
+    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.delenv(key, raising=False)
+    for key, value in setup.get("env", {}).items():
+        monkeypatch.setenv(key, value)
+    limit, stdout = resource.getrlimit(resource.RLIMIT_FSIZE), sys.stdout
+    resource.setrlimit(resource.RLIMIT_FSIZE, (setup.get("fsize", limit[1]), limit[1]))
+    signal.signal(signal.SIGALRM, timed_out)
+    signal.alarm(CASE_TIMEOUT)
+    try:
+        e, before, after = raised_in(world, SystemExit, lambda: MAINS[script]()(argv))
+    finally:
+        signal.alarm(0)
+        resource.setrlimit(resource.RLIMIT_FSIZE, limit)
+        sys.stdout = stdout  # a RANK other than 0 sends it to /dev/null
     message = e.value.code
     assert isinstance(message, str) and message.startswith("error: "), (script, argv, message)
     assert "\n" not in message and must_name in message, (script, argv, message)
-    assert "Traceback" not in capsys.readouterr().err
+    out, err = capsys.readouterr()
+    assert "Traceback" not in err and setup.get("prints", "") in out, (script, argv, out)
     assert after == before, (script, argv)  # nothing written, nothing changed (no PWNED)
 
 
@@ -1808,12 +1954,19 @@ def test_scratch_run_keeps_a_trained_checkpoint_unless_told_to_overwrite(world, 
     with pytest.raises(SystemExit, match="already holds a model; continue it with --init_from"):
         sg.main(argv)
     assert snapshot(run) == before
+    (run / "circuits").mkdir()
+    (run / "circuits" / "for_while.json").write_text("{}")
+    (run / "node_means.pt").write_bytes(b"the old model's")
     sg.main(argv + ["--overwrite=True"])
     assert sg.read_checkpoint(str(run / "ckpt.pt"))["iter_num"] == 1
+    # the old model's circuits and node means are set aside
+    assert sorted(os.listdir(run)) == ["circuits.old", "ckpt.pt", "node_means.pt.old",
+                                       "tokenizer.tiktoken"]
+    assert (run / "circuits.old" / "for_while.json").read_text() == "{}"
 
 
-def interrupt_at_step(monkeypatch, step: int, times: int = 1):
-    """Sends Ctrl-C (SIGINT) `times` times from inside training step `step`."""
+def interrupt_at_step(monkeypatch, step: int, times: int = 1, sig=signal.SIGINT):
+    """Sends Ctrl-C (SIGINT), or sig, `times` times from inside training step `step`."""
     real, calls = sg.project_weights, []
 
     def project_and_interrupt(*args):
@@ -1821,7 +1974,7 @@ def interrupt_at_step(monkeypatch, step: int, times: int = 1):
         calls.append(1)
         if len(calls) == step:
             for _ in range(times):
-                os.kill(os.getpid(), signal.SIGINT)
+                os.kill(os.getpid(), sig)
 
     monkeypatch.setattr(sg, "project_weights", project_and_interrupt)
 
@@ -1843,6 +1996,30 @@ def test_ctrl_c_saves_exits_130_and_resume_without_flags_is_bit_exact(world, tmp
         assert torch.equal(w, resumed["model"][key]), key
     for i, state in full["optimizer"]["state"].items():
         assert torch.equal(state["exp_avg"], resumed["optimizer"]["state"][i]["exp_avg"])
+
+
+def test_sigterm_saves_and_exits_143_and_a_relative_run_resumes_from_another_folder(
+        world, tmp_path, monkeypatch):
+    """SIGTERM (a scheduler, docker stop, timeout) stops a run as Ctrl-C does. The run was made
+    with relative paths and a stale lock in its folder (its process has ended): the lock is
+    taken over, and the run resumes from another working folder, since its paths are saved
+    absolute."""
+    (tmp_path / "a" / "run").mkdir(parents=True)
+    shutil.copytree(world / "corpus", tmp_path / "a" / "corpus")
+    ended = subprocess.Popen(["true"])
+    ended.wait()
+    (tmp_path / "a" / "run" / "run.lock").write_text(str(ended.pid))
+    monkeypatch.chdir(tmp_path / "a")
+    interrupt_at_step(monkeypatch, 2, sig=signal.SIGTERM)
+    with pytest.raises(SystemExit) as e:
+        sg.main(["--data_dir=corpus", "--cache_dir=cache", "--out_dir=run"] + WORLD_RUN
+                + ["--max_iters=4", "--eval_interval=4"])
+    assert e.value.code == 143 and sg.read_checkpoint("run/ckpt.pt")["iter_num"] == 2
+    assert sorted(os.listdir("run")) == ["ckpt.pt", "tokenizer.tiktoken"]  # the lock released
+    monkeypatch.undo()
+    monkeypatch.chdir(tmp_path)
+    sg.main(["--init_from=resume", "--out_dir=a/run"])
+    assert sg.read_checkpoint("a/run/ckpt.pt")["iter_num"] == 4
 
 
 def test_second_ctrl_c_and_ctrl_c_in_data_prep_exit_130_leaving_no_half_file(world, tmp_path,
