@@ -54,8 +54,9 @@ RULES = dict(  # what each value must be (see sparse_gpt.RULES)
     tasks=(lambda v, c: all(t in tasks.ALL for t in v.split(",") if t),
            "comma-separated task names (python tasks.py shows every task)"),
     k_coef=sparse_gpt.POSITIVE, target_loss=sparse_gpt.POSITIVE,
-    heaviside_temp=sparse_gpt.POSITIVE, lr=sparse_gpt.POSITIVE, steps=sparse_gpt.COUNT,
-    n_pairs=sparse_gpt.COUNT, mean_batches=sparse_gpt.COUNT, device=sparse_gpt.DEVICE,
+    heaviside_temp=sparse_gpt.POSITIVE, lr=sparse_gpt.POSITIVE, steps=sparse_gpt.up_to(10**6),
+    n_pairs=sparse_gpt.up_to(10**4), mean_batches=sparse_gpt.up_to(10**4), seed=sparse_gpt.SEED,
+    device=sparse_gpt.DEVICE,
     steer_node=(lambda v, c: v == "" or re.fullmatch(r"\d+\.(attn|mlp)\.resid_in\.\d+", v),
                 "empty or a residual read such as 1.attn.resid_in.37"))
 LOG_EVERY = 100  # mask-training steps (or drop-pass nodes) between progress lines
@@ -156,7 +157,7 @@ def load_means(model, cfg_model, ckpt_path: str, n_batches: int, device) -> torc
     key = f"{hashlib.sha1(Path(ckpt_path).read_bytes()).hexdigest()}|{n_batches}"
     path = os.path.join(os.path.dirname(ckpt_path) or ".", "node_means.pt")
     try:  # a cache that is missing, unreadable, corrupt or another checkpoint's is recomputed
-        cached = torch.load(path, map_location=device, weights_only=True)
+        cached = torch.load(sparse_gpt.regular(path), map_location=device, weights_only=True)
         if cached["key"] == key and cached["means"].shape == (len(node_names(model)),):
             print(f"using the cached node means in {path}")
             return cached["means"]
@@ -167,7 +168,7 @@ def load_means(model, cfg_model, ckpt_path: str, n_batches: int, device) -> torc
         sys.exit(f"error: {val_path} (the checkpoint's validation tokens) not found; node means "
                  "need it: run from the folder the model was trained in")
     t0 = time.time()
-    tokens = np.fromfile(val_path, dtype=np.uint16)
+    tokens = np.fromfile(sparse_gpt.regular(val_path), dtype=np.uint16)
     if len(tokens) <= cfg_model.block_size + 1 or tokens.max() >= cfg_model.vocab_size:
         sys.exit(f"error: {val_path} is damaged; rebuild it with python sparse_gpt.py "
                  f"--init_from=resume --out_dir={os.path.dirname(ckpt_path) or '.'}")
@@ -772,15 +773,21 @@ def prune_checkpoint(path: str, model, tokenizer, means, names: list[str], cfg,
             steer_base = os.path.join(out_dir, name + ".steer")
             Path(steer_base + ".json").write_text(json.dumps(r["steering"], indent=1))
             write_steer_svg(steer_base + ".svg", r["steering"])
+        base = os.path.join(out_dir, name)
         if keep is None:
             print(f"{name}: no circuit reaches target loss {cfg.target_loss}, nor does the model")
+            for ext in ("json", "txt", "svg"):  # a previous run's circuit: not this one's answer
+                if os.path.exists(f"{base}.{ext}"):
+                    os.replace(f"{base}.{ext}", f"{base}.stale.{ext}")
+                    print(f"{name}: the previous {base}.{ext} is renamed {name}.stale.{ext}")
             continue
         r.update(describe(model, tokenizer, means, keep, train, test, cfg))
         r["seconds"] = round(time.time() - t0, 1)
-        base = os.path.join(out_dir, name)
-        Path(base + ".json").write_text(json.dumps(r, indent=1))
-        write_txt(base + ".txt", r)
-        write_svg(base + ".svg", r)
+        text = json.dumps(r, indent=1).encode()
+        sparse_gpt.write_files_together({  # the three files change together or not at all
+            base + ".json": lambda f: f.write(text),
+            base + ".txt": lambda f: write_txt(f.name, r),  # these two write to a path: f's own
+            base + ".svg": lambda f: write_svg(f.name, r)})
         print(f"{name}: {r['circuit']['n_nodes']} nodes, {r['circuit']['n_edges']} edges in "
               f"{r['seconds']:.0f}s -> {base}.json .txt .svg")
     return results
@@ -818,7 +825,8 @@ def main(argv):
     names = [t for t in cfg.tasks.split(",") if t]
     device = sparse_gpt.pick_device(cfg.device)
     paths = [cfg.ckpt] + [cfg.compare] * bool(cfg.compare)
-    paths = [os.path.join(p, "final_model.pt") if os.path.isdir(p) else p for p in paths]
+    paths = [os.path.join(p, "ckpt.pt" if os.path.exists(os.path.join(p, "ckpt.pt")) else
+                          "final_model.pt") if os.path.isdir(p) else p for p in paths]
     loaded = [sparse_gpt.load_checkpoint(path, device) for path in paths]  # bad files fail here
     for path in paths:  # node_means.pt and circuits/ go beside each checkpoint: fail now, not later
         out = os.path.join(os.path.dirname(path) or ".", "circuits")

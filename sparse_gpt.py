@@ -18,6 +18,7 @@ import json
 import math
 import os
 import re
+import shutil
 import signal
 import sys
 import sysconfig
@@ -247,6 +248,9 @@ class Block(nn.Module):
 class GPT(nn.Module):
     def __init__(self, cfg):
         super().__init__()
+        if min(cfg.vocab_size, cfg.n_layer, cfg.d_model, cfg.d_head, cfg.d_mlp, cfg.block_size,
+               cfg.n_head + 1) < 1:
+            raise ValueError(f"every size must be at least 1 (n_head at least 0) in {cfg}")
         self.cfg = cfg
         self.wte = nn.Embedding(cfg.vocab_size, cfg.d_model)
         self.wpe = nn.Embedding(cfg.block_size, cfg.d_model) if cfg.pos_embed else None
@@ -462,8 +466,11 @@ def train_step(model, fmodel, optimizer, x, y, autocast) -> torch.Tensor:
 
 def train(cfg, ckpt: dict | None = None) -> list[tuple[int, float]]:
     """Trains per cfg, or continues ckpt (the run's checkpoint) under --init_from=resume; returns
-    the (step, loss) history. Saves out_dir/ckpt.pt at every eval, on Ctrl-C and at the end."""
+    the (step, loss) history. Saves out_dir/ckpt.pt at every eval, on Ctrl-C, SIGTERM and at the
+    end."""
     rank, world, device = setup_ddp(pick_device(cfg.device), cfg.batch_size)
+    cfg = absolute_paths(cfg)
+    check_memory(cfg, device, training=True)
     torch.manual_seed(cfg.seed)  # the same initial weights on every rank
     model = GPT(cfg).to(device)
     optimizer = make_optimizer(model, cfg, device.type)
@@ -479,7 +486,8 @@ def train(cfg, ckpt: dict | None = None) -> list[tuple[int, float]]:
     stepped = fmodel if bridged is None else bridged
     train_model = DDP(stepped) if world > 1 else stepped
     history, start_iter, t_start, t_last = [], iter_num, time.time(), time.time()
-    with ctrl_c_finishes_the_step(world) as stop:
+    lock = os.path.join(cfg.out_dir, "run.lock") if rank == 0 else None  # claimed by start_run
+    with ctrl_c_finishes_the_step(world, lock) as stop:
         while iter_num < cfg.max_iters:
             lr = lr_at(iter_num, cfg)
             for group in optimizer.param_groups:
@@ -489,12 +497,15 @@ def train(cfg, ckpt: dict | None = None) -> list[tuple[int, float]]:
             x, y = get_batch(data["train"], cfg.block_size, cfg.batch_size, gen, device,
                              rank, world)
             loss = train_step(model, train_model, optimizer, x, y, autocast).item()
+            project_weights(model, iter_num, cfg)
+            stopping = stop.requested  # a signal after this line is acted on after the next step
             if world > 1:
-                loss, stop.requested = mean_over_ranks(loss, stop.requested, world, device)
+                loss, anyone = mean_over_ranks(loss, stopping, world, device)
+                stopping = stopping or signal.SIGINT * anyone  # another rank was signalled
             if not math.isfinite(loss):
                 sys.exit(f"error: loss is {loss} at step {iter_num}; stopped. The last good "
-                         f"checkpoint is kept in {ckpt_path}. Try a lower --learning_rate.")
-            project_weights(model, iter_num, cfg)
+                         f"checkpoint is kept in {ckpt_path}. Start a new run with a lower "
+                         "--learning_rate (resume keeps the run's own).")
             iter_num += 1
             history.append((iter_num, loss))
 
@@ -515,13 +526,13 @@ def train(cfg, ckpt: dict | None = None) -> list[tuple[int, float]]:
                 print("sample: " + repr(out["sample"])[:200])
                 if bridged is not None:
                     print(evaluate_bridges(bridged, data, cfg, device, autocast))
-            if rank == 0 and (eval_now or stop.requested):  # rank 0 alone writes files
+            if rank == 0 and (eval_now or stopping):  # rank 0 alone writes files
                 save_checkpoint(ckpt_path, model, optimizer, cfg, iter_num, best_val_loss,
                                 data_path, bridged and bridged.checkpoint())
                 t_last = time.time()  # eval and save time is not training throughput
-            if stop.requested:
+            if stopping:
                 print(f"saved {ckpt_path} at step {iter_num}; continue with --init_from=resume")
-                raise KeyboardInterrupt  # a stopped run is not a finished one: exit code 130
+                sys.exit(128 + stopping)  # a stopped run is not a finished one: 130 or 143
     print(f"done: {iter_num} steps in {(time.time() - t_start) / 60:.1f} min, best val loss "
           f"{best_val_loss:.3f}, checkpoint {ckpt_path}")
     return history
@@ -673,8 +684,12 @@ def list_py_files(root: str) -> list[str]:
     return found
 
 
+# corpus files are code: a bigger one is data, skipped (the standard library's largest is 0.8 MB)
+MAX_FILE_BYTES = 8 * 2**20
+
+
 def path_hash(relpath: str) -> int:
-    return int(hashlib.sha1(relpath.encode()).hexdigest(), 16)
+    return int(hashlib.sha1(os.fsencode(relpath)).hexdigest(), 16)  # a name may not be UTF-8
 
 
 def is_val_file(relpath: str) -> bool:
@@ -683,20 +698,24 @@ def is_val_file(relpath: str) -> bool:
 
 
 def read_corpus(root: str) -> tuple[list[str], list[str]]:
-    """Returns (train_docs, val_docs); unreadable and non-UTF-8 files are skipped, counted."""
+    """Returns (train_docs, val_docs). Skipped and counted: unreadable and non-UTF-8 files, and
+    what is not a regular file (a FIFO would block) or is over MAX_FILE_BYTES (data, not code)."""
     docs, skipped = {}, 0
     for path in list_py_files(root):
         try:
-            docs[os.path.relpath(path, root)] = Path(path).read_text(encoding="utf-8")
+            if os.path.isfile(path) and os.path.getsize(path) <= MAX_FILE_BYTES:
+                docs[os.path.relpath(path, root)] = Path(path).read_text(encoding="utf-8")
+                continue
         except (OSError, UnicodeDecodeError):
-            skipped += 1
+            pass
+        skipped += 1
     if len(docs) < 2:
         sys.exit(f"error: corpus '{root}' has {len(docs)} readable .py file(s), fewer than 2")
     val_names = [p for p in docs if is_val_file(p)] or [min(docs, key=path_hash)]  # small corpora
     train = [text for p, text in docs.items() if p not in val_names]
     val = [docs[p] for p in val_names]
     print(f"corpus: {len(train)} train + {len(val)} val files from {root} ({skipped} skipped: "
-          "unreadable or not UTF-8)")
+          "unreadable, not UTF-8, not a file or too big)")
     return train, val
 
 
@@ -714,6 +733,7 @@ TINYPYTHON_PATTERN = (r"""[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+
 # Tokens the tasks answer with: merged first, so they exist whatever the corpus statistics.
 REQUIRED_TOKENS = ['("', "('", '")', "')", "]]", "],"]
 EOT = "<|endoftext|>"
+MAX_PRETOKEN = 1024  # the standard library's longest pre-token has 201 characters
 
 
 def train_bpe(docs: list[str], vocab_size: int, pattern=PRETOKEN_PATTERN) -> dict[bytes, int]:
@@ -721,7 +741,9 @@ def train_bpe(docs: list[str], vocab_size: int, pattern=PRETOKEN_PATTERN) -> dic
     ranks. Incremental: a merge only revisits the words that contain its pair."""
     # re lacks \p{L}; regex (a dependency of tiktoken) has it but cuts ours a little differently
     pretoken = regex.compile(pattern) if r"\p" in pattern else re.compile(pattern)
-    word_counts = Counter(word for doc in docs for word in pretoken.findall(doc))
+    # pre-tokens cut to MAX_PRETOKEN characters: no input makes merges walk one giant word
+    word_counts = Counter(w[i : i + MAX_PRETOKEN] for doc in docs for w in pretoken.findall(doc)
+                          for i in range(0, len(w), MAX_PRETOKEN))
     words = [list(w.encode()) for w in word_counts]
     freqs = list(word_counts.values())
     token_bytes = [bytes([i]) for i in range(256)]
@@ -784,7 +806,7 @@ def save_tokenizer(ranks: dict[bytes, int], path: str):
 def load_tokenizer(path: str, fix: str = "copy a good one there") -> tiktoken.Encoding:
     try:  # fix: what the user should do when the file is missing or damaged
         ranks = {base64.b64decode(tok, validate=True): int(rank)
-                 for tok, rank in map(str.split, Path(path).read_text().splitlines())}
+                 for tok, rank in map(str.split, Path(regular(path)).read_text().splitlines())}
         return make_encoding(ranks)
     except (OSError, ValueError) as e:  # missing, a folder, not text, not 'base64 rank' lines
         sys.exit(f"error: cannot read tokenizer '{path}' ({type(e).__name__}); {fix}")
@@ -795,7 +817,7 @@ def load_data_gym_tokenizer(folder: str) -> tiktoken.Encoding:
     by tiktoken (which checks that they agree), end-of-text after the last rank, their pattern."""
     files = [os.path.join(folder, f) for f in ("vocab.bpe", "encoder.json")]
     try:  # the file hashes key tiktoken's cache, so a replaced file is never read stale
-        hashes = [hashlib.sha256(open(f, "rb").read()).hexdigest() for f in files]
+        hashes = [hashlib.sha256(open(regular(f), "rb").read()).hexdigest() for f in files]
         ranks = tiktoken.load.data_gym_to_mergeable_bpe_ranks(*files, *hashes)
     except (OSError, AssertionError, KeyError, ValueError) as e:
         sys.exit(f"error: no tinypython tokenizer in {folder} ({type(e).__name__}): download its "
@@ -811,7 +833,8 @@ def cache_digest(folder: str) -> bytes:
     """sha1 of the cache's files. sha1.txt, written last, records it: a cache whose files do not
     match it (missing, truncated, corrupt, half-built) is rebuilt, never trusted."""
     names = ("tokenizer.tiktoken", "train.bin", "val.bin")
-    return hashlib.sha1(b"".join(Path(folder, n).read_bytes() for n in names)).hexdigest().encode()
+    data = b"".join(Path(regular(os.path.join(folder, n))).read_bytes() for n in names)
+    return hashlib.sha1(data).hexdigest().encode()
 
 
 def cache_folder(cache_dir: str, root: str, *made_with) -> str:
@@ -819,7 +842,7 @@ def cache_folder(cache_dir: str, root: str, *made_with) -> str:
     corpus (every file's path and size) and what else the tokens depend on (made_with)."""
     key = hashlib.sha1("|".join(map(str, (root, *made_with))).encode())
     for path in list_py_files(root):
-        key.update(f"{os.path.relpath(path, root)}:{os.path.getsize(path)}".encode())
+        key.update(os.fsencode(f"{os.path.relpath(path, root)}:{os.path.getsize(path)}"))
     name = f"{os.path.basename(root)}-{key.hexdigest()[:10]}"
     return os.path.abspath(os.path.join(cache_dir, name))
 
@@ -837,7 +860,7 @@ def prepare_data(cfg) -> tuple[str, tiktoken.Encoding]:
     folder = cache_folder(cfg.cache_dir, root, cfg.vocab_size, PRETOKEN_PATTERN, REQUIRED_TOKENS)
     tok_path = os.path.join(folder, "tokenizer.tiktoken")
     try:  # a cache that is missing or does not match its sha1.txt is rebuilt
-        if Path(folder, "sha1.txt").read_bytes() == cache_digest(folder):
+        if Path(regular(os.path.join(folder, "sha1.txt"))).read_bytes() == cache_digest(folder):
             print(f"data: using cached tokens in {folder}")
             return folder, load_tokenizer(tok_path, f"delete the folder {folder} to rebuild it")
     except OSError:
@@ -867,15 +890,38 @@ def prepare_data(cfg) -> tuple[str, tiktoken.Encoding]:
 def atomic_write(path: str, write):
     """write(f) fills path.tmp, which is synced to disk, then renamed over path: a crash leaves
     the old file or the new one, never half of one. An interrupted write removes its .tmp."""
+    write_files_together({path: write})
+
+
+def write_files_together(writes: dict):
+    """path -> write(f), all or none: each fills path.tmp, synced to disk, and only when every one
+    is written are they renamed over their paths. On any failure the .tmp files go and the old
+    files stay; a full disk or a refused write (torch.save's RuntimeError too) names the file."""
+    path = ""
     try:
-        with open(path + ".tmp", "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(path + ".tmp", path)
-    except BaseException:
-        Path(path + ".tmp").unlink(missing_ok=True)
+        for path, write in writes.items():
+            with open(path + ".tmp", "wb") as f:
+                write(f)
+                f.flush()
+                os.fsync(f.fileno())
+        for path in writes:
+            os.replace(path + ".tmp", path)
+    except BaseException as e:
+        for p in writes:
+            Path(p + ".tmp").unlink(missing_ok=True)
+        if isinstance(e, (OSError, RuntimeError)):
+            raise OSError(getattr(e, "errno", None), getattr(e, "strerror", None)
+                          or "cannot write (is the disk full?)", path) from e
         raise
+
+
+def regular(path: str) -> str:
+    """path, unless it is there but neither a file nor a folder: a FIFO, a device or a socket,
+    whose read could block forever, is refused by name and never opened."""
+    if os.path.exists(path) and not (os.path.isfile(path) or os.path.isdir(path)):
+        sys.exit(f"error: '{path}' is not a regular file (a FIFO, device or socket); put the "
+                 "file itself there")
+    return path
 
 
 def save_checkpoint(path, model, optimizer, cfg, iter_num, best_val_loss, data_path,
@@ -883,14 +929,19 @@ def save_checkpoint(path, model, optimizer, cfg, iter_num, best_val_loss, data_p
     """Atomic (see atomic_write). A checkpoint holds only tensors, dicts, lists, numbers, strings
     and None, so that it loads with weights_only=True: keep it so, the config included."""
     ckpt = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "config": dict(cfg),
-            "iter_num": iter_num, "best_val_loss": best_val_loss, "data_path": data_path}
+            "iter_num": iter_num, "best_val_loss": best_val_loss, "data_path": data_path,
+            "tokenizer_sha1": data_path and tokenizer_sha1(data_path)}
     if bridges is not None:  # Bridged.checkpoint(): the bridges and the dense model's path, sha1
         ckpt["bridges"] = bridges
     atomic_write(path, lambda f: torch.save(ckpt, f))
 
 
+def tokenizer_sha1(folder: str) -> str:  # a checkpoint records it: a foreign one is refused
+    return hashlib.sha1(Path(folder, "tokenizer.tiktoken").read_bytes()).hexdigest()
+
+
 def read_checkpoint(path: str) -> dict:
-    if not os.path.exists(path):
+    if not os.path.exists(regular(path)):
         sys.exit(f"error: checkpoint '{path}' not found; train one with python sparse_gpt.py")
     try:  # weights_only: a pickled object could run any code when loaded
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
@@ -899,12 +950,41 @@ def read_checkpoint(path: str) -> dict:
         sys.exit(f"error: cannot read checkpoint '{path}' ({why}); retrain or pick another")
     if not (isinstance(ckpt, dict) and "model" in ckpt and isinstance(ckpt.get("config"), dict)):
         sys.exit(f"error: '{path}' is not a sparse_gpt checkpoint (no model/config)")
+    wrong = [f"{k}={v!r}" for k, v in ckpt["config"].items()
+             if k not in DEFAULTS or not same_kind(v, DEFAULTS[k])]
+    if wrong:
+        sys.exit(f"error: '{path}' has config {wrong[0]}, a key this code does not know or a value "
+                 "of the wrong type; retrain, or use the code that wrote it")
     return ckpt
+
+
+def nonfinite(model) -> str | None:
+    """The name of the first tensor of the model that holds a NaN or an infinity, or None."""
+    return next((n for n, t in model.state_dict().items() if not t.isfinite().all()), None)
+
+
+def check_memory(cfg, device: torch.device, training: bool):
+    """Refuses a model that cannot fit, before it is allocated. A lower bound: 4 bytes a weight,
+    twice while loading, 4 times in training (gradient, Adam's moments) plus a batch's logits."""
+    hd = (cfg.n_head or cfg.d_model // max(cfg.d_head, 1)) * cfg.d_head
+    weights = (cfg.vocab_size * (2 * cfg.d_model + cfg.vocab_size * cfg.bigram_table) + cfg.n_layer
+               * cfg.d_model * (4 * hd + 2 * cfg.d_mlp) + cfg.block_size * cfg.d_model)
+    need = 4 * (weights * (4 if training else 2) + training * cfg.batch_size * cfg.block_size
+                * cfg.vocab_size)
+    have = (torch.cuda.mem_get_info(device)[1] if device.type == "cuda"
+            else os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
+    if need > have:
+        sys.exit(f"error: this model needs at least {need / 2**30:,.1f} GiB ({weights:,} weights), "
+                 f"more than the {have / 2**30:,.1f} GiB of this {device.type}; lower d_model, "
+                 "d_mlp, n_layer, vocab_size, block_size or batch_size")
 
 
 def load_checkpoint(path: str, device="cpu") -> tuple[GPT, tiktoken.Encoding, Config]:
     """Our ckpt.pt with tokenizer.tiktoken beside it, or a released model's folder (or its
-    final_model.pt) with tinypython's vocab.bpe and encoder.json."""
+    final_model.pt) with tinypython's vocab.bpe and encoder.json. A run folder means its ckpt.pt."""
+    pick_device(torch.device(device).type)  # one line, not torch's error, when it is missing
+    if os.path.exists(os.path.join(path, "ckpt.pt")):
+        path = os.path.join(path, "ckpt.pt")
     folder = path if os.path.isdir(path) else os.path.dirname(path) or "."
     if os.path.isdir(path) or os.path.basename(path) == "final_model.pt":
         model, cfg = load_release(folder)
@@ -912,13 +992,21 @@ def load_checkpoint(path: str, device="cpu") -> tuple[GPT, tiktoken.Encoding, Co
     else:
         ckpt = read_checkpoint(path)
         cfg = Config({**DEFAULTS, **ckpt["config"]}, data_path=ckpt.get("data_path", ""))
+        check_memory(cfg, torch.device("cpu"), training=False)
         try:
             model = GPT(cfg)
             model.load_state_dict(ckpt["model"])
-        except (RuntimeError, TypeError, ValueError, AttributeError):
-            sys.exit(f"error: checkpoint '{path}' does not match this model code; retrain it")
-        tokenizer = load_tokenizer(os.path.join(folder, "tokenizer.tiktoken"),
-                                   f"copy the run's own there (its cache {cfg.data_path} has one)")
+        except (RuntimeError, TypeError, ValueError, AttributeError) as e:
+            why = str(e) if isinstance(e, ValueError) else "retrain it"
+            sys.exit(f"error: checkpoint '{path}' does not match this model code; {why}")
+        tok_path, fix = os.path.join(folder, "tokenizer.tiktoken"), "copy the run's own there"
+        tokenizer = load_tokenizer(tok_path, f"{fix} (its cache {cfg.data_path} has one)")
+        if ckpt.get("tokenizer_sha1") not in (None, "", tokenizer_sha1(folder)):  # older: none
+            sys.exit(f"error: {tok_path} is not the tokenizer {path} was trained with; {fix} "
+                     f"(its cache {cfg.data_path} has one)")
+    if nonfinite(model):
+        sys.exit(f"error: '{path}' holds NaN or infinite weights in {nonfinite(model)}: the run "
+                 "diverged before it was saved; train it again with a lower --learning_rate")
     if tokenizer.n_vocab != cfg.vocab_size:
         sys.exit(f"error: the tokenizer beside '{path}' has {tokenizer.n_vocab} tokens, the model "
                  f"{cfg.vocab_size}; put the model's own tokenizer there")
@@ -939,8 +1027,8 @@ def start_run(cfg, ckpt, model, optimizer, device, rank: int, world: int, bridge
     iter_num, best_val_loss, trained_on = 0, math.inf, None
     if cfg.init_from == "resume":
         ckpt = ckpt or read_checkpoint(ckpt_path)
-        changed = [k for k in DEFAULTS if k not in RESUME_MAY_CHANGE
-                   and ckpt["config"].get(k, DEFAULTS[k]) != cfg[k]]
+        saved = absolute_paths(Config(DEFAULTS, **ckpt["config"]))  # older checkpoints: relative
+        changed = [k for k in DEFAULTS if k not in RESUME_MAY_CHANGE and saved[k] != cfg[k]]
         if changed:
             sys.exit(f"error: --init_from=resume continues the run's own config; drop the flags "
                      f"that change it ({', '.join(changed)}), or start a new run elsewhere")
@@ -953,6 +1041,10 @@ def start_run(cfg, ckpt, model, optimizer, device, rank: int, world: int, bridge
             trained_on = ckpt.get("data_path", "")
         except (KeyError, RuntimeError, ValueError, TypeError) as e:
             sys.exit(f"error: cannot resume {ckpt_path} ({type(e).__name__}); start a new run")
+        if nonfinite(model):  # resume would repeat the divergence: same batches, same schedule
+            sys.exit(f"error: {ckpt_path} holds NaN or infinite weights in {nonfinite(model)}; "
+                     "start a new run (--overwrite=True, or another --out_dir) with a lower "
+                     "--learning_rate")
         print(f"resuming from {ckpt_path} at step {iter_num}")
         ckpt.clear()  # loaded: free its tensors now, not when the caller's reference goes
     elif os.path.exists(ckpt_path) and not cfg.overwrite:
@@ -974,9 +1066,14 @@ def start_run(cfg, ckpt, model, optimizer, device, rank: int, world: int, bridge
         if len(arr) <= cfg.block_size + 1:
             sys.exit(f"error: {s} split has {len(arr)} tokens, fewer than block_size+1; "
                      "add code or lower block_size")
-    if rank == 0:  # rank 0 alone writes files
+    if rank == 0:  # rank 0 alone writes files, holding the folder's lock (released by train)
         os.makedirs(cfg.out_dir, exist_ok=True)
+        claim_folder(cfg.out_dir)
         Path(ckpt_path + ".tmp").unlink(missing_ok=True)  # left by a killed save
+        for old in [os.path.join(cfg.out_dir, f) for f in ("circuits", "node_means.pt")]:
+            if cfg.overwrite and cfg.init_from == "scratch" and os.path.exists(old):
+                shutil.rmtree(old + ".old", ignore_errors=True)  # the replaced model's: aside
+                os.replace(old, old + ".old")
         tok = Path(data_path, "tokenizer.tiktoken").read_bytes()
         atomic_write(os.path.join(cfg.out_dir, "tokenizer.tiktoken"), lambda f: f.write(tok))
     print(f"model: {cfg.n_layer} layers, d_model {cfg.d_model}, {n_weights(model) / 1e6:.2f}M "
@@ -987,24 +1084,52 @@ def start_run(cfg, ckpt, model, optimizer, device, rank: int, world: int, bridge
     return iter_num, best_val_loss, data, tokenizer, data_path
 
 
+def absolute_paths(cfg) -> Config:
+    """data_dir and cache_dir made absolute, so that a checkpoint resumes from any folder."""
+    return Config(cfg, data_dir=cfg.data_dir and os.path.abspath(cfg.data_dir),
+                  cache_dir=os.path.abspath(cfg.cache_dir))
+
+
+def claim_folder(folder: str) -> str:
+    """folder/run.lock holds the pid of the run writing there: a second run is refused while that
+    process lives, and the lock of one that has ended is taken over. Returns the lock's path."""
+    path = os.path.join(folder, "run.lock")
+    holder = Path(regular(path)).read_text() if os.path.isfile(path) else ""
+    if holder.isdigit() and 0 < int(holder) != os.getpid():
+        try:
+            os.kill(int(holder), 0)  # signal 0 only asks whether the process exists
+            sys.exit(f"error: {folder} is in use by another run (pid {holder}); wait for it to "
+                     f"end, or pass another --out_dir (or delete {path} if that is not a run)")
+        except ProcessLookupError:
+            print(f"{path}: its run (pid {holder}) has ended; taking the lock over")
+    atomic_write(path, lambda f: f.write(str(os.getpid()).encode()))
+    return path
+
+
 @contextmanager
-def ctrl_c_finishes_the_step(world: int):
-    """The first Ctrl-C (SIGINT) asks the training loop to stop: it finishes the step, saves and
-    exits with 130 (stop.requested, read after every step). A second Ctrl-C aborts at once.
-    However training ends, the old handler comes back and a DDP process leaves its group."""
-    stop = SimpleNamespace(requested=False)
+def ctrl_c_finishes_the_step(world: int, lock: str | None):
+    """The first Ctrl-C (SIGINT), or SIGTERM (a scheduler, docker stop, timeout), asks the
+    training loop to stop: it finishes the step, saves and exits with 130 or 143 (stop.requested:
+    the signal's number, read after every step). A second one aborts at once, with one process
+    (torchrun passes a Ctrl-C on: every rank sees two). However training ends, the old handlers
+    come back, the lock on out_dir goes and a DDP process leaves its group."""
+    stop = SimpleNamespace(requested=0)
 
-    def on_sigint(signum, frame):
-        if stop.requested:
+    def on_signal(signum, frame):
+        if stop.requested and world == 1:
             raise KeyboardInterrupt
-        stop.requested = True
-        print("\nCtrl-C: finishing this step, saving, exiting (press again to abort)")
+        stop.requested = signum
+        print(f"\n{signal.Signals(signum).name}: finishing this step, saving, exiting (send it "
+              "again to abort)")
 
-    old_handler = signal.signal(signal.SIGINT, on_sigint)
+    old_handlers = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
         yield stop
     finally:
-        signal.signal(signal.SIGINT, old_handler)
+        for s, handler in old_handlers.items():
+            signal.signal(s, handler)
+        if lock:
+            Path(lock).unlink(missing_ok=True)
         if world > 1:
             dist.destroy_process_group()
 
@@ -1013,7 +1138,8 @@ def ctrl_c_finishes_the_step(world: int):
 # the paper's released models (openai/circuit_sparsity): a folder with beeg_config.json (their
 # GPTConfig), final_model.pt (a state_dict) and tinypython's encoder.json and vocab.bpe
 
-# their field: (our key, their default); refused: (the one value we run, their default)
+# their field: (our key, their default: None = derived, else the field is required); refused:
+# (the one value we run, their default)
 RELEASE_FIELDS = dict(
     vocab_size=("vocab_size", 50304), block_size=("block_size", 1024), n_layer=("n_layer", 12),
     d_model=("d_model", 768), n_head=("n_head", 12), d_head=("d_head", None), d_mlp=("d_mlp", None),
@@ -1039,6 +1165,13 @@ def release_config(beeg: dict, where: str) -> Config:
     refused = [f"{k}={beeg.get(k, d)!r}" for k, (ok, d) in RELEASE_REFUSED.items()
                if beeg.get(k, d) != ok]
     refused += [k for k in beeg if k not in {*RELEASE_FIELDS, *RELEASE_REFUSED, *RELEASE_IGNORED}]
+    wrong = [f"{k} is missing" for k, (_, d) in RELEASE_FIELDS.items()
+             if d is not None and k not in beeg]
+    wrong += [f"{k}={v!r} is not of type {type(DEFAULTS[ours]).__name__}"
+              for k, (ours, _) in RELEASE_FIELDS.items()
+              if (v := beeg.get(k)) is not None and not same_kind(v, DEFAULTS[ours])]
+    if wrong:
+        sys.exit(f"error: {where}: {wrong[0]}; fix the file, or download it again")
     cfg = Config(DEFAULTS, pos_embed=True, norm_eps=torch.finfo(torch.float32).eps, data_path="")
     cfg.update({ours: beeg.get(k, default) for k, (ours, default) in RELEASE_FIELDS.items()})
     locations = [t for t in cfg.afrac_nodes.split(",") if t] * (cfg.afrac is not None)
@@ -1046,9 +1179,12 @@ def release_config(beeg: dict, where: str) -> Config:
     refused += [f"activation_type={cfg.activation!r}"] * (cfg.activation not in ("gelu", "relu"))
     if refused:
         sys.exit(f"error: {where}: {refused[0]} is not supported by this loader")
+    check_rules(cfg, {"n_head": COUNT}, f"{where}: ")  # it divides d_model below
     cfg.update(d_head=cfg.d_head or cfg.d_model // cfg.n_head, d_mlp=cfg.d_mlp or 4 * cfg.d_model,
                afrac=cfg.afrac if locations else 1.0,
                afrac_nodes=",".join(RELEASE_LOCATIONS[t] for t in locations) or "all")
+    model_keys = "vocab_size n_layer d_model d_head n_head d_mlp block_size afrac afrac_nodes"
+    check_rules(cfg, {k: RULES[k] for k in model_keys.split()}, f"{where}: ")
     return cfg
 
 
@@ -1056,11 +1192,16 @@ def load_release(folder: str) -> tuple[GPT, Config]:
     """A released model as our GPT, its logits equal to theirs (float32)."""
     cfg_path, sd_path = (os.path.join(folder, f) for f in ("beeg_config.json", "final_model.pt"))
     try:
-        cfg = release_config(json.loads(Path(cfg_path).read_text()), cfg_path)
-        sd = torch.load(sd_path, map_location="cpu", weights_only=True)
+        cfg = release_config(json.loads(Path(regular(cfg_path)).read_text()), cfg_path)
+        check_memory(cfg, torch.device("cpu"), training=False)
+        sd = torch.load(regular(sd_path), map_location="cpu", weights_only=True)
     except Exception as e:
         sys.exit(f"error: cannot read {cfg_path} and final_model.pt ({type(e).__name__}); download "
                  "them into one folder (README: Prune the paper's released models)")
+    if not (isinstance(sd, dict) and all(isinstance(t, torch.Tensor) for t in sd.values())
+            and all(isinstance(k, str) for k in sd)):
+        sys.exit(f"error: {sd_path} is not a flat dict of named tensors (a state_dict); download "
+                 "it again (README: Prune the paper's released models)")
     rename = re.compile("|".join(map(re.escape, RELEASE_NAMES)))
     sd = {rename.sub(lambda m: RELEASE_NAMES[m[0]], k): t.float() for k, t in sd.items()
           if not re.fullmatch(r"transformer\.h\.\d+\.attn\.bias", k)}  # a causal-mask buffer
@@ -1091,6 +1232,9 @@ def pick_device(name: str) -> torch.device:
     if not seen.get(name):
         sys.exit(f"error: --device={name} but no such device is visible; use --device=cpu")
     return torch.device(name)
+
+
+TORCHRUN_VARS = {"RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"}
 
 
 def setup_ddp(device: torch.device, batch_size: int) -> tuple[int, int, torch.device]:
@@ -1126,6 +1270,13 @@ def bf16_autocast(device: torch.device):
 
 # What each value must be, checked after presets and flags: key -> (test(value, cfg), rule).
 COUNT, POSITIVE = (lambda v, c: v >= 1, "at least 1"), (lambda v, c: 0 < v < math.inf, "> 0")
+SEED = (lambda v, c: 0 <= v < 2**32, "in [0, 2**32)")
+
+
+def up_to(most: int) -> tuple:  # a count with a cap, so that no typo runs for days
+    return (lambda v, c: 1 <= v <= most, f"at least 1 and at most {most:,}")
+
+
 FRACTION, SHARE = (lambda v, c: 0 < v <= 1, "in (0, 1]"), (lambda v, c: 0 <= v <= 1, "in [0, 1]")
 DEVICE = (lambda v, c: v in ("auto", "cpu", "cuda", "mps"), "auto, cpu, cuda or mps")
 RULES = dict(
@@ -1133,13 +1284,16 @@ RULES = dict(
     init_from=(lambda v, c: v in ("scratch", "resume"), "scratch or resume"),
     vocab_size=(lambda v, c: 263 <= v <= 65536, "in [263, 65536] (6 task tokens; uint16 ids)"),
     n_layer=COUNT, d_model=COUNT, d_mlp=COUNT, block_size=COUNT, afrac=FRACTION,
-    d_head=(lambda v, c: v >= 1 and c.d_model % v == 0, "at least 1 and a divisor of d_model"),
+    d_head=(lambda v, c: v >= 1 and (c.n_head or c.d_model % v == 0),
+            "at least 1 and, unless n_head is set, a divisor of d_model"),
+    n_head=(lambda v, c: v >= 0, ">= 0"), seed=SEED,
     density=FRACTION, embed_ratio=POSITIVE, anneal_frac=SHARE, warmup_frac=SHARE,
     min_per_neuron=(lambda v, c: 0 <= v <= c.density * c.d_model, "in [0, density * d_model]"),
     c_nmse=(lambda v, c: 0 <= v < math.inf, ">= 0"), c_kl=(lambda v, c: 0 <= v < math.inf, ">= 0"),
     hybrid_frac=FRACTION,
-    batch_size=COUNT, max_iters=COUNT, learning_rate=POSITIVE, adam_eps=POSITIVE, device=DEVICE,
-    weight_decay=(lambda v, c: 0 <= v < math.inf, ">= 0"), eval_interval=COUNT, eval_iters=COUNT,
+    batch_size=COUNT, max_iters=up_to(10**9), learning_rate=POSITIVE, adam_eps=POSITIVE,
+    weight_decay=(lambda v, c: 0 <= v < math.inf, ">= 0"), eval_interval=COUNT, device=DEVICE,
+    eval_iters=up_to(10**5),
     log_interval=COUNT, activation=(lambda v, c: v in ("gelu", "relu"), "gelu or relu"),
     afrac_nodes=(lambda v, c: v == "all" or set(v.split(",")) <= set(NODE_LOCATIONS),
                  "all or some of " + ",".join(NODE_LOCATIONS)))
@@ -1189,23 +1343,40 @@ def parse_config(argv, defaults=DEFAULTS, presets=PRESETS, rules=RULES) -> Confi
             sys.exit(f"error: unknown preset '{name}'; valid presets: {' '.join(presets)}")
         cfg.update(presets[name], preset=name)
     cfg.update(pairs)
+    check_rules(cfg, rules)
+    return cfg
+
+
+def check_rules(cfg, rules, where=""):
     for key, (ok, rule) in rules.items():
         if key in cfg and not ok(cfg[key], cfg):
-            sys.exit(f"error: {key}={cfg[key]} is invalid: it must be {rule}")
-    return cfg
+            sys.exit(f"error: {where}{key}={cfg[key]} is invalid: it must be {rule}")
+
+
+def same_kind(value, default) -> bool:
+    """A config value of its default's type (an int where a float belongs too)."""
+    return type(value) is type(default) or type(default) is float and type(value) is int
 
 
 def cli(main):
     """A script's main(argv), run so that Ctrl-C exits with 130 and a file the system refuses (a
     folder where a file belongs, no permission, a full disk) exits with one line naming it."""
     def run(argv=None):
+        # SIGTERM (a scheduler, docker stop, timeout) unwinds like Ctrl-C: no half-written file
+        signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(143))
         try:
-            return main(sys.argv[1:] if argv is None else argv)
-        except KeyboardInterrupt:
-            sys.exit(130)
-        except OSError as e:
-            where = f": '{str(e.filename).removesuffix('.tmp')}'" if e.filename else ""
-            sys.exit(f"error: {e.strerror or e}{where}; fix that path or pass another")
+            try:
+                return main(sys.argv[1:] if argv is None else argv)
+            except KeyboardInterrupt:
+                sys.exit(130)
+            except OSError as e:
+                where = f": '{str(e.filename).removesuffix('.tmp')}'" if e.filename else ""
+                sys.exit(f"error: {e.strerror or e}{where}; fix that path or pass another")
+        except SystemExit as e:  # under torchrun every rank fails alike: rank 0 alone says why
+            if isinstance(e.code, str) and TORCHRUN_VARS <= set(os.environ) and \
+                    os.environ["RANK"] != "0":
+                sys.exit(1)
+            raise
     return run
 
 
@@ -1219,6 +1390,7 @@ def bench(cfg, warmup=3, rounds=10) -> dict:
     """Times training steps of the model at its target density and of its dense twin (density=1,
     afrac=1) on random tokens, interleaved step by step; on CUDA both eager and compiled."""
     device = pick_device(cfg.device)
+    check_memory(cfg, device, training=True)
     cuda = device.type == "cuda"
     sync = torch.cuda.synchronize if cuda else (lambda: None)
     autocast = bf16_autocast(device)
@@ -1283,6 +1455,9 @@ def main(argv):
         ckpt = read_checkpoint(os.path.join(cfg.out_dir, "ckpt.pt"))
         defaults = {k: ckpt["config"].get(k, v) for k, v in DEFAULTS.items()}
         cfg = parse_config(argv, defaults | {"out_dir": cfg.out_dir}, presets=None)
+    if "RANK" in os.environ and not TORCHRUN_VARS <= set(os.environ):
+        sys.exit("error: RANK is set but torchrun's other variables (LOCAL_RANK, MASTER_ADDR, ...) "
+                 "are not; unset RANK and WORLD_SIZE, or launch with torchrun")
     if os.environ.get("RANK", "0") != "0":  # under torchrun rank 0 alone logs
         sys.stdout = open(os.devnull, "w")
     print("config: " + " ".join(f"{k}={v}" for k, v in cfg.items()))

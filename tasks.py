@@ -29,7 +29,7 @@ DEFAULTS = dict(
 RULES = dict(  # what each value must be (see sparse_gpt.RULES)
     tasks=(lambda v, c: v == "all" or all(t in ALL for t in v.split(",")),
            "all or comma-separated task names (python tasks.py shows every task)"),
-    n=sparse_gpt.COUNT, split=(lambda v, c: v in ("train", "test"), "train or test"),
+    n=sparse_gpt.up_to(100_000), split=(lambda v, c: v in ("train", "test"), "train or test"),
     device=sparse_gpt.DEVICE)
 
 Pair = namedtuple("Pair", "prompt_a prompt_b token_a token_b")
@@ -342,6 +342,8 @@ def make_pairs(name: str, n: int, seed: int = 0, split: str = "train") -> list[P
     splits are drawn again, so train and test never share a prompt."""
     if name not in ALL:
         raise ValueError(f"unknown task '{name}'; valid tasks: {' '.join(ALL)}")
+    if type(n) is not int or n < 0:
+        raise ValueError(f"n must be a whole number of pairs, got {n!r}")
     if split not in ("train", "test"):
         raise ValueError(f"split must be train or test, got '{split}'")
     rng = random.Random(f"{name}/{seed}")
@@ -386,6 +388,8 @@ def encode_pairs(tokenizer, pairs: list[Pair], block_size: int, device="cpu") ->
     at the positions we read); last = each row's answer position; sign is +1 where token_a is the
     right answer, -1 where token_b is. Prompts longer than the context keep their last block_size
     tokens, so the answer position survives. prune.py reuses this for every mask-training step."""
+    if not pairs:
+        raise ValueError("no pairs to encode: pass at least one Pair")
     rows, tok_a, tok_b = [], [], []
     for p in pairs:
         a, b = answer_id(tokenizer, p.token_a), answer_id(tokenizer, p.token_b)
@@ -434,8 +438,9 @@ def evaluate(model, tokenizer, names, n: int = 200, seed: int = 0, split: str = 
              batch_pairs: int = 32) -> dict[str, tuple[float, float, int]]:
     """name -> (task loss, accuracy, pairs) on n fresh pairs of each task. Raises ValueError if
     a task's answers do not tokenize as single tokens under this tokenizer."""
-    if n < 1:
-        raise ValueError(f"n must be at least 1, got {n}")
+    for key, count in (("n", n), ("batch_pairs", batch_pairs)):
+        if count < 1:
+            raise ValueError(f"{key} must be at least 1, got {count}")
     out = {}
     for name in names:
         pairs = for_tokenizer(tokenizer, name, make_pairs(name, n, seed, split))
