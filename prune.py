@@ -637,6 +637,8 @@ A_COLOUR, B_COLOUR = "#7d3c98", "#ca6f1e"
 FILL = {"resid_in": "#dfe9fa", "resid_delta": "#fadddd", "q": "#dcf1df", "k": "#dcf1df",
         "v": "#dcf1df", "post_act": "#fff0c2", "logit": "#eeeeee"}
 KIND = {"resid_in": "read ch", "resid_delta": "write ch", "post_act": "neuron "}
+ROW_WORDS = {"attn": "attention", "mlp": "MLP", "final": "unembedding", "resid_in": "reads",
+             "resid_delta": "writes", "post_act": "neurons"}
 SPOKEN = {'"': "double quote", "'": "single quote", "\n": "newline", "\t": "tab"}
 
 
@@ -695,11 +697,15 @@ def svg_layout(nodes: list[str], edges) -> tuple[dict, list, float]:
     return pos, rows, y
 
 
-NL = "\n"
+HALO = 'stroke="white" stroke-width="3" paint-order="stroke"'  # text that stays readable on lines
 
 
 def text(x, y, body, size=11, colour="#222", extra="") -> str:
     return f'<text x="{x:.0f}" y="{y:.0f}" font-size="{size}" fill="{colour}" {extra}>{body}</text>'
+
+
+def line(x1, y1, x2, y2, extra) -> str:
+    return f'<line x1="{x1:.0f}" y1="{y1:.0f}" x2="{x2:.0f}" y2="{y2:.0f}" {extra}'
 
 
 def mono(body: str, colour="#222") -> str:
@@ -711,10 +717,10 @@ def box_lines(n: str, c: dict, answers) -> tuple[str, list[str]]:
     tokens; an answer's token, spelled out."""
     if n.startswith("logit"):
         tok = next(t for s, t, _ in c["unembed_edges"] if f"logit {t!r}" == n)
-        side = "a" if tok in answers[0] else "b" if tok in answers[1] else ""
+        side = "a" * (tok in answers[0]) or "b" * (tok in answers[1])
         colour = {"a": A_COLOUR, "b": B_COLOUR, "": "#222"}[side]
         return mono(shown(tok, 20), colour), [html.escape(spoken(tok)),
-                                              f"right after prompt_{side}" * bool(side)]
+                                              f"the answer after prompt_{side}" * bool(side)]
     if n.endswith(".mean"):
         return "q: every channel", ["at its mean (none", "is in the circuit)"]
     p, parts, f = c["profiles"][n], n.split("."), lambda v: "-" if v is None else f"{v:+.2g}"
@@ -733,82 +739,71 @@ def write_svg(path: str, r: dict):
     residual write to the later reads of its channel. Hovering shows full names."""
     c, ex, esc = r["circuit"], r["example"], html.escape
     edges = all_edges(c)
-    logits = sorted({d for _, d, _ in edges if d.startswith("logit")})
-    pos, rows, height = svg_layout(c["nodes"] + logits, edges)
-    top_w = max([abs(w) for *_, w in edges] or [1.0])
+    pos, rows, height = svg_layout(c["nodes"] + sorted({d for _, d, _ in edges if "logit" in d}),
+                                   edges)
+    top_w, (ka, kb) = max([abs(w) for *_, w in edges] or [1.0]), c["key_tokens"]
     out = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{WIDTH + 20}" height="{height:.0f}" '
            'font-family="sans-serif"><rect width="100%" height="100%" fill="white"/><defs><marker '
            'id="tip" viewBox="0 0 10 10" refX="9" refY="5" markerWidth="8" markerHeight="8" '
            'orient="auto"><path d="M0,0 L10,5 L0,10 z" fill="#444"/></marker></defs>',
            text(10, 24, f"{esc(r['task'])}: {c['n_nodes']} nodes, {c['n_edges']} edges", 17,
                 extra='font-weight="bold"')]
-    for i, (prompt, tok, colour) in enumerate(((ex[0], ex[2], A_COLOUR), (ex[1], ex[3], B_COLOUR))):
-        out.append(text(10, 46 + 17 * i, f"prompt_{'ab'[i]}: ...{mono(prompt[-60:].replace(NL, '↵'))} "
-                        f"→ right answer {mono(shown(tok), colour)} ({esc(spoken(tok))})", 12))
-    out += [text(10, 86 + 16 * i, esc(line), 12, "#b00" if line[0].isupper() else "#222")
-            for i, line in enumerate(verdict(r))]
-    ka, kb = c["key_tokens"]
-    legend = [f"Boxes: blue = a read of one residual channel (after RMSNorm), red = a write to one,"
-              " yellow = an MLP neuron, green = a q, k or v channel (framed by head), grey = an "
-              "answer's logit. Rows run in the order of the forward pass, top to bottom.",
-              f"In a box: its mean on prompt_a's key token {ka!r} and prompt_b's {kb!r} (where the"
-              " prompts differ), on other tokens; at the answer position of a and of b; the "
-              "tokens it is largest on. The circuit alone (the rest mean-ablated), test pairs.",
-              f"Lines: blue = positive weight, red = negative, width by |weight| (widest "
-              f"{top_w:.2f}), the weight written on it; dashed grey = a write seen by a later read"
-              " of its residual channel (a read without one reads the token embedding)."]
-    out += [text(10, 136 + 15 * i, esc(line), 11, "#444") for i, line in enumerate(legend)]
+    out += [text(10, 46 + 17 * i, f"prompt_{x}: ...{mono(ex[i][-60:].replace(chr(10), '↵'))} → "
+                 f"right answer {mono(shown(ex[2 + i]), colour)} ({esc(spoken(ex[2 + i]))})", 12)
+            for i, (x, colour) in enumerate((("a", A_COLOUR), ("b", B_COLOUR)))]
+    out += [text(10, 86 + 16 * i, esc(s), 12, "#b00" if s[0].isupper() else "#222")
+            for i, s in enumerate(verdict(r))]
+    legend = ("Boxes: blue = a read of one residual channel (after RMSNorm), red = a write to one, "
+              "yellow = an MLP neuron, green = a q, k or v channel (framed by head), grey = an "
+              "answer's logit. Rows run in the order of the forward pass, top to bottom.¶In a box:"
+              f" its mean on prompt_a's key token {ka!r} (purple) and prompt_b's {kb!r} (orange),"
+              " where the prompts differ, and on other tokens; at the answer position of a and of"
+              " b; the tokens it is largest on. The circuit alone (all else mean-ablated), test "
+              "pairs.¶Lines: blue = positive weight, red = negative, width by |weight| (widest "
+              f"{top_w:.2f}), the weight written on it; dashed grey = a write seen by a later read "
+              "of its residual channel (a read without one reads the token embedding).")
+    out += [text(10, 136 + 15 * i, esc(s), 11, "#444") for i, s in enumerate(legend.split("¶"))]
     for row, y in rows:
-        words = (row.replace("final.", "unembedding ").replace(".attn.", " attention ")
-                 .replace(".mlp.", " MLP ").replace("resid_in", "reads")
-                 .replace("resid_delta", "writes").replace("post_act", "neurons"))
+        words = " ".join(ROW_WORDS.get(w, w) for w in row.split("."))
         out += [text(8, y + 20, esc("layer " * row[0].isdigit() + words), 12, "#333",
                      'font-weight="bold"'), text(8, y + 36, esc(row), 10, "#888")]
-    late = []  # drawn last, over the edges: the heads' titles
-    for h, seen in c["heads"].items():  # a frame around each head, an arrow from k/v to q
-        xs, ys = zip(*(pos[n] for n in pos if row_of(n).endswith("heads") and head_of(n) == h))
-        qx = min(x for n, (x, _) in pos.items() if row_of(n).endswith("heads")
-                 and head_of(n) == h and n.split(".")[2] == "q")
-        att = " | ".join(f'after prompt_{x}: ' + ", ".join(f"{mono(shown(t), colour)} {v:.2f}"
+    heads = {h: [n for n in pos if "heads" in row_of(n) and head_of(n) == h] for h in c["heads"]}
+    for h, members in heads.items():  # a frame around each head, an arrow from k/v to q
+        (x0, y), x1 = min(pos[n] for n in members), max(pos[n][0] for n in members)
+        qx = min(pos[n][0] for n in members if n.split(".")[2] == "q") - BOX_W / 2
+        out += [f'<rect x="{x0 - BOX_W / 2 - 8:.0f}" y="{y - BOX_H / 2 - 44:.0f}" width="'
+                f'{x1 - x0 + BOX_W + 16:.0f}" height="{BOX_H + 52}" rx="8" fill="#f5fbf6" '
+                'stroke="#5a9"/>', line(qx - ARROW - GAP + 4, y, qx - 4, y, 'stroke="#444" '
+                                        'stroke-width="2" marker-end="url(#tip)"/>')]
+    for n, (x, y) in pos.items():  # dashed: a write to channel c feeds the next reads of c
+        out += [line(pos[m][0], pos[m][1] + BOX_H / 2, x, y - BOX_H / 2, 'stroke="#999" '
+                     'stroke-dasharray="6 4" stroke-width="2"/>') for m in pos if "resid_in" in n
+                and "resid_delta" in m and m.split(".")[-1] == n.split(".")[-1] and pos[m][1] < y]
+    for s, d, w in edges:
+        (x1, y1), (x2, y2), colour = pos[s], pos[d], "#2b6cb0" if w > 0 else "#c53030"
+        y1, y2 = y1 + BOX_H / 2, y2 - BOX_H / 2
+        out += [line(x1, y1, x2, y2, f'stroke="{colour}" stroke-opacity="0.7" stroke-width="'
+                     f'{0.8 + 5 * abs(w) / top_w:.1f}"><title>{esc(f"{s} -> {d}: {w:+.3f}")}'
+                     '</title></line>'), text((x1 + 2 * x2) / 3, (y1 + 2 * y2) / 3, f"{w:+.2f}",
+                                              10, colour, 'text-anchor="middle" ' + HALO)]
+    for n, (x, y) in pos.items():
+        title, lines = box_lines(n, c, r["answers"])
+        kind = "logit" if "logit" in n else location(n).split(".")[-1]
+        x, y = x - BOX_W / 2, y - BOX_H / 2
+        out += [f'<g><title>{esc(n)}</title><rect x="{x:.0f}" y="{y:.0f}" width="{BOX_W}" height'
+                f'="{BOX_H}" rx="5" fill="{FILL[kind]}" stroke="#444" stroke-dasharray="'
+                f'{"4 3" * n.endswith(".mean")}"/>', text(x + 6, y + 14, title, 12,
+                                                          extra='font-weight="bold"'),
+                *(text(x + 6, y + 28 + 13 * i, s, 10.5) for i, s in enumerate(lines)), "</g>"]
+    for h, members in heads.items():  # last, over the edges: where each head attends
+        seen, x, y = c["heads"][h], min(pos[n][0] for n in members) - BOX_W / 2, pos[members[0]][1]
+        att = " | ".join(f"after prompt_{x}: " + ", ".join(f"{mono(shown(t), colour)} {v:.2f}"
                          for t, v in seen[f"attends_{x}"]) for x, colour in
                          (("a", A_COLOUR), ("b", B_COLOUR))) + f" | the sink {seen['sink']:.2f}"
-        out += [f'<rect x="{min(xs) - BOX_W / 2 - 8:.0f}" y="{ys[0] - BOX_H / 2 - 44:.0f}" '
-                f'width="{max(xs) - min(xs) + BOX_W + 16:.0f}" height="{BOX_H + 52}" rx="8" '
-                'fill="#f5fbf6" stroke="#5a9"/>', f'<line x1="{qx - BOX_W / 2 - ARROW - GAP + 4:.0f}" y1="{ys[0]:.0f}" x2="'
-                f'{qx - BOX_W / 2 - 4:.0f}" y2="{ys[0]:.0f}" stroke="#444" stroke-width="2" '
-                'marker-end="url(#tip)"/>']
-        halo = 'stroke="white" stroke-width="3" paint-order="stroke"'
-        late += [text(min(xs) - BOX_W / 2, ys[0] - BOX_H / 2 - 28, f"layer {h.split('.')[0]} "
-                      f"head {h.split('head')[1]}: at the answer position its query attends to",
-                      11, extra='font-weight="bold" ' + halo),
-                 text(min(xs) - BOX_W / 2, ys[0] - BOX_H / 2 - 12, att, 11, extra=halo)]
-    for n, (x, y) in pos.items():  # dashed: a write to channel c feeds the next reads of c
-        if "resid_in" in n:
-            write = [m for m in pos if "resid_delta" in m and m.split(".")[-1] == n.split(".")[-1]
-                     and pos[m][1] < y]
-            out += [f'<line x1="{pos[m][0]:.0f}" y1="{pos[m][1] + BOX_H / 2:.0f}" x2="{x:.0f}" '
-                    f'y2="{y - BOX_H / 2:.0f}" stroke="#999" stroke-dasharray="6 4" '
-                    'stroke-width="2"/>' for m in write]
-    for s, d, w in edges:
-        (x1, y1), (x2, y2) = pos[s], pos[d]
-        colour, width = "#2b6cb0" if w > 0 else "#c53030", 0.8 + 5 * abs(w) / top_w
-        out += [f'<line x1="{x1:.0f}" y1="{y1 + BOX_H / 2:.0f}" x2="{x2:.0f}" y2="'
-                f'{y2 - BOX_H / 2:.0f}" stroke="{colour}" stroke-opacity="0.7" stroke-width="'
-                f'{width:.1f}"><title>{esc(f"{s} -> {d}: {w:+.3f}")}</title></line>',
-                text((x1 + 2 * x2) / 3, (y1 + BOX_H / 2 + 2 * (y2 - BOX_H / 2)) / 3, f"{w:+.2f}",
-                     10, colour, 'text-anchor="middle" stroke="white" stroke-width="3" '
-                     'paint-order="stroke"')]
-    answers = r["answers"]
-    for n, (x, y) in pos.items():
-        title, lines = box_lines(n, c, answers)
-        kind = "logit" if n.startswith("logit") else location(n).split(".")[-1]
-        out += [f'<g><title>{esc(n)}</title><rect x="{x - BOX_W / 2:.0f}" y="{y - BOX_H / 2:.0f}"'
-                f' width="{BOX_W}" height="{BOX_H}" rx="5" fill="{FILL[kind]}" stroke="#444" '
-                f'stroke-dasharray="{"4 3" if n.endswith(".mean") else "none"}"/>',
-                text(x - BOX_W / 2 + 6, y - BOX_H / 2 + 14, title, 12, extra='font-weight="bold"'),
-                *(text(x - BOX_W / 2 + 6, y - BOX_H / 2 + 28 + 13 * i, line, 10.5)
-                  for i, line in enumerate(lines)), "</g>"]
-    Path(path).write_text("\n".join(out + late + ["</svg>"]) + "\n")
+        out += [text(x, y - BOX_H / 2 - 28, f"layer {h.split('.')[0]} head {h.split('head')[1]}:"
+                     " at the answer position its query attends to", 11, extra='font-weight="bold" '
+                     + HALO), text(x, y - BOX_H / 2 - 12, att, 11, extra=HALO)]
+    Path(path).write_text("\n".join(out + ["</svg>"]) + "\n")
 
 
 # -----------------------------------------------------------------------------

@@ -1105,7 +1105,7 @@ def planted_ckpt(tmp_path, monkeypatch):
     return out / "ckpt.pt"
 
 
-def test_main_writes_json_txt_and_svg_and_compares(planted_ckpt, capsys):
+def test_main_writes_json_txt_and_svg_and_compares(planted_ckpt, capsys, tmp_path):
     prune.main([f"--ckpt={planted_ckpt}", f"--compare={planted_ckpt}", "--steps=60", "--lr=3e-2",
                 "--n_pairs=32", "--mean_batches=4"])
     out = capsys.readouterr().out
