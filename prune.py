@@ -56,6 +56,7 @@ RULES = dict(  # what each value must be (see sparse_gpt.RULES); tasks: see task
     n_pairs=sparse_gpt.COUNT, mean_batches=sparse_gpt.COUNT, device=sparse_gpt.DEVICE)
 LOG_EVERY = 100  # mask-training steps (or drop-pass nodes) between progress lines
 MAX_SCALE = 4.0  # the calibration may scale the logit difference by at most this much
+AT_BOUND = 0.95  # a scale above this fraction of MAX_SCALE is flagged: the signal is weak
 
 
 # -----------------------------------------------------------------------------
@@ -597,7 +598,7 @@ def verdict(r: dict) -> list[str]:
     if r["full_train_acc"] < r["config"]["solved_acc"]:
         lines.append(f"UNSOLVED: the full model scores {r['full_train_acc']:.1%} on the train "
                      "pairs; a circuit for a skill the model lacks explains nothing in it")
-    if scale > 0.99 * MAX_SCALE:
+    if scale > AT_BOUND * MAX_SCALE:
         lines.append(f"CALIBRATION AT ITS BOUND (scale {scale:.2f}, at most {MAX_SCALE:g}): the "
                      "circuit's own signal is weak, its loss was bought by scaling it up")
     return lines
@@ -712,6 +713,10 @@ def mono(body: str, colour="#222") -> str:
     return f'<tspan font-family="monospace" fill="{colour}">{html.escape(body)}</tspan>'
 
 
+def num(v: float | None) -> str:
+    return "-" if v is None else f"{v:+.2f}" if abs(v) < 9.995 else f"{v:+.0f}"
+
+
 def box_lines(n: str, c: dict, answers) -> tuple[str, list[str]]:
     """A box's title and lines: a node's values on the key tokens and at the answer and its top
     tokens; an answer's token, spelled out."""
@@ -723,7 +728,7 @@ def box_lines(n: str, c: dict, answers) -> tuple[str, list[str]]:
                                               f"the answer after prompt_{side}" * bool(side)]
     if n.endswith(".mean"):
         return "q: every channel", ["at its mean (none", "is in the circuit)"]
-    p, parts, f = c["profiles"][n], n.split("."), lambda v: "-" if v is None else f"{v:+.2g}"
+    p, parts, f = c["profiles"][n], n.split("."), num
     (ka, kb), top = (shown(t) for t in c["key_tokens"]), (shown(t) for t, _ in p["top_tokens"])
     title = f"{parts[2]} ch{parts[4][2:]}" if parts[2] in "qkv" else KIND[parts[-2]] + parts[-1]
     return title, [f"{mono(ka, A_COLOUR)} {f(p['key_a'])} {mono(kb, B_COLOUR)} {f(p['key_b'])} "
@@ -742,7 +747,8 @@ def write_svg(path: str, r: dict):
     pos, rows, height = svg_layout(c["nodes"] + sorted({d for _, d, _ in edges if "logit" in d}),
                                    edges)
     top_w, (ka, kb) = max([abs(w) for *_, w in edges] or [1.0]), c["key_tokens"]
-    out = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{WIDTH + 20}" height="{height:.0f}" '
+    width = max([WIDTH] + [x + BOX_W / 2 for x, _ in pos.values()]) + 20  # a head may be wider
+    out = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{width:.0f}" height="{height:.0f}" '
            'font-family="sans-serif"><rect width="100%" height="100%" fill="white"/><defs><marker '
            'id="tip" viewBox="0 0 10 10" refX="9" refY="5" markerWidth="8" markerHeight="8" '
            'orient="auto"><path d="M0,0 L10,5 L0,10 z" fill="#444"/></marker></defs>',
@@ -776,8 +782,8 @@ def write_svg(path: str, r: dict):
                 'stroke="#5a9"/>', line(qx - ARROW - GAP + 4, y, qx - 4, y, 'stroke="#444" '
                                         'stroke-width="2" marker-end="url(#tip)"/>')]
     for n, (x, y) in pos.items():  # dashed: a write to channel c feeds the next reads of c
-        out += [line(pos[m][0], pos[m][1] + BOX_H / 2, x, y - BOX_H / 2, 'stroke="#999" '
-                     'stroke-dasharray="6 4" stroke-width="2"/>') for m in pos if "resid_in" in n
+        out += [line(pos[m][0], pos[m][1] + BOX_H / 2, x, y - BOX_H / 2, 'stroke="#aaa" '
+                     'stroke-dasharray="5 4" stroke-width="1.5"/>') for m in pos if "resid_in" in n
                 and "resid_delta" in m and m.split(".")[-1] == n.split(".")[-1] and pos[m][1] < y]
     for s, d, w in edges:
         (x1, y1), (x2, y2), colour = pos[s], pos[d], "#2b6cb0" if w > 0 else "#c53030"
@@ -889,7 +895,7 @@ def print_summary(path: str, results: dict[str, dict]):
         edges.append(max(c["n_edges"], 1))  # an empty circuit (the bigram table did it) counts as 1
         print(f"{name:<28}{c['n_nodes']:>6}{c['n_edges']:>7}{ch['full']['acc']:>6.0%}"
               f"{ch['sufficiency']['loss']:>10.3f}{ch['sufficiency']['acc']:>6.0%}"
-              f"{scale:>6.2f}{'!' if scale > 0.99 * MAX_SCALE else ' '}{shift:>+7.2f}"
+              f"{scale:>6.2f}{'!' if scale > AT_BOUND * MAX_SCALE else ' '}{shift:>+7.2f}"
               f"{ch['sufficiency_uncalibrated']['loss']:>7.3f}{ch['necessity']['loss']:>9.3f}"
               f"{ch['necessity']['acc']:>6.0%}{ch['random_ablation']['loss']:>10.3f}"
               f"{r['attribution']['n_edges'] or '-':>11}{ctrl:>17}{unsolved}")

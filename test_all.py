@@ -797,11 +797,12 @@ def test_our_tokenizer_asks_a_task_as_written_and_another_prints_each_rewrite(
     assert tasks.for_tokenizer(task_tokenizer, "single_double_quote", pairs) == pairs
     assert capsys.readouterr().out == ""
     assert tasks.for_tokenizer(official_pattern_tokenizer, "single_double_quote", pairs) != pairs
-    out = capsys.readouterr().out
-    assert out.startswith("single_double_quote: 30 of 30 pairs asked as '\")") and \
-        out.endswith(" instead of '\")' / \"')\"\n")
+    assert capsys.readouterr().out == ("single_double_quote: 30 of 30 pairs asked as '\")\\n' / "
+                                       "\"')\\n\" instead of '\")' / \"')\"\n")
     tasks.for_tokenizer(official_pattern_tokenizer, "with_as", tasks.make_pairs("with_as", 30))
-    assert "pairs asked as" in capsys.readouterr().out and "the prompts less their last" in out
+    out = capsys.readouterr().out.splitlines()  # e.g. "with_as: 12 of 30 pairs asked as "')" /
+    assert sum(int(s.split()[1]) for s in out) == 30  # "')\n" instead of ' as' / '\n    ', the
+    assert all("the prompts less their last" in s for s in out)  # prompts less their last "')"
 
 
 def test_a_bad_answer_is_a_clear_error_naming_task_and_token(task_tokenizer):
@@ -1132,7 +1133,7 @@ def test_main_writes_json_txt_and_svg_and_compares(planted_ckpt, capsys, tmp_pat
     svg = ET.parse(circuits / "planted.svg").getroot()
     labels = ["".join(t.itertext()) for t in svg.iter("{http://www.w3.org/2000/svg}text")]
     assert {"read ch0", "neuron 0", "neuron 1", "write ch1", "read ch1", "A", "B",
-            "+10.00", "-10.00", "+1.00", "-1.00", "X +17 Y +0 else +0", "top X"} <= set(labels)
+            "+10.00", "-10.00", "+1.00", "-1.00", "X +17 Y +0.00 else +0.00", "top X"} <= set(labels)
     assert any(s.startswith("CALIBRATION AT ITS BOUND") for s in labels)
     assert any(s.startswith("test pairs: full model acc 100.0% | circuit alone acc") for s in labels)
     result["full_train_acc"] = 0.5  # as if the model did not solve it: every output says so
