@@ -12,6 +12,7 @@ resume; the paper's released models; devices and DDP; the command line; --bench;
 """
 
 import base64
+import difflib
 import hashlib
 import heapq
 import json
@@ -511,7 +512,7 @@ def train(cfg, ckpt: dict | None = None) -> list[tuple[int, float]]:
                 print(f"saved {ckpt_path} at step {iter_num}; continue with --init_from=resume")
                 sys.exit(128 + stopping)  # a stopped run is not a finished one: 130 or 143
     print(f"done: {iter_num} steps in {(time.time() - t_start) / 60:.1f} min, best val loss "
-          f"{best_val_loss:.3f}, checkpoint {ckpt_path}")
+          f"{best_val_loss:.3f}; {ckpt_path} holds the last step's weights, not the best's")
     return history
 
 
@@ -829,14 +830,21 @@ def check_memory(cfg, device: torch.device, training: bool):
                  "d_mlp, n_layer, vocab_size, block_size or batch_size")
 
 
+def checkpoint_file(path: str) -> str:
+    """A run's folder (out/tiny) means its ckpt.pt, a released model's folder its final_model.pt."""
+    if not os.path.isdir(path):
+        return path
+    return os.path.join(path, "ckpt.pt" if os.path.exists(os.path.join(path, "ckpt.pt"))
+                        else "final_model.pt")
+
+
 def load_checkpoint(path: str, device="cpu") -> tuple[GPT, tiktoken.Encoding, Config]:
     """Our ckpt.pt with tokenizer.tiktoken beside it, or a released model's folder (or its
-    final_model.pt) with tinypython's vocab.bpe and encoder.json. A run folder means its ckpt.pt."""
+    final_model.pt) with tinypython's vocab.bpe and encoder.json."""
     pick_device(torch.device(device).type)  # one line, not torch's error, when it is missing
-    if os.path.exists(os.path.join(path, "ckpt.pt")):
-        path = os.path.join(path, "ckpt.pt")
-    folder = path if os.path.isdir(path) else os.path.dirname(path) or "."
-    if os.path.isdir(path) or os.path.basename(path) == "final_model.pt":
+    path = checkpoint_file(path)
+    folder = os.path.dirname(path) or "."
+    if os.path.basename(path) == "final_model.pt":
         model, cfg = load_release(folder)
         tokenizer = load_data_gym_tokenizer(folder)
     else:
@@ -1162,6 +1170,11 @@ def print_help(defaults, presets):
                     + [f"presets (--preset=NAME): {' '.join(presets or ())}"] * bool(presets)))
 
 
+def initials(key: str) -> str:
+    """learning_rate -> lr: what a near-miss key often is."""
+    return "".join(word[:1] for word in key.split("_"))
+
+
 def parse_config(argv, defaults=DEFAULTS, presets=PRESETS, rules=RULES) -> Config:
     """--key=value over --preset=NAME over defaults, then checked against the rules. Shared by
     all three scripts. --help lists the keys; bad input exits with one clear line."""
@@ -1173,8 +1186,11 @@ def parse_config(argv, defaults=DEFAULTS, presets=PRESETS, rules=RULES) -> Confi
         if not arg.startswith("--") or "=" not in arg:
             sys.exit(f"error: expected --key=value, got '{arg}'")
         key, text = arg[2:].split("=", 1)
-        if key not in defaults:
-            sys.exit(f"error: unknown config key '{key}'; valid keys: {' '.join(defaults)}")
+        if key not in defaults:  # did you mean: a near spelling, or initials (lr, learning_rate)
+            near = [k for k in defaults if key == initials(k) != k or initials(key) == k != key]
+            near = (near or difflib.get_close_matches(key, defaults, 1))[:1]
+            sys.exit(f"error: unknown config key '{key}';" + "".join(
+                f" did you mean --{k}?" for k in near) + f" valid keys: {' '.join(defaults)}")
         try:
             pairs[key] = parse_value(text, defaults[key])
         except (KeyError, ValueError):
@@ -1215,6 +1231,9 @@ def cli(main):
                 return main(sys.argv[1:] if argv is None else argv)
             except KeyboardInterrupt:
                 sys.exit(130)
+            except BrokenPipeError:  # python tasks.py | head: the reader has all it wants
+                os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no 2nd error
+                sys.exit(0)
             except OSError as e:
                 where = f": '{str(e.filename).removesuffix('.tmp')}'" if e.filename else ""
                 sys.exit(f"error: {e.strerror or e}{where}; fix that path or pass another")
