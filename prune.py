@@ -19,7 +19,7 @@ import sys
 import time
 from contextlib import contextmanager
 from pathlib import Path
-from statistics import geometric_mean
+from statistics import geometric_mean, median_low
 
 import numpy as np
 import torch
@@ -44,6 +44,7 @@ DEFAULTS = dict(
     data_dir="",  # a released model's means: this corpus (empty = the stdlib) in its tokenizer
     cache_dir="data",  # where that corpus's tokens are cached, keyed by corpus and tokenizer
     seed=0,  # mask initialisation, the shuffled-answer control, the random-set check
+    seeds=5,  # searches from seeds seed, seed + 1, ...; the smallest circuit wins (README: why)
     device="auto",  # auto | cpu | cuda | mps
 )
 RULES = dict(  # what each value must be (see sparse_gpt.RULES)
@@ -52,8 +53,9 @@ RULES = dict(  # what each value must be (see sparse_gpt.RULES)
            "comma-separated task names (python tasks.py shows every task)"),
     k_coef=sparse_gpt.POSITIVE, target_loss=sparse_gpt.POSITIVE,
     heaviside_temp=sparse_gpt.POSITIVE, lr=sparse_gpt.POSITIVE, steps=sparse_gpt.COUNT,
-    n_pairs=sparse_gpt.COUNT, mean_batches=sparse_gpt.COUNT, device=sparse_gpt.DEVICE)
+    n_pairs=sparse_gpt.COUNT, seeds=sparse_gpt.COUNT, mean_batches=sparse_gpt.COUNT, device=sparse_gpt.DEVICE)
 LOG_EVERY = 100  # mask-training steps (or drop-pass nodes) between progress lines
+IMPROVE = {"consensus"}
 MAX_SCALE = 4.0  # the calibration may scale the logit difference by at most this much
 
 
@@ -284,7 +286,7 @@ def train_masks(model, means, train: dict, cfg, log=print) -> torch.Tensor:
             tau.clamp_(-1, 1)
         if (step + 1) % LOG_EVERY == 0 or step + 1 == cfg.steps:
             left = (time.time() - t0) / (step + 1) * (cfg.steps - step - 1)
-            log(f"  k_coef {cfg.k_coef:g} step {step + 1}/{cfg.steps} | task loss {task.item():.3f}"
+            log(f"  seed {cfg.seed} step {step + 1}/{cfg.steps} | task loss {task.item():.3f}"
                 f" | kept {int(keep.sum())} | lr {lr:.1e} | {left:.0f}s left")
     return tau.detach()
 
@@ -430,32 +432,93 @@ def token_edges(model, keep: torch.Tensor, prompt_tokens, answer_tokens) -> tupl
 
 
 def find_circuit(model, means, train: dict, cfg, log=print) -> tuple:
-    """Trains the masks, then discretizes: the fewest nodes in order of tau that reach the target
-    calibrated loss, then a pass that drops each remaining node, weakest first, whenever the
-    rest still reach the target (bisection on one ordering leaves some that are not needed).
-    Returns (the 0/1 keep vector or None, a dict of what each stage found)."""
-    tau = train_masks(model, means, train, cfg, log)
-    order = tau.argsort(descending=True)
-    k = smallest_circuit(model, means, train, order, cfg.target_loss, int((tau > 0).sum()))
-    info = {"masks_kept": int((tau > 0).sum()), "bisection_nodes": k}
-    if k is None:
-        log("  no node set reaches the target loss")
-        return None, info
-    keep, t0 = top_k_mask(order, k), time.time()
-    for n, i in enumerate(order[:k].flip(0).tolist(), 1):  # one forward per node: log progress
+    """The search, from cfg.seeds seeds: each trains its own masks (the seed draws their init
+    noise), then `search` discretizes them. Returns (the 0/1 keep vector or None, a dict of what
+    each stage found, with every seed's circuit)."""
+    taus = {s: train_masks(model, means, train, sparse_gpt.Config({**cfg, "seed": s}), log)
+            for s in range(cfg.seed, cfg.seed + cfg.seeds)}
+    keep, info = search(model, means, train, taus, cfg.target_loss, log)
+    if keep is not None:
+        z = diff_with(model, means, keep, train)  # one forward for both losses
+        info.update(n_nodes=int(keep.sum()), n_edges=len(circuit_edges(model, keep)),
+                    loss_raw=pair_loss(z, train)[0].item(),
+                    loss_calibrated=pair_loss(z, train, *fit_calibration(z, train))[0].item())
+        log(f"  the smallest of {len(taus)} seeds: {info['n_nodes']} nodes, {info['n_edges']} "
+            f"edges; train loss {info['loss_calibrated']:.3f} calibrated, {info['loss_raw']:.3f} raw")
+    return keep, info
+
+
+def search(model, means, train: dict, taus: dict, target: float, log) -> tuple:
+    """Each seed's circuit: the fewest nodes in order of its tau that reach the target, then the
+    drop pass. The smallest by edges wins, beside a candidate from the seeds' consensus order
+    (nodes by how many seeds keep them) and, at a target looser than the paper's, the search at
+    the paper's target with a drop pass at this one (it reaches the looser target too): so a
+    looser target never ends at a larger circuit."""
+    names, mean_tau = node_names(model), sum(taus.values()) / len(taus)
+    found, info = {}, {"seeds": {}}
+    for s, tau in taus.items():
+        order, start = tau.argsort(descending=True), int((tau > 0).sum())
+        k = smallest_circuit(model, means, train, order, target, start)
+        found[s] = c = None if k is None else drop_pass(model, means, train, top_k_mask(order, k),
+                                                        order, target, log)
+        info["seeds"][s] = r = {"masks_kept": start, "bisection_nodes": k, "n_nodes": None,
+                                "n_edges": None, "nodes": []}
+        if c is not None:
+            r.update(n_nodes=int(c.sum()), n_edges=len(circuit_edges(model, c)),
+                     nodes=[names[i] for i in c.nonzero()[:, 0].tolist()])
+        log(f"  seed {s}: masks keep {start} nodes; circuit {r['n_nodes']} nodes, "
+            f"{r['n_edges']} edges")
+    circuits = [c for c in found.values() if c is not None]
+    if len(circuits) > 1 and "consensus" in IMPROVE:
+        votes = sum(circuits) + (mean_tau + 1) / 3  # ties broken by the mean tau
+        order = votes.argsort(descending=True)
+        k = smallest_circuit(model, means, train, order, target, int((votes >= 1).sum()))
+        found["consensus"] = None if k is None else drop_pass(
+            model, means, train, top_k_mask(order, k), order, target, log)
+    if target > DEFAULTS["target_loss"]:
+        strict = search(model, means, train, taus, DEFAULTS["target_loss"], log)[0]
+        if strict is not None:
+            found["strict"] = drop_pass(model, means, train, strict, mean_tau.argsort(
+                descending=True), target, log)
+    sizes = {k: (len(circuit_edges(model, c)), int(c.sum())) for k, c in found.items()
+             if c is not None}
+    best = None if not sizes else found[min(sizes, key=sizes.get)]
+    if best is not None and "swap" in IMPROVE:
+        best = swap_pass(model, means, train, best, sum(circuits), target, log)
+    return best, info
+
+
+def drop_pass(model, means, data: dict, keep, order, target: float, log) -> torch.Tensor:
+    """Drops each kept node, weakest first in `order`, whenever the rest still reach the target
+    calibrated loss: bisection on one ordering leaves some that are not needed."""
+    keep, t0 = keep.clone(), time.time()
+    todo = [i for i in order.flip(0).tolist() if keep[i]]
+    for n, i in enumerate(todo, 1):  # one forward per node: log progress
         keep[i] = 0.0
-        if circuit_loss(model, means, keep, train) > cfg.target_loss:
+        if circuit_loss(model, means, keep, data) > target:
             keep[i] = 1.0
         if n % LOG_EVERY == 0:
-            log(f"  drop pass {n}/{k} | kept {int(keep.sum())} | "
-                f"{(time.time() - t0) / n * (k - n):.0f}s left")
-    z = diff_with(model, means, keep, train)  # one forward for both losses
-    info.update(n_nodes=int(keep.sum()), loss_raw=pair_loss(z, train)[0].item(),
-                loss_calibrated=pair_loss(z, train, *fit_calibration(z, train))[0].item())
-    log(f"  masks keep {info['masks_kept']} nodes, bisection {k}, after the drop pass "
-        f"{info['n_nodes']}: train loss {info['loss_calibrated']:.3f} calibrated, "
-        f"{info['loss_raw']:.3f} raw")
-    return keep, info
+            log(f"  drop pass {n}/{len(todo)} | kept {int(keep.sum())} | "
+                f"{(time.time() - t0) / n * (len(todo) - n):.0f}s left")
+    return keep
+
+
+def swap_pass(model, means, data, keep, votes, target, log):
+    """Remove two, add one: each node that some seed keeps and this circuit lacks is added, then a
+    drop pass tries the others; the result is kept when it has fewer edges."""
+    for i in votes.argsort(descending=True).tolist():
+        if votes[i] < 1:
+            break
+        if keep[i]:
+            continue
+        trial = keep.clone()
+        trial[i] = 1.0
+        order = torch.cat([torch.tensor([i]), keep.nonzero()[:, 0]])  # i strongest: tried last
+        trial = drop_pass(model, means, data, trial, order, target, log)
+        if len(circuit_edges(model, trial)) < len(circuit_edges(model, keep)):
+            log(f"  swap: {int(keep.sum())} -> {int(trial.sum())} nodes")
+            keep = trial
+    return keep
 
 
 def shuffled(data: dict, seed: int) -> dict:
@@ -468,11 +531,12 @@ def shuffled(data: dict, seed: int) -> dict:
 
 
 def control(model, means, train: dict, test: dict, cfg) -> dict:
-    """The same search on shuffled answers: a real circuit should need far more edges than
-    this one, or this one should fail to reach the target at all."""
+    """The same search, from one seed, on shuffled answers: a real circuit should need far more
+    edges than this one, or this one should fail to reach the target at all."""
     print("  control: the same search with the answers shuffled per pair")
     train_c, test_c = shuffled(train, cfg.seed + 1), shuffled(test, cfg.seed + 2)
-    keep, info = find_circuit(model, means, train_c, cfg)
+    keep, info = find_circuit(model, means, train_c, sparse_gpt.Config({**cfg, "seeds": 1}))
+    info.pop("seeds")
     if keep is None:
         return {"n_nodes": None, "n_edges": None, "test_acc": None, **info}
     calib = fit_calibration(diff_with(model, means, keep, train_c), train_c)
@@ -524,6 +588,25 @@ def describe(model, tokenizer, means, keep, train: dict, test: dict, cfg) -> dic
                             len(circuit_edges(model, top_k_mask(attr_order, k_attr)))}}
 
 
+def seed_spread(model, means, info: dict, train: dict, test: dict) -> dict:
+    """Over the seeds' circuits: min / median / max nodes and edges; the core (the nodes every
+    seed keeps) with its calibrated loss and accuracy on the test pairs, everything else
+    ablated; and the mean Jaccard overlap of two seeds' node sets."""
+    seeds = [s for s in info["seeds"].values() if s["n_nodes"] is not None]
+    sets, names = [set(s["nodes"]) for s in seeds], node_names(model)
+    core = set.intersection(*sets) if sets else set()
+    keep = torch.tensor([float(n in core) for n in names], device=means.device)
+    loss, acc = pair_loss(diff_with(model, means, keep, test), test,
+                          *fit_calibration(diff_with(model, means, keep, train), train))
+    pairs = [len(a & b) / max(1, len(a | b)) for i, a in enumerate(sets) for b in sets[:i]]
+    return {"n_seeds": len(info["seeds"]), "n_reached": len(seeds),
+            **{k: [f([s[k] for s in seeds]) for f in (min, median_low, max)] if seeds else None
+               for k in ("n_nodes", "n_edges")},
+            "core": [n for n in names if n in core], "core_sufficiency": {"loss": loss.item(),
+                                                                        "acc": acc},
+            "overlap": sum(pairs) / len(pairs) if pairs else None}
+
+
 # -----------------------------------------------------------------------------
 # writers: <task>.json, <task>.txt and <task>.svg in circuits/ beside the checkpoint
 
@@ -540,6 +623,10 @@ def all_edges(c: dict) -> list[tuple[str, str, float]]:
     return [tuple(e) for e in c["edges"]] + unembed
 
 
+def spread(values) -> str:
+    return "/".join(map(str, values or ["-"]))
+
+
 def write_txt(path: str, r: dict):
     c = r["circuit"]
     lines = [f"{r['task']}: {c['n_nodes']} nodes, {c['n_edges']} edges (and {c['n_embed_edges']} "
@@ -548,7 +635,13 @@ def write_txt(path: str, r: dict):
              "on the test pairs:"]
     lines += [f"  {k:<26} loss {v['loss']:.3f}  acc {v['acc']:.1%}" for k, v in r["checks"].items()]
     lines.append(f"  attribution baseline needs {r['attribution']['n_nodes']} nodes, "
-                 f"{r['attribution']['n_edges']} edges\n")
+                 f"{r['attribution']['n_edges']} edges")
+    s = r["seeds"]
+    lines.append(f"over {s['n_seeds']} seeds ({s['n_reached']} reach the target): nodes "
+                 f"{spread(s['n_nodes'])}, edges {spread(s['n_edges'])} (min/median/max); mean "
+                 f"overlap (Jaccard) {s['overlap'] or 1:.2f}; core (kept by every seed) "
+                 f"{len(s['core'])} nodes, alone: test loss {s['core_sufficiency']['loss']:.3f} "
+                 f"acc {s['core_sufficiency']['acc']:.1%}\n  core: {' '.join(s['core'])}\n")
     edges = all_edges(c)
     for i, name in enumerate(c["nodes"]):
         if i == 0 or location(name) != location(c["nodes"][i - 1]):
@@ -692,6 +785,7 @@ def prune_checkpoint(path: str, model, tokenizer, means, names: list[str], cfg) 
             print(f"{name}: no circuit reaches target loss {cfg.target_loss}, nor does the model")
             continue
         r.update(describe(model, tokenizer, means, keep, train, test, cfg))
+        r["seeds"] = seed_spread(model, means, search, train, test)
         r["seconds"] = round(time.time() - t0, 1)
         base = os.path.join(out_dir, name)
         Path(base + ".json").write_text(json.dumps(r, indent=1))
@@ -706,9 +800,11 @@ def print_summary(path: str, results: dict[str, dict]):
     print(f"\n{path}: circuits; losses on the test pairs (suff = circuit alone, calibrated; raw = "
           "uncalibrated; nec = circuit ablated; rand = a random node set of its size ablated; "
           "control = the same search on shuffled answers: nodes/edges, test acc; fail = no "
-          "circuit reaches the target)")
+          "circuit reaches the target; seeds = every seed's circuit: min/median/max, and the "
+          "core that all keep: its size and test acc alone, and the mean Jaccard overlap)")
     print(f"{'task':<28}{'nodes':>6}{'edges':>7}{'suff loss':>10}{'raw':>7}{'acc':>6}"
-          f"{'nec loss':>9}{'acc':>6}{'rand loss':>10}{'attr edges':>11}{'control':>17}")
+          f"{'nec loss':>9}{'acc':>6}{'rand loss':>10}{'attr edges':>11}{'control':>17}"
+          f"{'seeds: nodes':>13}{'edges':>10}{'core':>5}{'acc':>5}{'overlap':>8}")
     edges = []
     for name, r in results.items():
         ctrl = r.get("control")
@@ -717,13 +813,14 @@ def print_summary(path: str, results: dict[str, dict]):
         if "circuit" not in r:
             print(f"{name:<28}  no circuit reaches the target loss; control {ctrl}")
             continue
-        c, ch = r["circuit"], r["checks"]
+        c, ch, s = r["circuit"], r["checks"], r["seeds"]
         edges.append(max(c["n_edges"], 1))  # an empty circuit (the bigram table did it) counts as 1
         print(f"{name:<28}{c['n_nodes']:>6}{c['n_edges']:>7}{ch['sufficiency']['loss']:>10.3f}"
               f"{ch['sufficiency_uncalibrated']['loss']:>7.3f}{ch['sufficiency']['acc']:>6.0%}"
               f"{ch['necessity']['loss']:>9.3f}{ch['necessity']['acc']:>6.0%}"
               f"{ch['random_ablation']['loss']:>10.3f}{r['attribution']['n_edges'] or '-':>11}"
-              f"{ctrl:>17}")
+              f"{ctrl:>17}{spread(s['n_nodes']):>13}{spread(s['n_edges']):>10}"
+              f"{len(s['core']):>5}{s['core_sufficiency']['acc']:>5.0%}{s['overlap'] or 1:>8.2f}")
     if edges:
         print(f"geometric mean of edges over {len(edges)} tasks: {geometric_mean(edges):.1f}")
 
