@@ -53,7 +53,8 @@ RULES = dict(  # what each value must be (see sparse_gpt.RULES)
            "comma-separated task names (python tasks.py shows every task)"),
     k_coef=sparse_gpt.POSITIVE, target_loss=sparse_gpt.POSITIVE,
     heaviside_temp=sparse_gpt.POSITIVE, lr=sparse_gpt.POSITIVE, steps=sparse_gpt.COUNT,
-    n_pairs=sparse_gpt.COUNT, seeds=sparse_gpt.COUNT, mean_batches=sparse_gpt.COUNT, device=sparse_gpt.DEVICE)
+    n_pairs=sparse_gpt.COUNT, seeds=sparse_gpt.COUNT, mean_batches=sparse_gpt.COUNT,
+    device=sparse_gpt.DEVICE)
 LOG_EVERY = 100  # mask-training steps (or drop-pass nodes) between progress lines
 IMPROVE = {"consensus"}
 MAX_SCALE = 4.0  # the calibration may scale the logit difference by at most this much
@@ -457,35 +458,37 @@ def search(model, means, train: dict, taus: dict, target: float, log) -> tuple:
     names, mean_tau = node_names(model), sum(taus.values()) / len(taus)
     found, info = {}, {"seeds": {}}
     for s, tau in taus.items():
-        order, start = tau.argsort(descending=True), int((tau > 0).sum())
-        k = smallest_circuit(model, means, train, order, target, start)
-        found[s] = c = None if k is None else drop_pass(model, means, train, top_k_mask(order, k),
-                                                        order, target, log)
-        info["seeds"][s] = r = {"masks_kept": start, "bisection_nodes": k, "n_nodes": None,
-                                "n_edges": None, "nodes": []}
-        if c is not None:
-            r.update(n_nodes=int(c.sum()), n_edges=len(circuit_edges(model, c)),
-                     nodes=[names[i] for i in c.nonzero()[:, 0].tolist()])
-        log(f"  seed {s}: masks keep {start} nodes; circuit {r['n_nodes']} nodes, "
-            f"{r['n_edges']} edges")
+        k, found[s] = discretize(model, means, train, tau, target, log)
+        c, r = found[s], {"masks_kept": int((tau > 0).sum()), "bisection_nodes": k}
+        info["seeds"][s] = r | ({"n_nodes": None, "n_edges": None, "nodes": []} if c is None else
+                                {"n_nodes": int(c.sum()), "n_edges": len(circuit_edges(model, c)),
+                                 "nodes": [names[i] for i in c.nonzero()[:, 0].tolist()]})
+        log(f"  seed {s}: masks keep {r['masks_kept']} nodes, bisection {k}, after the drop pass "
+            f"{info['seeds'][s]['n_nodes']}")
     circuits = [c for c in found.values() if c is not None]
-    if len(circuits) > 1 and "consensus" in IMPROVE:
-        votes = sum(circuits) + (mean_tau + 1) / 3  # ties broken by the mean tau
-        order = votes.argsort(descending=True)
-        k = smallest_circuit(model, means, train, order, target, int((votes >= 1).sum()))
-        found["consensus"] = None if k is None else drop_pass(
-            model, means, train, top_k_mask(order, k), order, target, log)
+    if len(circuits) > 1 and "consensus" in IMPROVE:  # votes, ties broken by the mean tau
+        votes = sum(circuits) - 1 + (mean_tau + 1) / 3  # kept by one seed or more: > 0
+        found["consensus"] = discretize(model, means, train, votes, target, log)[1]
     if target > DEFAULTS["target_loss"]:
         strict = search(model, means, train, taus, DEFAULTS["target_loss"], log)[0]
-        if strict is not None:
-            found["strict"] = drop_pass(model, means, train, strict, mean_tau.argsort(
-                descending=True), target, log)
+        found["strict"] = None if strict is None else drop_pass(
+            model, means, train, strict, mean_tau.argsort(descending=True), target, log)
     sizes = {k: (len(circuit_edges(model, c)), int(c.sum())) for k, c in found.items()
              if c is not None}
-    best = None if not sizes else found[min(sizes, key=sizes.get)]
+    best = found[min(sizes, key=sizes.get)] if sizes else None
     if best is not None and "swap" in IMPROVE:
         best = swap_pass(model, means, train, best, sum(circuits), target, log)
     return best, info
+
+
+def discretize(model, means, data: dict, tau, target: float, log) -> tuple:
+    """(k, circuit): the fewest nodes in order of tau that reach the target calibrated loss,
+    gallop and bisection starting from the nodes with tau > 0, then the drop pass; (None, None)
+    when no node set does."""
+    order = tau.argsort(descending=True)
+    k = smallest_circuit(model, means, data, order, target, int((tau > 0).sum()))
+    return k, None if k is None else drop_pass(model, means, data, top_k_mask(order, k), order,
+                                               target, log)
 
 
 def drop_pass(model, means, data: dict, keep, order, target: float, log) -> torch.Tensor:
