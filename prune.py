@@ -56,7 +56,6 @@ RULES = dict(  # what each value must be (see sparse_gpt.RULES)
     n_pairs=sparse_gpt.COUNT, seeds=sparse_gpt.COUNT, mean_batches=sparse_gpt.COUNT,
     device=sparse_gpt.DEVICE)
 LOG_EVERY = 100  # mask-training steps (or drop-pass nodes) between progress lines
-IMPROVE = {"consensus"}
 MAX_SCALE = 4.0  # the calibration may scale the logit difference by at most this much
 
 
@@ -433,9 +432,8 @@ def token_edges(model, keep: torch.Tensor, prompt_tokens, answer_tokens) -> tupl
 
 
 def find_circuit(model, means, train: dict, cfg, log=print) -> tuple:
-    """The search, from cfg.seeds seeds: each trains its own masks (the seed draws their init
-    noise), then `search` discretizes them. Returns (the 0/1 keep vector or None, a dict of what
-    each stage found, with every seed's circuit)."""
+    """The search from cfg.seeds seeds, each training its own masks (the seed draws their init
+    noise). Returns (the 0/1 keep vector or None, a dict of what each stage found)."""
     taus = {s: train_masks(model, means, train, sparse_gpt.Config({**cfg, "seed": s}), log)
             for s in range(cfg.seed, cfg.seed + cfg.seeds)}
     keep, info = search(model, means, train, taus, cfg.target_loss, log)
@@ -444,30 +442,26 @@ def find_circuit(model, means, train: dict, cfg, log=print) -> tuple:
         info.update(n_nodes=int(keep.sum()), n_edges=len(circuit_edges(model, keep)),
                     loss_raw=pair_loss(z, train)[0].item(),
                     loss_calibrated=pair_loss(z, train, *fit_calibration(z, train))[0].item())
-        log(f"  the smallest of {len(taus)} seeds: {info['n_nodes']} nodes, {info['n_edges']} "
-            f"edges; train loss {info['loss_calibrated']:.3f} calibrated, {info['loss_raw']:.3f} raw")
+        log(f"  circuit: {info['n_nodes']} nodes, {info['n_edges']} edges; train loss "
+            f"{info['loss_calibrated']:.3f} calibrated, {info['loss_raw']:.3f} raw")
     return keep, info
 
 
 def search(model, means, train: dict, taus: dict, target: float, log) -> tuple:
-    """Each seed's circuit: the fewest nodes in order of its tau that reach the target, then the
-    drop pass. The smallest by edges wins, beside a candidate from the seeds' consensus order
-    (nodes by how many seeds keep them) and, at a target looser than the paper's, the search at
-    the paper's target with a drop pass at this one (it reaches the looser target too): so a
-    looser target never ends at a larger circuit."""
-    names, mean_tau = node_names(model), sum(taus.values()) / len(taus)
-    found, info = {}, {"seeds": {}}
+    """Each seed's circuit (discretize), and the smallest by edges of them and of two more
+    candidates: one from the seeds' consensus order (nodes by how many seeds keep them) and, at
+    a target looser than the paper's, the circuit at the paper's target (it reaches the looser
+    one too) after a drop pass at this one, so a looser target never ends at a larger circuit."""
+    names, mean_tau, found, info = node_names(model), sum(taus.values()) / len(taus), {}, {}
     for s, tau in taus.items():
         k, found[s] = discretize(model, means, train, tau, target, log)
-        c, r = found[s], {"masks_kept": int((tau > 0).sum()), "bisection_nodes": k}
-        info["seeds"][s] = r | ({"n_nodes": None, "n_edges": None, "nodes": []} if c is None else
-                                {"n_nodes": int(c.sum()), "n_edges": len(circuit_edges(model, c)),
-                                 "nodes": [names[i] for i in c.nonzero()[:, 0].tolist()]})
-        log(f"  seed {s}: masks keep {r['masks_kept']} nodes, bisection {k}, after the drop pass "
-            f"{info['seeds'][s]['n_nodes']}")
+        info[s] = {"masks_kept": int((tau > 0).sum()), "bisection_nodes": k, "nodes": None if
+                   found[s] is None else [names[i] for i in found[s].nonzero()[:, 0].tolist()]}
+        log(f"  seed {s}: masks keep {info[s]['masks_kept']} nodes, bisection {k}, after the "
+            f"drop pass {None if found[s] is None else int(found[s].sum())}")
     circuits = [c for c in found.values() if c is not None]
-    if len(circuits) > 1 and "consensus" in IMPROVE:  # votes, ties broken by the mean tau
-        votes = sum(circuits) - 1 + (mean_tau + 1) / 3  # kept by one seed or more: > 0
+    if len(circuits) > 1:  # votes, ties broken by the mean tau; kept by a seed or more: > 0
+        votes = sum(circuits) - 1 + (mean_tau + 1) / 3
         found["consensus"] = discretize(model, means, train, votes, target, log)[1]
     if target > DEFAULTS["target_loss"]:
         strict = search(model, means, train, taus, DEFAULTS["target_loss"], log)[0]
@@ -475,16 +469,12 @@ def search(model, means, train: dict, taus: dict, target: float, log) -> tuple:
             model, means, train, strict, mean_tau.argsort(descending=True), target, log)
     sizes = {k: (len(circuit_edges(model, c)), int(c.sum())) for k, c in found.items()
              if c is not None}
-    best = found[min(sizes, key=sizes.get)] if sizes else None
-    if best is not None and "swap" in IMPROVE:
-        best = swap_pass(model, means, train, best, sum(circuits), target, log)
-    return best, info
+    return found[min(sizes, key=sizes.get)] if sizes else None, {"seeds": info}
 
 
 def discretize(model, means, data: dict, tau, target: float, log) -> tuple:
-    """(k, circuit): the fewest nodes in order of tau that reach the target calibrated loss,
-    gallop and bisection starting from the nodes with tau > 0, then the drop pass; (None, None)
-    when no node set does."""
+    """(k, circuit): the fewest nodes in order of tau that reach the target calibrated loss
+    (from the count with tau > 0), then the drop pass; (None, None) if no node set does."""
     order = tau.argsort(descending=True)
     k = smallest_circuit(model, means, data, order, target, int((tau > 0).sum()))
     return k, None if k is None else drop_pass(model, means, data, top_k_mask(order, k), order,
@@ -503,24 +493,6 @@ def drop_pass(model, means, data: dict, keep, order, target: float, log) -> torc
         if n % LOG_EVERY == 0:
             log(f"  drop pass {n}/{len(todo)} | kept {int(keep.sum())} | "
                 f"{(time.time() - t0) / n * (len(todo) - n):.0f}s left")
-    return keep
-
-
-def swap_pass(model, means, data, keep, votes, target, log):
-    """Remove two, add one: each node that some seed keeps and this circuit lacks is added, then a
-    drop pass tries the others; the result is kept when it has fewer edges."""
-    for i in votes.argsort(descending=True).tolist():
-        if votes[i] < 1:
-            break
-        if keep[i]:
-            continue
-        trial = keep.clone()
-        trial[i] = 1.0
-        order = torch.cat([torch.tensor([i]), keep.nonzero()[:, 0]])  # i strongest: tried last
-        trial = drop_pass(model, means, data, trial, order, target, log)
-        if len(circuit_edges(model, trial)) < len(circuit_edges(model, keep)):
-            log(f"  swap: {int(keep.sum())} -> {int(trial.sum())} nodes")
-            keep = trial
     return keep
 
 
@@ -595,16 +567,18 @@ def seed_spread(model, means, info: dict, train: dict, test: dict) -> dict:
     """Over the seeds' circuits: min / median / max nodes and edges; the core (the nodes every
     seed keeps) with its calibrated loss and accuracy on the test pairs, everything else
     ablated; and the mean Jaccard overlap of two seeds' node sets."""
-    seeds = [s for s in info["seeds"].values() if s["n_nodes"] is not None]
-    sets, names = [set(s["nodes"]) for s in seeds], node_names(model)
+    names, sets = node_names(model), [set(s["nodes"]) for s in info["seeds"].values() if s["nodes"]
+                                      is not None]
     core = set.intersection(*sets) if sets else set()
-    keep = torch.tensor([float(n in core) for n in names], device=means.device)
-    loss, acc = pair_loss(diff_with(model, means, keep, test), test,
-                          *fit_calibration(diff_with(model, means, keep, train), train))
+    keeps = [torch.tensor([float(n in s) for n in names], device=means.device) for s in sets]
+    sizes = [[len(s) for s in sets], [len(circuit_edges(model, k)) for k in keeps]]
+    core_keep = torch.tensor([float(n in core) for n in names], device=means.device)
+    loss, acc = pair_loss(diff_with(model, means, core_keep, test), test,
+                          *fit_calibration(diff_with(model, means, core_keep, train), train))
     pairs = [len(a & b) / max(1, len(a | b)) for i, a in enumerate(sets) for b in sets[:i]]
-    return {"n_seeds": len(info["seeds"]), "n_reached": len(seeds),
-            **{k: [f([s[k] for s in seeds]) for f in (min, median_low, max)] if seeds else None
-               for k in ("n_nodes", "n_edges")},
+    return {"n_seeds": len(info["seeds"]), "n_reached": len(sets),
+            **{k: [f(v) for f in (min, median_low, max)] if sets else None
+               for k, v in zip(("n_nodes", "n_edges"), sizes)},
             "core": [n for n in names if n in core], "core_sufficiency": {"loss": loss.item(),
                                                                         "acc": acc},
             "overlap": sum(pairs) / len(pairs) if pairs else None}
@@ -627,7 +601,9 @@ def all_edges(c: dict) -> list[tuple[str, str, float]]:
 
 
 def spread(values) -> str:
-    return "/".join(map(str, values or ["-"]))
+    """[min, median, max] -> 'min/median/max'; a number -> '0.62'; None -> '-'."""
+    return "-" if values is None else f"{values:.2f}" if isinstance(values, float) else \
+        "/".join(map(str, values))
 
 
 def write_txt(path: str, r: dict):
@@ -642,7 +618,7 @@ def write_txt(path: str, r: dict):
     s = r["seeds"]
     lines.append(f"over {s['n_seeds']} seeds ({s['n_reached']} reach the target): nodes "
                  f"{spread(s['n_nodes'])}, edges {spread(s['n_edges'])} (min/median/max); mean "
-                 f"overlap (Jaccard) {s['overlap'] or 1:.2f}; core (kept by every seed) "
+                 f"overlap (Jaccard) {spread(s['overlap'])}; core (kept by every seed) "
                  f"{len(s['core'])} nodes, alone: test loss {s['core_sufficiency']['loss']:.3f} "
                  f"acc {s['core_sufficiency']['acc']:.1%}\n  core: {' '.join(s['core'])}\n")
     edges = all_edges(c)
@@ -823,7 +799,7 @@ def print_summary(path: str, results: dict[str, dict]):
               f"{ch['necessity']['loss']:>9.3f}{ch['necessity']['acc']:>6.0%}"
               f"{ch['random_ablation']['loss']:>10.3f}{r['attribution']['n_edges'] or '-':>11}"
               f"{ctrl:>17}{spread(s['n_nodes']):>13}{spread(s['n_edges']):>10}"
-              f"{len(s['core']):>5}{s['core_sufficiency']['acc']:>5.0%}{s['overlap'] or 1:>8.2f}")
+              f"{len(s['core']):>5}{s['core_sufficiency']['acc']:>5.0%}{spread(s['overlap']):>8}")
     if edges:
         print(f"geometric mean of edges over {len(edges)} tasks: {geometric_mean(edges):.1f}")
 
