@@ -32,7 +32,7 @@ DEFAULTS = dict(
     ckpt="out/ckpt.pt",  # circuits go to circuits/ beside it
     tasks="",  # comma-separated names; empty = every task the model solves at >= solved_acc
     compare="",  # a second checkpoint: prune both on the same tasks, print the edge ratio B/A
-    solved_acc=0.9,  # accuracy (train pairs) at which a task counts as solved
+    solved_acc=tasks.SOLVED_ACC,  # accuracy (train pairs) at which a task counts as solved
     target_loss=0.15,  # task loss (nats) the circuit must reach on the train pairs (paper 5)
     k_coef=1e-4,  # penalty per kept node (paper 5)
     heaviside_temp=1.0,  # temperature of the sigmoid whose derivative is the mask's gradient
@@ -76,41 +76,20 @@ def subset(data: dict, rows) -> dict:
     return out
 
 
-def answer_diff_all(model, data: dict, rows_per_chunk=32) -> torch.Tensor:
-    """answer_diff of every prompt, computed in chunks of prompts of similar length, each padded
-    only to its own longest: about 40% fewer positions than one padded batch."""
-    chunks = data["last"].argsort().split(rows_per_chunk)
-    z = torch.cat([answer_diff(model, subset(data, rows)) for rows in chunks])
+def answer_diff(model, data: dict) -> torch.Tensor:
+    """logit(token_a) - logit(token_b) at the answer position of every prompt (GPT.answer_diff),
+    in chunks of prompts of similar length, each padded only to its own longest: about 40% fewer
+    positions than one padded batch."""
+    chunks = data["last"].argsort().split(32)
+    z = torch.cat([model.answer_diff(d["idx"], d["last"], d["tok_a"], d["tok_b"])
+                   for d in (subset(data, rows) for rows in chunks)])
     return z[torch.cat(chunks).argsort()]  # back to the prompts' own order
 
 
-def answer_diff(model, data: dict) -> torch.Tensor:
-    """logit(token_a) - logit(token_b) at the last position of every prompt. GPT.forward, except
-    that the last MLP and the unembedding run only at the answer position, and the unembedding
-    only for the two answers: nothing else reaches the answer. The full vocabulary at every
-    position would be a third of a mask-training step; the last MLP everywhere, 28% (`cpu`)."""
-    rows = torch.arange(len(data["last"]), device=data["idx"].device)
-    *early, last = model.blocks
-    x = model.embed(data["idx"])
-    for block in early:
-        x = block(x)
-    x = x + last.attn(last.attn_in(last.attn_norm(x)))  # its keys and values need every position
-    x = x[rows, data["last"]][:, None]
-    x = x + last.mlp(last.mlp_in(last.mlp_norm(x)))
-    h = model.final_in(model.final_norm(x))[:, 0]
-    w = model.lm_head.weight
-    z = (h * (w[data["tok_a"]] - w[data["tok_b"]])).sum(-1)
-    if model.bigram is not None:
-        table, now = model.bigram.weight, data["idx"][rows, data["last"]]
-        z = z + table[now, data["tok_a"]] - table[now, data["tok_b"]]
-    return z
-
-
 def pair_loss(z, data: dict, scale=1.0, shift=0.0) -> tuple[torch.Tensor, float]:
-    """Cross-entropy over the two answers and accuracy, as tasks.score computes them; scale and
-    shift calibrate the logit difference (a shift favours token_a, never 'the right answer')."""
-    margin = data["sign"] * (scale * z + shift)
-    return F.softplus(-margin).mean(), (margin > 0).float().mean().item()
+    """tasks.score of the logit differences; scale and shift calibrate them (a shift favours
+    token_a, never 'the right answer')."""
+    return tasks.score(data["sign"] * (scale * z + shift))
 
 
 # -----------------------------------------------------------------------------
@@ -201,15 +180,13 @@ def release_tokens(tokenizer, cfg) -> str:
     """A released model has no val.bin of ours: the val split of the stdlib (or data_dir) in its
     own tokenizer, encoded once into cache_dir. Returns the folder holding val.bin."""
     root = os.path.abspath(cfg.data_dir or sparse_gpt.stdlib_dir())
-    key = hashlib.sha1(f"{root}|{sorted(tokenizer._mergeable_ranks.items())}|{tokenizer._pat_str}"
-                       f"|{[os.path.getsize(f) for f in sparse_gpt.list_py_files(root)]}".encode())
-    folder = os.path.join(cfg.cache_dir, f"{os.path.basename(root)}-{key.hexdigest()[:10]}")
+    made_with = sorted(tokenizer._mergeable_ranks.items()), tokenizer._pat_str
+    folder = sparse_gpt.cache_folder(cfg.cache_dir, root, *made_with)
     if not os.path.exists(os.path.join(folder, "val.bin")):
         _, val = sparse_gpt.read_corpus(root)
-        ids = [t for d in tokenizer.encode_ordinary_batch(val) for t in d + [tokenizer.eot_token]]
         os.makedirs(folder, exist_ok=True)
-        sparse_gpt.atomic_write(os.path.join(folder, "val.bin"), np.array(ids, np.uint16).tofile)
-        print(f"data: {len(ids):,} val tokens in {tokenizer.name}, cached in {folder}")
+        n = sparse_gpt.write_tokens(os.path.join(folder, "val.bin"), val, tokenizer)
+        print(f"data: {n:,} val tokens in {tokenizer.name}, cached in {folder}")
     return folder
 
 
@@ -250,7 +227,8 @@ class HeavisideSTE(torch.autograd.Function):
         return grad * s * (1 - s) / ctx.temp, None
 
 
-def top_k_mask(order: torch.Tensor, k: int) -> torch.Tensor:
+def keep_first(order: torch.Tensor, k: int) -> torch.Tensor:
+    """The 0/1 keep vector of the first k nodes of `order`."""
     keep = torch.zeros(len(order), device=order.device)
     keep[order[:k]] = 1.0
     return keep
@@ -260,13 +238,7 @@ def top_k_mask(order: torch.Tensor, k: int) -> torch.Tensor:
 # training the masks: task loss + k_coef * (number of kept nodes)
 
 
-def lr_at(step: int, steps: int, lr: float) -> float:
-    """Linear warmup over the first 5% of steps, then linear decay to zero (paper 5)."""
-    warm = max(1, round(0.05 * steps))
-    return lr * ((step + 1) / warm if step < warm else (steps - step) / max(1, steps - warm))
-
-
-def train_masks(model, means, train: dict, cfg, log=print) -> torch.Tensor:
+def train_masks(model, means, train: dict, cfg) -> torch.Tensor:
     """Returns tau, one real parameter per node; the node is kept where tau > 0."""
     gen = torch.Generator().manual_seed(cfg.seed)
     # every node starts kept: a bias of 0.1 plus noise of 0.01 breaks ties (paper 5)
@@ -274,10 +246,11 @@ def train_masks(model, means, train: dict, cfg, log=print) -> torch.Tensor:
     opt = torch.optim.AdamW([tau], lr=cfg.lr, betas=(0.9, 0.95), weight_decay=1e-3)
     t0 = time.time()
     for step in range(cfg.steps):
-        opt.param_groups[0]["lr"] = lr = lr_at(step, cfg.steps, cfg.lr)
+        # warmup over the first 5% of steps, then linear decay to zero (paper 5)
+        opt.param_groups[0]["lr"] = lr = cfg.lr * sparse_gpt.warmup_decay(step, cfg.steps, 0.05)
         keep = HeavisideSTE.apply(tau, cfg.heaviside_temp)
         with ablated(model, means, keep):  # every step sees all train pairs (paper: 64)
-            task, _ = pair_loss(answer_diff_all(model, train), train)
+            task, _ = pair_loss(answer_diff(model, train), train)
         (task + cfg.k_coef * keep.sum()).backward()
         torch.nn.utils.clip_grad_norm_([tau], 1.0)
         opt.step()
@@ -286,8 +259,8 @@ def train_masks(model, means, train: dict, cfg, log=print) -> torch.Tensor:
             tau.clamp_(-1, 1)
         if (step + 1) % LOG_EVERY == 0 or step + 1 == cfg.steps:
             left = (time.time() - t0) / (step + 1) * (cfg.steps - step - 1)
-            log(f"  seed {cfg.seed} step {step + 1}/{cfg.steps} | task loss {task.item():.3f}"
-                f" | kept {int(keep.sum())} | lr {lr:.1e} | {left:.0f}s left")
+            print(f"  seed {cfg.seed} step {step + 1}/{cfg.steps} | task loss {task.item():.3f}"
+                  f" | kept {int(keep.sum())} | lr {lr:.1e} | {left:.0f}s left")
     return tau.detach()
 
 
@@ -298,7 +271,7 @@ def train_masks(model, means, train: dict, cfg, log=print) -> torch.Tensor:
 @torch.no_grad()
 def diff_with(model, means, keep, data: dict) -> torch.Tensor:
     with ablated(model, means, keep):
-        return answer_diff_all(model, data)
+        return answer_diff(model, data)
 
 
 def circuit_loss(model, means, keep, data: dict) -> float:
@@ -313,7 +286,7 @@ def smallest_circuit(model, means, data, order, target: float, start: int) -> in
     between the last size that failed and the first that passed: bisection assumes the loss
     falls as k grows, which holds near a good ordering's answer but not everywhere."""
     def passes(k):
-        return circuit_loss(model, means, top_k_mask(order, k), data) <= target
+        return circuit_loss(model, means, keep_first(order, k), data) <= target
 
     lo, hi = -1, min(start, len(order))  # lo = -1: the empty circuit may pass (the bigram table)
     while not passes(hi):
@@ -356,7 +329,7 @@ def run_checks(model, means, circuit: torch.Tensor, test: dict, calib, seed: int
     """Test-split loss and accuracy with each node set below kept and every other node ablated."""
     every, as_is = torch.ones_like(circuit), (1.0, 0.0)
     perm = torch.randperm(len(circuit), generator=torch.Generator().manual_seed(seed))
-    random_set = top_k_mask(perm.to(circuit.device), int(circuit.sum()))
+    random_set = keep_first(perm.to(circuit.device), int(circuit.sum()))
     runs = {"full": (every, as_is), "sufficiency": (circuit, calib),
             "sufficiency_uncalibrated": (circuit, as_is), "necessity": (every - circuit, as_is),
             "random_ablation": (every - random_set, as_is),
@@ -376,7 +349,8 @@ def attribution_order(model, means, data: dict, chunk=32) -> torch.Tensor:
         batch = subset(data, slice(i, i + chunk))
         gates = torch.ones(len(batch["last"]), 1, len(means), device=means.device).requires_grad_()
         with ablated(model, means, gates):
-            loss = F.softplus(-batch["sign"] * answer_diff(model, batch)).sum()
+            z = model.answer_diff(batch["idx"], batch["last"], batch["tok_a"], batch["tok_b"])
+            loss = F.softplus(-batch["sign"] * z).sum()
         score += torch.autograd.grad(loss, gates)[0].abs().sum(dim=(0, 1))
     return score.argsort(descending=True)
 
@@ -431,52 +405,52 @@ def token_edges(model, keep: torch.Tensor, prompt_tokens, answer_tokens) -> tupl
 # the search: masks, then the fewest nodes that reach the target, then a control
 
 
-def find_circuit(model, means, train: dict, cfg, log=print) -> tuple:
+def find_circuit(model, means, train: dict, cfg, ) -> tuple:
     """The search from cfg.seeds seeds, each training its own masks (the seed draws their init
     noise). Returns (the 0/1 keep vector or None, a dict of what each stage found)."""
-    taus = {s: train_masks(model, means, train, sparse_gpt.Config({**cfg, "seed": s}), log)
+    taus = {s: train_masks(model, means, train, sparse_gpt.Config({**cfg, "seed": s}))
             for s in range(cfg.seed, cfg.seed + cfg.seeds)}
-    keep, info = search(model, means, train, taus, cfg.target_loss, log)
+    keep, info = search(model, means, train, taus, cfg.target_loss)
     if keep is not None:
         z = diff_with(model, means, keep, train)  # one forward for both losses
         info.update(n_nodes=int(keep.sum()), n_edges=len(circuit_edges(model, keep)),
                     loss_raw=pair_loss(z, train)[0].item(),
                     loss_calibrated=pair_loss(z, train, *fit_calibration(z, train))[0].item())
-        log(f"  circuit: {info['n_nodes']} nodes, {info['n_edges']} edges; train loss "
-            f"{info['loss_calibrated']:.3f} calibrated, {info['loss_raw']:.3f} raw")
+        print(f"  circuit: {info['n_nodes']} nodes, {info['n_edges']} edges; train loss "
+              f"{info['loss_calibrated']:.3f} calibrated, {info['loss_raw']:.3f} raw")
     return keep, info
 
 
-def search(model, means, train: dict, taus: dict, target: float, log) -> tuple:
+def search(model, means, train: dict, taus: dict, target: float) -> tuple:
     """Each seed's circuit (discretize); the smallest by edges wins. At a target looser than the
     paper's, the circuit found at the paper's target reaches this one too: after a drop pass at
     this target it is one more candidate, so a looser target never ends at a larger circuit."""
     names, mean_tau, found, info = node_names(model), sum(taus.values()) / len(taus), {}, {}
     for s, tau in taus.items():
-        k, found[s] = discretize(model, means, train, tau, target, log)
+        k, found[s] = discretize(model, means, train, tau, target)
         info[s] = {"masks_kept": int((tau > 0).sum()), "bisection_nodes": k, "nodes": None if
                    found[s] is None else [names[i] for i in found[s].nonzero()[:, 0].tolist()]}
-        log(f"  seed {s}: masks keep {info[s]['masks_kept']} nodes, bisection {k}, after the "
-            f"drop pass {None if found[s] is None else int(found[s].sum())}")
+        print(f"  seed {s}: masks keep {info[s]['masks_kept']} nodes, bisection {k}, after the "
+              f"drop pass {None if found[s] is None else int(found[s].sum())}")
     if target > DEFAULTS["target_loss"]:
-        strict = search(model, means, train, taus, DEFAULTS["target_loss"], log)[0]
+        strict = search(model, means, train, taus, DEFAULTS["target_loss"])[0]
         found["strict"] = None if strict is None else drop_pass(
-            model, means, train, strict, mean_tau.argsort(descending=True), target, log)
+            model, means, train, strict, mean_tau.argsort(descending=True), target)
     sizes = {k: (len(circuit_edges(model, c)), int(c.sum())) for k, c in found.items()
              if c is not None}
     return found[min(sizes, key=sizes.get)] if sizes else None, {"seeds": info}
 
 
-def discretize(model, means, data: dict, tau, target: float, log) -> tuple:
+def discretize(model, means, data: dict, tau, target: float) -> tuple:
     """(k, circuit): the fewest nodes in order of tau that reach the target calibrated loss
     (from the count with tau > 0), then the drop pass; (None, None) if no node set does."""
     order = tau.argsort(descending=True)
     k = smallest_circuit(model, means, data, order, target, int((tau > 0).sum()))
-    return k, None if k is None else drop_pass(model, means, data, top_k_mask(order, k), order,
-                                               target, log)
+    return k, None if k is None else drop_pass(model, means, data, keep_first(order, k), order,
+                                               target)
 
 
-def drop_pass(model, means, data: dict, keep, order, target: float, log) -> torch.Tensor:
+def drop_pass(model, means, data: dict, keep, order, target: float) -> torch.Tensor:
     """Drops each kept node, weakest first in `order`, whenever the rest still reach the target
     calibrated loss: bisection on one ordering leaves some that are not needed."""
     keep, t0 = keep.clone(), time.time()
@@ -486,8 +460,8 @@ def drop_pass(model, means, data: dict, keep, order, target: float, log) -> torc
         if circuit_loss(model, means, keep, data) > target:
             keep[i] = 1.0
         if n % LOG_EVERY == 0:
-            log(f"  drop pass {n}/{len(todo)} | kept {int(keep.sum())} | "
-                f"{(time.time() - t0) / n * (len(todo) - n):.0f}s left")
+            print(f"  drop pass {n}/{len(todo)} | kept {int(keep.sum())} | "
+                  f"{(time.time() - t0) / n * (len(todo) - n):.0f}s left")
     return keep
 
 
@@ -555,7 +529,7 @@ def describe(model, tokenizer, means, keep, train: dict, test: dict, cfg) -> dic
             "calibration": {"scale": calib[0], "shift": calib[1]},
             "checks": run_checks(model, means, keep, test, calib, cfg.seed),
             "attribution": {"n_nodes": k_attr, "n_edges": None if k_attr is None else
-                            len(circuit_edges(model, top_k_mask(attr_order, k_attr)))}}
+                            len(circuit_edges(model, keep_first(attr_order, k_attr)))}}
 
 
 def seed_spread(model, means, info: dict, train: dict, test: dict) -> dict:
@@ -722,15 +696,13 @@ def write_svg(path: str, r: dict):
 
 def solved_tasks(model, tokenizer, cfg) -> list[str]:
     print(f"which of the {len(tasks.TASKS)} tasks does the model solve? ({cfg.n_pairs} pairs each)")
-    solved = []
+    scores = {}
     for name in tasks.TASKS:
         try:
-            scores = tasks.evaluate(model, tokenizer, [name], cfg.n_pairs, cfg.seed, "train")
+            scores |= tasks.evaluate(model, tokenizer, [name], cfg.n_pairs, cfg.seed, "train")
         except ValueError as e:  # an answer that is not one token under this tokenizer
             print(f"skipping {name}: {e}")
-            continue
-        solved += [name] * (scores[name][1] >= cfg.solved_acc)
-    return solved
+    return tasks.solved(scores, cfg.solved_acc)
 
 
 def prune_checkpoint(path: str, model, tokenizer, means, names: list[str], cfg) -> dict[str, dict]:

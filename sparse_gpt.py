@@ -1,7 +1,9 @@
 """
 A weight-sparse GPT trained on Python code, after Gao et al. 2025, "Weight-sparse transformers
-have interpretable circuits". One file, read top to bottom: config -> corpus -> tokenizer ->
-batches -> model -> weight sparsity -> optimizer -> training loop.
+have interpretable circuits". Read top to bottom: config values -> the model (paper section 1)
+-> weight sparsity (section 2) -> the optimizer -> the training loop. One marked line then
+starts the machinery, read when you need it: corpus, BPE and token cache; checkpoints and
+resume; the paper's released models; devices and DDP; the command line; --bench; main.
 
     python sparse_gpt.py                      # cpu preset without a GPU, gpu preset with one
     python sparse_gpt.py --preset=tiny        # a one-minute smoke run
@@ -21,8 +23,9 @@ import sys
 import sysconfig
 import time
 from collections import Counter
-from dataclasses import field, make_dataclass
+from contextlib import contextmanager
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import regex
@@ -92,84 +95,416 @@ PRESETS = {
                 compile=True),
 }
 
-# where AbsTopK may act (afrac_nodes); the ninth node location, final.resid_in, has none
-NODE_LOCATIONS = ("attn.resid_in", "attn.q", "attn.k", "attn.v", "attn.resid_delta",
-                  "mlp.resid_in", "mlp.post_act", "mlp.resid_delta")
-# What each value must be, checked after presets and flags: key -> (test(value, cfg), rule).
-COUNT, POSITIVE = (lambda v, c: v >= 1, "at least 1"), (lambda v, c: 0 < v < math.inf, "> 0")
-FRACTION, SHARE = (lambda v, c: 0 < v <= 1, "in (0, 1]"), (lambda v, c: 0 <= v <= 1, "in [0, 1]")
-DEVICE = (lambda v, c: v in ("auto", "cpu", "cuda", "mps"), "auto, cpu, cuda or mps")
-RULES = dict(
-    out_dir=(lambda v, c: v != "", "a folder"),
-    init_from=(lambda v, c: v in ("scratch", "resume"), "scratch or resume"),
-    vocab_size=(lambda v, c: 263 <= v <= 65536, "in [263, 65536] (6 task tokens; uint16 ids)"),
-    n_layer=COUNT, d_model=COUNT, d_mlp=COUNT, block_size=COUNT, afrac=FRACTION,
-    d_head=(lambda v, c: v >= 1 and c.d_model % v == 0, "at least 1 and a divisor of d_model"),
-    density=FRACTION, embed_ratio=POSITIVE, anneal_frac=SHARE, warmup_frac=SHARE,
-    min_per_neuron=(lambda v, c: 0 <= v <= c.density * c.d_model, "in [0, density * d_model]"),
-    batch_size=COUNT, max_iters=COUNT, learning_rate=POSITIVE, adam_eps=POSITIVE, device=DEVICE,
-    weight_decay=(lambda v, c: 0 <= v < math.inf, ">= 0"), eval_interval=COUNT, eval_iters=COUNT,
-    log_interval=COUNT, activation=(lambda v, c: v in ("gelu", "relu"), "gelu or relu"),
-    afrac_nodes=(lambda v, c: v == "all" or set(v.split(",")) <= set(NODE_LOCATIONS),
-                 "all or some of " + ",".join(NODE_LOCATIONS)))
-# what --init_from=resume may change: none of it touches the model, the data or the schedule
-RESUME_MAY_CHANGE = ("out_dir cache_dir init_from overwrite device compile eval_interval "
-                     "eval_iters log_interval bench").split()
-
 
 class Config(dict):
-    __getattr__ = dict.__getitem__  # a dict whose keys read as attributes: cfg.n_layer
+    """The flat config: a dict whose keys also read as attributes (cfg.n_layer)."""
 
-
-def parse_value(text: str, default):
-    if isinstance(default, bool):  # a KeyError for anything else
-        return {"true": True, "1": True, "yes": True, "false": False, "0": False, "no": False}[
-            text.lower()]
-    return os.path.expanduser(text) if isinstance(default, str) else type(default)(text)
-
-
-def print_help(defaults, presets):
-    """Every key, its default and the comment beside it in its script's DEFAULTS."""
-    owner = [m for m in list(sys.modules.values())
-             if getattr(m, "__dict__", {}).get("DEFAULTS") is defaults]
-    text = open(owner[0].__file__).read().split("DEFAULTS = dict(")[1] if owner else ""
-    notes = dict(re.findall(r"^    (\w+)=.*?# (.*)$", text.split("\n)")[0], re.M))
-    print("\n".join([f"  {f'--{k}={v}':<26} {notes.get(k, '')}" for k, v in defaults.items()]
-                    + [f"presets (--preset=NAME): {' '.join(presets or ())}"] * bool(presets)))
-
-
-def parse_config(argv, defaults=DEFAULTS, presets=PRESETS, rules=RULES) -> Config:
-    """--key=value over --preset=NAME over defaults, then checked against the rules. Shared by
-    all three scripts. --help lists the keys; bad input exits with one clear line."""
-    if {"-h", "--help"} & set(argv):
-        print_help(defaults, presets)
-        sys.exit(0)
-    pairs = {}
-    for arg in argv:
-        if not arg.startswith("--") or "=" not in arg:
-            sys.exit(f"error: expected --key=value, got '{arg}'")
-        key, text = arg[2:].split("=", 1)
-        if key not in defaults:
-            sys.exit(f"error: unknown config key '{key}'; valid keys: {' '.join(defaults)}")
+    def __getattr__(self, key):
         try:
-            pairs[key] = parse_value(text, defaults[key])
-        except (KeyError, ValueError):
-            kind = type(defaults[key]).__name__
-            sys.exit(f"error: --{key}={text} is not a valid {kind} (default {defaults[key]!r})")
-    cfg = Config(defaults)
-    if presets:
-        name = pairs.get("preset", cfg.preset)
-        if name == "auto":
-            name = "gpu" if torch.cuda.is_available() else "cpu"
-        if name not in presets:
-            sys.exit(f"error: unknown preset '{name}'; valid presets: {' '.join(presets)}")
-        cfg.update(presets[name], preset=name)
-    cfg.update(pairs)
-    for key, (ok, rule) in rules.items():
-        if key in cfg and not ok(cfg[key], cfg):
-            sys.exit(f"error: {key}={cfg[key]} is invalid: it must be {rule}")
-    return cfg
+            return self[key]
+        except KeyError:  # AttributeError, so that hasattr and copy.deepcopy work
+            raise AttributeError(key) from None
 
+
+# -----------------------------------------------------------------------------
+# model: GPT with RMSNorm, small heads, attention sinks, a bigram table, and AbsTopK at every
+# node location (paper section 1)
+
+# The model reads the keys under "# model" in DEFAULTS from the flat config: GPT(cfg).
+# Where AbsTopK may act (afrac_nodes). The ninth node location, final.resid_in, has none.
+NODE_LOCATIONS = ("attn.resid_in", "attn.q", "attn.k", "attn.v", "attn.resid_delta",
+                  "mlp.resid_in", "mlp.post_act", "mlp.resid_delta")
+
+
+def abstopk(x: torch.Tensor, k: int) -> torch.Tensor:
+    """Keeps the k largest-magnitude entries of the last dimension, zeroes the rest (ties at the
+    threshold are kept; they only happen for exact zeros in practice)."""
+    a = x.abs()
+    return x * (a >= kth_largest(a, k))
+
+
+def kth_largest(a: torch.Tensor, k: int, dim: int = -1) -> torch.Tensor:
+    """The k-th largest entry of `a` (>= 0) along dim, kept as a size-1 dim: a selection, not a
+    sort (paper B). Outside autograd: with no gradient, autograd keeps no topk indices (memory)."""
+    a = a.detach()
+    if a.device.type == "cpu" and a.dtype == torch.float32:
+        return kth_largest_numpy(a, k, dim)
+    return a.topk(k, dim=dim, sorted=False).values.amin(dim, keepdim=True)
+
+
+def kth_largest_numpy(a: torch.Tensor, k: int, dim: int) -> torch.Tensor:
+    """kth_largest on CPU in float32, several times faster than torch.topk: numpy's introselect
+    on the float bits read as int32 (the same order for non-negative floats). Only there: numpy
+    would break a compiled graph, so GPU and bf16 select in torch (README: The GPU path)."""
+    n = a.shape[dim]
+    part = np.partition(a.numpy().view(np.int32), n - k, axis=dim)
+    return torch.from_numpy(np.take(part, [n - k], axis=dim).view(np.float32))
+
+
+class Node(nn.Module):
+    """One node location: AbsTopK, then a hook. prune.py sets `hook` to a function
+    (name, x) -> x that gates and mean-ablates single nodes (entries of the last dimension)."""
+
+    def __init__(self, layer, location: str, width: int, cfg):
+        super().__init__()
+        self.name, self.width = f"{layer}.{location}", width  # e.g. 0.mlp.post_act
+        chosen = NODE_LOCATIONS if cfg.afrac_nodes == "all" else cfg.afrac_nodes.split(",")
+        afrac = cfg.afrac if location in chosen else 1.0
+        self.k = max(1, int(afrac * width)) if afrac < 1 else None  # int() as the official code
+        self.hook = None
+
+    def forward(self, x):
+        if self.k is not None:
+            x = abstopk(x, self.k)
+        if self.hook is not None:
+            x = self.hook(self.name, x)
+        return x
+
+
+def attend_with_sink(q, k, v, sink):
+    """Causal attention plus one key that every query sees, of logit `sink` (per head) and value
+    zero: a learnable term in the softmax's denominator (paper 1). Built from the inputs of
+    scaled_dot_product_attention, so that its fast kernels still run."""
+    B, H, T, D = q.shape
+    scale = D**-0.5
+    # 1. one dimension more: 1 on every query, 0 on every real key and value, so real logits
+    #    are unchanged and a key holding sink / scale there has logit `sink` with every query
+    one, zero = q.new_ones(B, H, T, 1), q.new_zeros(B, H, T, 1)
+    q, k, v = torch.cat([q, one], -1), torch.cat([k, zero], -1), torch.cat([v, zero], -1)
+    # 2. that key, zero elsewhere, goes first: position 0, which the causal mask lets all see
+    sink_key = torch.cat([q.new_zeros(H, D), (sink / scale).to(q.dtype)[:, None]], dim=-1)
+    k = torch.cat([sink_key.expand(B, H, D + 1)[:, :, None], k], dim=2)
+    # 3. its value is zero; a dummy query first keeps the mask square (query t+1 sees the sink
+    #    and keys 1..t+1), and its own output is dropped
+    first = q.new_zeros(B, H, 1, D + 1)
+    q, v = torch.cat([first, q], dim=2), torch.cat([first, v], dim=2)
+    y = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale)
+    return y[:, :, 1:, :D]
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg, layer: int):
+        super().__init__()
+        self.n_head, self.d_head = cfg.n_head or cfg.d_model // cfg.d_head, cfg.d_head
+        d, hd = cfg.d_model, self.n_head * cfg.d_head
+        self.c_attn = nn.Linear(d, 3 * hd, bias=cfg.bias)  # rows: q, k, v channels
+        self.c_proj = nn.Linear(hd, d, bias=cfg.bias)  # columns: v channels
+        self.q, self.k, self.v = (Node(layer, f"attn.{n}", hd, cfg) for n in "qkv")
+        self.resid_delta = Node(layer, "attn.resid_delta", d, cfg)
+        self.sink = nn.Parameter(torch.zeros(self.n_head)) if cfg.attn_sink else None
+
+    def forward(self, x):
+        B, T, _ = x.shape
+        hd = self.n_head * self.d_head
+        q, k, v = self.c_attn(x).split(hd, dim=2)
+        q, k, v = self.q(q), self.k(k), self.v(v)
+        q, k, v = (t.view(B, T, self.n_head, self.d_head).transpose(1, 2) for t in (q, k, v))
+        y = (F.scaled_dot_product_attention(q, k, v, is_causal=True) if self.sink is None
+             else attend_with_sink(q, k, v, self.sink))
+        return self.resid_delta(self.c_proj(y.transpose(1, 2).reshape(B, T, hd)))
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg, layer: int):
+        super().__init__()
+        self.c_fc = nn.Linear(cfg.d_model, cfg.d_mlp, bias=cfg.bias)
+        self.act = {"gelu": F.gelu, "relu": F.relu}[cfg.activation]
+        self.post_act = Node(layer, "mlp.post_act", cfg.d_mlp, cfg)
+        self.c_proj = nn.Linear(cfg.d_mlp, cfg.d_model, bias=cfg.bias)
+        self.resid_delta = Node(layer, "mlp.resid_delta", cfg.d_model, cfg)
+
+    def forward(self, x):
+        return self.resid_delta(self.c_proj(self.post_act(self.act(self.c_fc(x)))))
+
+
+class Block(nn.Module):
+    def __init__(self, cfg, layer: int):
+        super().__init__()
+        # RMSNorm: no mean subtraction, so zero keeps its meaning; the gain stays dense (paper 1)
+        self.attn_norm, self.mlp_norm = (nn.RMSNorm(cfg.d_model, cfg.norm_eps) for _ in range(2))
+        self.attn_in = Node(layer, "attn.resid_in", cfg.d_model, cfg)
+        self.mlp_in = Node(layer, "mlp.resid_in", cfg.d_model, cfg)
+        self.attn, self.mlp = Attention(cfg, layer), MLP(cfg, layer)
+
+    def forward(self, x, at=None):
+        x = x + self.attn(self.attn_in(self.attn_norm(x)))
+        if at is not None:  # GPT.answer_diff: attention needed every position, the rest only these
+            x = x[at][:, None]
+        return x + self.mlp(self.mlp_in(self.mlp_norm(x)))
+
+
+class GPT(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        self.cfg = cfg
+        self.wte = nn.Embedding(cfg.vocab_size, cfg.d_model)
+        self.wpe = nn.Embedding(cfg.block_size, cfg.d_model) if cfg.pos_embed else None
+        self.blocks = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layer))
+        self.final_norm = nn.RMSNorm(cfg.d_model, cfg.norm_eps)
+        # a node prune.py masks, but no AbsTopK (official script): not in NODE_LOCATIONS
+        self.final_in = Node("final", "resid_in", cfg.d_model, cfg)
+        self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)  # untied
+        self.bigram = nn.Embedding(cfg.vocab_size, cfg.vocab_size) if cfg.bigram_table else None
+        for name, p in self.named_parameters():
+            if name == "wpe.weight" or name.endswith(".bias"):  # official: zero
+                nn.init.zeros_(p)
+            elif p.dim() == 2:
+                std = 0.02 / math.sqrt(2 * cfg.n_layer) if name.endswith("c_proj.weight") else 0.02
+                nn.init.normal_(p, std=std)
+        if self.bigram is not None:  # official init; never decayed
+            nn.init.uniform_(self.bigram.weight, 0.0, 0.02)
+
+    def nodes(self) -> list[Node]:
+        return [m for m in self.modules() if isinstance(m, Node)]
+
+    def embed(self, idx):
+        x = self.wte(idx)
+        return x if self.wpe is None else x + self.wpe.weight[: idx.shape[1]]
+
+    def forward(self, idx, targets=None):
+        x = self.embed(idx)
+        for block in self.blocks:
+            x = block(x)
+        logits = self.lm_head(self.final_in(self.final_norm(x)))
+        if self.bigram is not None:
+            logits = logits + self.bigram(idx)
+        if targets is None:
+            return logits, None
+        return logits, F.cross_entropy(logits.float().flatten(0, 1), targets.flatten())
+
+    def answer_diff(self, idx, last, tok_a, tok_b) -> torch.Tensor:
+        """forward's logit(tok_a) - logit(tok_b) at position `last` of each row, for prune.py's
+        mask training: after the last attention only that position goes on, and the unembedding
+        runs for the two answers alone. The full vocabulary at every position would be a third
+        of a mask-training step; the last MLP everywhere, 28% (`cpu` preset)."""
+        rows = torch.arange(len(last), device=idx.device)
+        x = self.embed(idx)
+        for block in self.blocks:
+            x = block(x, at=(rows, last) if block is self.blocks[-1] else None)
+        h = self.final_in(self.final_norm(x))[:, 0]
+        z = (h * (self.lm_head.weight[tok_a] - self.lm_head.weight[tok_b])).sum(-1)
+        if self.bigram is not None:  # the row of the token at the answer position
+            table, now = self.bigram.weight, idx[rows, last]
+            z = z + table[now, tok_a] - table[now, tok_b]
+        return z
+
+    @torch.no_grad()
+    def generate(self, idx, n_new: int, temperature=0.8, gen=None):
+        for _ in range(n_new):
+            logits, _ = self(idx[:, -self.cfg.block_size :])
+            probs = F.softmax(logits[:, -1].float() / temperature, dim=-1)
+            idx = torch.cat([idx, torch.multinomial(probs, 1, generator=gen)], dim=1)
+        return idx
+
+
+# -----------------------------------------------------------------------------
+# weight sparsity (paper section 2): after every optimizer step each sparse matrix keeps its
+# ceil(density * numel) largest-magnitude entries, with a floor of min_per_neuron per neuron
+
+EMBEDDINGS = ("wte.weight", "wpe.weight", "lm_head.weight")  # wpe: sparse like wte (official)
+
+
+def sparse_matrices(model: GPT) -> list[tuple[str, nn.Parameter, int | None]]:
+    """(name, weight, floor_dim): every matrix but the bigram table. Each neuron / q,k,v channel
+    keeps min_per_neuron weights along floor_dim: 1 where rows are neurons, 0 where columns are."""
+    floor_dims = {"c_fc": 1, "c_attn": 1, "c_proj": 0}
+    return [(name, p, floor_dims.get(name.split(".")[-2])) for name, p in model.named_parameters()
+            if p.dim() == 2 and not name.startswith("bigram")]
+
+
+def target_densities(cfg) -> tuple[float, float]:
+    """(hidden, embedding) density at the end of annealing. The official script keeps embed_ratio
+    times more of the embeddings (at most all): the hidden weights are the circuits' edges."""
+    return cfg.density, min(1.0, cfg.density * cfg.embed_ratio)
+
+
+def density_at(it: int, cfg, embed: bool = False) -> float:
+    """Linear anneal from dense to the target over the first anneal_frac of training."""
+    target = target_densities(cfg)[embed]
+    anneal = cfg.anneal_frac * cfg.max_iters
+    frac = min(1.0, it / anneal) if anneal > 0 else 1.0
+    return 1.0 - (1.0 - target) * frac
+
+
+@torch.no_grad()
+def project_weights(model: GPT, it: int, cfg):
+    """After step `it`: every sparse matrix keeps its ceil(density * numel) largest entries, at
+    the density of that step (embeddings their own), each neuron at least min_per_neuron."""
+    for name, w, floor_dim in sparse_matrices(model):
+        d = density_at(it, cfg, embed=name in EMBEDDINGS)
+        if d < 1.0:
+            w.mul_(topk_mask(w, math.ceil(d * w.numel()), floor_dim, cfg.min_per_neuron))
+
+
+@torch.no_grad()
+def topk_mask(w: torch.Tensor, k: int, floor_dim: int | None, min_per_neuron: int) -> torch.Tensor:
+    """Boolean mask of the k entries to keep: each neuron's min_per_neuron largest first, then the
+    largest of the rest. If the floors alone need more than k entries, the floors win."""
+    score = w.abs().float()
+    if floor_dim is not None and min_per_neuron > 0:
+        j = min(min_per_neuron, w.shape[floor_dim])
+        floor = score >= kth_largest(score, j, floor_dim)
+        score = score.masked_fill(floor, float("inf"))
+        k = max(k, int(floor.sum()))
+    return score >= kth_largest(score.view(-1), k, 0)
+
+
+def n_weights(model: GPT) -> int:
+    """Weights of the sparse matrices, zero or not."""
+    return sum(p.numel() for _, p, _ in sparse_matrices(model))
+
+
+def n_kept(model: GPT, cfg) -> int:
+    """How many of them stay nonzero at the target densities (the paper's L0, floors aside)."""
+    hidden, embed = target_densities(cfg)
+    return sum(math.ceil((embed if n in EMBEDDINGS else hidden) * p.numel())
+               for n, p, _ in sparse_matrices(model))
+
+
+# -----------------------------------------------------------------------------
+# optimizer: AdamW on a gradient of RMS 1, and the sharkfin learning rate (paper section 2)
+
+
+def make_optimizer(model: GPT, cfg, device_type: str) -> torch.optim.AdamW:
+    decay = [p for n, p in model.named_parameters() if p.dim() >= 2 and not n.startswith("bigram")]
+    no_decay = [p for n, p in model.named_parameters()
+                if p.dim() < 2 or n.startswith("bigram")]  # norm gains, sinks, bigram table
+    groups = [{"params": decay, "weight_decay": cfg.weight_decay},
+              {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=cfg.learning_rate, betas=(0.9, 0.95), eps=cfg.adam_eps,
+                             fused=device_type == "cuda")
+
+
+def normalize_grad_rms_(params) -> torch.Tensor:
+    """Divides the whole gradient by its root-mean-square (+1e-5), every step, as the official
+    script does: Adam then always sees RMS 1, which is what eps=0.1 is sized for. Not a clip:
+    the raw RMS is ~1e-4 (the bigram table's many zero gradients count too). Returns the raw RMS."""
+    grads = [p.grad for p in params if p.grad is not None]
+    rms = torch.sqrt(sum(g.float().pow(2).sum() for g in grads) / sum(g.numel() for g in grads))
+    torch._foreach_div_(grads, rms + 1e-5)
+    return rms
+
+
+def warmup_decay(it: int, steps: int, warmup_frac: float) -> float:
+    """Linear warmup over the first warmup_frac of `steps`, then linear decay to zero: the factor
+    on the peak learning rate (prune.py's mask training uses it too)."""
+    warm = max(1, round(warmup_frac * steps))
+    return (it + 1) / warm if it < warm else (steps - it) / max(1, steps - warm)
+
+
+def lr_at(it: int, cfg) -> float:
+    """Sharkfin (paper 2): warmup and decay times 1/sqrt(density now), so the rate rises while the
+    model gets sparser."""
+    return (cfg.learning_rate * warmup_decay(it, cfg.max_iters, cfg.warmup_frac)
+            / math.sqrt(density_at(it, cfg)))
+
+
+# -----------------------------------------------------------------------------
+# training loop: lr -> batch -> step -> projection -> log / eval / save. The run's setup, its
+# Ctrl-C handling and the cross-rank plumbing are named helpers below the marked line.
+
+
+def get_batch(data: np.ndarray, block_size: int, batch_size: int, gen: torch.Generator, device,
+              rank: int = 0, world: int = 1):
+    """Random windows of block_size tokens; the generator makes every batch reproducible."""
+    ix = torch.randint(len(data) - block_size - 1, (batch_size,), generator=gen).tolist()
+    ix = ix[rank::world]  # DDP: every rank draws the same global batch and keeps its share
+    xy = torch.from_numpy(np.stack([data[i : i + block_size + 1].astype(np.int64) for i in ix]))
+    if device.type == "cuda":
+        xy = xy.pin_memory()  # so that the copy to the GPU can overlap the step
+    xy = xy.to(device, non_blocking=True)
+    return xy[:, :-1], xy[:, 1:]
+
+
+@torch.no_grad()
+def estimate_loss(model, fmodel, data: dict, tokenizer, cfg, device, autocast) -> dict:
+    """The mean loss of each split on the same eval_iters batches every time, and a sample."""
+    model.eval()
+    out = {}
+    with autocast:
+        for split, arr in data.items():
+            gen = torch.Generator().manual_seed(cfg.seed)
+            batches = (get_batch(arr, cfg.block_size, cfg.batch_size, gen, device)
+                       for _ in range(cfg.eval_iters))
+            out[split] = sum(fmodel(x, y)[1].item() for x, y in batches) / cfg.eval_iters
+        idx = torch.tensor([tokenizer.encode_ordinary("def ")], device=device)
+        idx = model.generate(idx, 48, gen=torch.Generator(device=device).manual_seed(0))
+    model.train()
+    return out | {"sample": tokenizer.decode(idx[0].tolist())}
+
+
+def train_step(model, fmodel, optimizer, x, y, autocast) -> torch.Tensor:
+    """Forward, backward, gradient / its RMS, AdamW; returns the loss (the caller projects)."""
+    with autocast:
+        _, loss = fmodel(x, y)
+    loss.backward()
+    normalize_grad_rms_(model.parameters())
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return loss
+
+
+def train(cfg, ckpt: dict | None = None) -> list[tuple[int, float]]:
+    """Trains per cfg, or continues ckpt (the run's checkpoint) under --init_from=resume; returns
+    the (step, loss) history. Saves out_dir/ckpt.pt at every eval, on Ctrl-C and at the end."""
+    rank, world, device = setup_ddp(pick_device(cfg.device), cfg.batch_size)
+    torch.manual_seed(cfg.seed)  # the same initial weights on every rank
+    model = GPT(cfg).to(device)
+    optimizer = make_optimizer(model, cfg, device.type)
+    iter_num, best_val_loss, data, tokenizer, data_path = start_run(cfg, ckpt, model, optimizer,
+                                                                    device, rank, world)
+    ckpt_path, autocast = os.path.join(cfg.out_dir, "ckpt.pt"), bf16_autocast(device)
+    fmodel = torch.compile(model) if cfg.compile else model
+    # DDP averages the gradients during backward, so every rank then sees the same gradient, RMS,
+    # Adam step and projection; evaluation uses fmodel, outside DDP, on rank 0 alone
+    train_model = DDP(fmodel) if world > 1 else fmodel
+    history, start_iter, t_start, t_last = [], iter_num, time.time(), time.time()
+    with ctrl_c_finishes_the_step(world) as stop:
+        while iter_num < cfg.max_iters:
+            lr = lr_at(iter_num, cfg)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            # the batch depends only on (seed, iter_num): a resumed run sees the same data
+            gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + iter_num)
+            x, y = get_batch(data["train"], cfg.block_size, cfg.batch_size, gen, device,
+                             rank, world)
+            loss = train_step(model, train_model, optimizer, x, y, autocast).item()
+            if world > 1:
+                loss, stop.requested = mean_over_ranks(loss, stop.requested, world, device)
+            if not math.isfinite(loss):
+                sys.exit(f"error: loss is {loss} at step {iter_num}; stopped. The last good "
+                         f"checkpoint is kept in {ckpt_path}. Try a lower --learning_rate.")
+            project_weights(model, iter_num, cfg)
+            iter_num += 1
+            history.append((iter_num, loss))
+
+            last = iter_num == cfg.max_iters
+            if iter_num % cfg.log_interval == 0 or last:
+                now, steps = time.time(), iter_num - max(start_iter, iter_num - cfg.log_interval)
+                tok_s = steps * cfg.batch_size * cfg.block_size / max(now - t_last, 1e-9)
+                left = (now - t_start) / (iter_num - start_iter) * (cfg.max_iters - iter_num)
+                print(f"step {iter_num} | loss {loss:.3f} | density {density_at(iter_num, cfg):.3f}"
+                      f" | lr {lr:.2e} | {tok_s / 1e3:.1f}k tok/s | {left / 60:.1f} min left")
+                t_last = now
+            eval_now = rank == 0 and (iter_num % cfg.eval_interval == 0 or last)
+            if eval_now:
+                out = estimate_loss(model, fmodel, data, tokenizer, cfg, device, autocast)
+                best_val_loss = min(best_val_loss, out["val"])
+                print(f"eval {iter_num} | train {out['train']:.3f} | val {out['val']:.3f}")
+                print("sample: " + repr(out["sample"])[:200])
+            if rank == 0 and (eval_now or stop.requested):  # rank 0 alone writes files
+                save_checkpoint(ckpt_path, model, optimizer, cfg, iter_num, best_val_loss,
+                                data_path)
+                t_last = time.time()  # eval and save time is not training throughput
+            if stop.requested:
+                print(f"saved {ckpt_path} at step {iter_num}; continue with --init_from=resume")
+                raise KeyboardInterrupt  # a stopped run is not a finished one: exit code 130
+    print(f"done: {iter_num} steps in {(time.time() - t_start) / 60:.1f} min, best val loss "
+          f"{best_val_loss:.3f}, checkpoint {ckpt_path}")
+    return history
+
+
+# ======================= below: machinery, read when you need it =======================
 
 # -----------------------------------------------------------------------------
 # corpus: every .py file under a folder, split into train/val by a hash of its path
@@ -308,20 +643,6 @@ def load_tokenizer(path: str, fix: str = "copy a good one there") -> tiktoken.En
         sys.exit(f"error: cannot read tokenizer '{path}' ({type(e).__name__}); {fix}")
 
 
-def atomic_write(path: str, write):
-    """write(f) fills path.tmp, which is synced to disk, then renamed over path: a crash leaves
-    the old file or the new one, never half of one. An interrupted write removes its .tmp."""
-    try:
-        with open(path + ".tmp", "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(path + ".tmp", path)
-    except BaseException:
-        Path(path + ".tmp").unlink(missing_ok=True)
-        raise
-
-
 def load_data_gym_tokenizer(folder: str) -> tiktoken.Encoding:
     """tinypython_2k as the released models ship it, GPT-2 style: vocab.bpe + encoder.json, read
     by tiktoken (which checks that they agree), end-of-text after the last rank, their pattern."""
@@ -346,14 +667,27 @@ def cache_digest(folder: str) -> bytes:
     return hashlib.sha1(b"".join(Path(folder, n).read_bytes() for n in names)).hexdigest().encode()
 
 
-def prepare_data(cfg) -> tuple[str, tiktoken.Encoding]:
-    """Returns (folder with train.bin/val.bin/tokenizer.tiktoken, tokenizer), building them once."""
-    root = os.path.abspath(cfg.data_dir or stdlib_dir())
-    key = hashlib.sha1(f"{root}|{cfg.vocab_size}|{PRETOKEN_PATTERN}|{REQUIRED_TOKENS}".encode())
+def cache_folder(cache_dir: str, root: str, *made_with) -> str:
+    """cache_dir/<corpus>-<hash> for token files of the corpus under root: the hash covers the
+    corpus (every file's path and size) and what else the tokens depend on (made_with)."""
+    key = hashlib.sha1("|".join(map(str, (root, *made_with))).encode())
     for path in list_py_files(root):
         key.update(f"{os.path.relpath(path, root)}:{os.path.getsize(path)}".encode())
     name = f"{os.path.basename(root)}-{key.hexdigest()[:10]}"
-    folder = os.path.abspath(os.path.join(cfg.cache_dir, name))
+    return os.path.abspath(os.path.join(cache_dir, name))
+
+
+def write_tokens(path: str, docs: list[str], enc: tiktoken.Encoding) -> int:
+    """The documents' tokens, each followed by end-of-text, as uint16 in path; returns the count."""
+    ids = [t for doc in enc.encode_ordinary_batch(docs) for t in doc + [enc.eot_token]]
+    atomic_write(path, np.array(ids, dtype=np.uint16).tofile)
+    return len(ids)
+
+
+def prepare_data(cfg) -> tuple[str, tiktoken.Encoding]:
+    """Returns (folder with train.bin/val.bin/tokenizer.tiktoken, tokenizer), building them once."""
+    root = os.path.abspath(cfg.data_dir or stdlib_dir())
+    folder = cache_folder(cfg.cache_dir, root, cfg.vocab_size, PRETOKEN_PATTERN, REQUIRED_TOKENS)
     tok_path = os.path.join(folder, "tokenizer.tiktoken")
     try:  # a cache that is missing or does not match its sha1.txt is rebuilt
         if Path(folder, "sha1.txt").read_bytes() == cache_digest(folder):
@@ -372,279 +706,29 @@ def prepare_data(cfg) -> tuple[str, tiktoken.Encoding]:
     t1 = time.time()
     print(f"tokenizer: {len(ranks) + 1} tokens trained in {t1 - t0:.1f}s")
     for split, docs in (("train", train_docs), ("val", val_docs)):
-        ids = [t for doc in enc.encode_ordinary_batch(docs) for t in doc + [enc.eot_token]]
-        atomic_write(os.path.join(folder, f"{split}.bin"), np.array(ids, dtype=np.uint16).tofile)
-        print(f"data: {split}.bin holds {len(ids):,} tokens")
+        n = write_tokens(os.path.join(folder, f"{split}.bin"), docs, enc)
+        print(f"data: {split}.bin holds {n:,} tokens")
     atomic_write(os.path.join(folder, "sha1.txt"), lambda f: f.write(cache_digest(folder)))
     print(f"data: encoded in {time.time() - t1:.1f}s, cached in {folder}")
     return folder, enc
 
 
-def get_batch(data: np.ndarray, block_size: int, batch_size: int, gen: torch.Generator, device,
-              rank: int = 0, world: int = 1):
-    """Random windows of block_size tokens; the generator makes every batch reproducible."""
-    ix = torch.randint(len(data) - block_size - 1, (batch_size,), generator=gen).tolist()
-    ix = ix[rank::world]  # DDP: every rank draws the same global batch and keeps its share
-    xy = torch.from_numpy(np.stack([data[i : i + block_size + 1].astype(np.int64) for i in ix]))
-    if device.type == "cuda":
-        xy = xy.pin_memory()  # so that the copy to the GPU can overlap the step
-    xy = xy.to(device, non_blocking=True)
-    return xy[:, :-1], xy[:, 1:]
-
-
 # -----------------------------------------------------------------------------
-# model: GPT with RMSNorm, small heads, attention sinks, a bigram table, and AbsTopK at every
-# node location (paper section 1)
-
-# the model's keys of DEFAULTS, as the dataclass GPT is built from: GPTConfig(d_model=64, ...)
-MODEL_KEYS = ("vocab_size n_layer d_model d_head n_head d_mlp block_size afrac afrac_nodes "
-              "activation bias pos_embed norm_eps attn_sink bigram_table").split()
-GPTConfig = make_dataclass(
-    "GPTConfig", [(k, type(DEFAULTS[k]), field(default=DEFAULTS[k])) for k in MODEL_KEYS],
-    namespace={"from_config": classmethod(lambda cls, cfg: cls(**{k: cfg[k] for k in MODEL_KEYS}))})
-SELECT = "auto"  # numpy on CPU float32, else torch.topk; tests set "topk" and "kthvalue"
+# checkpoints, and a run's start (resume or not) and stop (Ctrl-C)
 
 
-def kth_largest(a: torch.Tensor, k: int, dim: int = -1) -> torch.Tensor:
-    """The k-th largest entry of `a` (>= 0) along dim, kept as a size-1 dim, outside autograd. A
-    selection, not a sort (paper B): on CPU numpy's introselect on the float bits read as int32
-    (same order for non-negative floats) beats torch.topk several times. On GPU and in bf16
-    torch selects, which keeps a compiled graph whole (README: The GPU path)."""
-    n, a = a.shape[dim], a.detach()  # no gradient, so autograd keeps no topk indices (memory)
-    if SELECT == "auto" and a.device.type == "cpu" and a.dtype == torch.float32:
-        part = np.partition(a.numpy().view(np.int32), n - k, axis=dim)
-        return torch.from_numpy(np.take(part, [n - k], axis=dim).view(np.float32))
-    if SELECT == "kthvalue":
-        return a.kthvalue(n - k + 1, dim, keepdim=True).values
-    return a.topk(k, dim=dim, sorted=False).values.amin(dim, keepdim=True)
-
-
-def abstopk(x: torch.Tensor, k: int) -> torch.Tensor:
-    """Keeps the k largest-magnitude entries of the last dimension, zeroes the rest (ties at the
-    threshold are kept; they only happen for exact zeros in practice)."""
-    a = x.abs()
-    return x * (a >= kth_largest(a, k))
-
-
-class Node(nn.Module):
-    """One node location: AbsTopK, then a hook. prune.py sets `hook` to a function
-    (name, x) -> x that gates and mean-ablates single nodes (entries of the last dimension)."""
-
-    def __init__(self, name: str, width: int, cfg: GPTConfig):
-        super().__init__()
-        self.name, self.width = name, width
-        chosen = NODE_LOCATIONS if cfg.afrac_nodes == "all" else cfg.afrac_nodes.split(",")
-        afrac = cfg.afrac if name.split(".", 1)[1] in chosen else 1.0
-        self.k = max(1, int(afrac * width)) if afrac < 1 else None  # int() as the official code
-        self.hook = None
-
-    def forward(self, x):
-        if self.k is not None:
-            x = abstopk(x, self.k)
-        if self.hook is not None:
-            x = self.hook(self.name, x)
-        return x
-
-
-def attend_with_sink(q, k, v, sink):
-    """Causal attention plus an always-visible key of logit `sink` (per head) and value zero,
-    inside scaled_dot_product_attention's fast kernels: an extra dimension carries the sink's
-    logit, and a dummy first query keeps the causal mask square (query t sees sink, keys 0..t)."""
-    B, H, T, D = q.shape
-    scale = D**-0.5
-    one, zero = q.new_ones(B, H, T, 1), q.new_zeros(B, H, T, 1)
-    sink_key = torch.cat([q.new_zeros(H, D), (sink / scale).to(q.dtype)[:, None]], dim=-1)
-    first = q.new_zeros(B, H, 1, D + 1)
-    q = torch.cat([first, torch.cat([q, one], -1)], dim=2)
-    k = torch.cat([sink_key.expand(B, H, D + 1)[:, :, None], torch.cat([k, zero], -1)], dim=2)
-    v = torch.cat([first, torch.cat([v, zero], -1)], dim=2)
-    y = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale)
-    return y[:, :, 1:, :D]
-
-
-class Attention(nn.Module):
-    def __init__(self, cfg: GPTConfig, layer: int):
-        super().__init__()
-        self.n_head, self.d_head = cfg.n_head or cfg.d_model // cfg.d_head, cfg.d_head
-        d, hd = cfg.d_model, self.n_head * cfg.d_head
-        self.c_attn = nn.Linear(d, 3 * hd, bias=cfg.bias)  # rows: q, k, v channels
-        self.c_proj = nn.Linear(hd, d, bias=cfg.bias)  # columns: v channels
-        self.q, self.k, self.v = (Node(f"{layer}.attn.{n}", hd, cfg) for n in "qkv")
-        self.resid_delta = Node(f"{layer}.attn.resid_delta", d, cfg)
-        self.sink = nn.Parameter(torch.zeros(self.n_head)) if cfg.attn_sink else None
-
-    def forward(self, x):
-        B, T, _ = x.shape
-        hd = self.n_head * self.d_head
-        q, k, v = self.c_attn(x).split(hd, dim=2)
-        q, k, v = self.q(q), self.k(k), self.v(v)
-        q, k, v = (t.view(B, T, self.n_head, self.d_head).transpose(1, 2) for t in (q, k, v))
-        y = (F.scaled_dot_product_attention(q, k, v, is_causal=True) if self.sink is None
-             else attend_with_sink(q, k, v, self.sink))
-        return self.resid_delta(self.c_proj(y.transpose(1, 2).reshape(B, T, hd)))
-
-
-class MLP(nn.Module):
-    def __init__(self, cfg: GPTConfig, layer: int):
-        super().__init__()
-        self.c_fc = nn.Linear(cfg.d_model, cfg.d_mlp, bias=cfg.bias)
-        self.act = {"gelu": F.gelu, "relu": F.relu}[cfg.activation]
-        self.post_act = Node(f"{layer}.mlp.post_act", cfg.d_mlp, cfg)
-        self.c_proj = nn.Linear(cfg.d_mlp, cfg.d_model, bias=cfg.bias)
-        self.resid_delta = Node(f"{layer}.mlp.resid_delta", cfg.d_model, cfg)
-
-    def forward(self, x):
-        return self.resid_delta(self.c_proj(self.post_act(self.act(self.c_fc(x)))))
-
-
-class Block(nn.Module):
-    def __init__(self, cfg: GPTConfig, layer: int):
-        super().__init__()
-        # RMSNorm: no mean subtraction, so zero keeps its meaning; the gain stays dense (paper 1)
-        self.attn_norm, self.mlp_norm = (nn.RMSNorm(cfg.d_model, cfg.norm_eps) for _ in range(2))
-        self.attn_in = Node(f"{layer}.attn.resid_in", cfg.d_model, cfg)
-        self.mlp_in = Node(f"{layer}.mlp.resid_in", cfg.d_model, cfg)
-        self.attn, self.mlp = Attention(cfg, layer), MLP(cfg, layer)
-
-    def forward(self, x):
-        x = x + self.attn(self.attn_in(self.attn_norm(x)))
-        return x + self.mlp(self.mlp_in(self.mlp_norm(x)))
-
-
-class GPT(nn.Module):
-    def __init__(self, cfg: GPTConfig):
-        super().__init__()
-        self.cfg = cfg
-        self.wte = nn.Embedding(cfg.vocab_size, cfg.d_model)
-        self.wpe = nn.Embedding(cfg.block_size, cfg.d_model) if cfg.pos_embed else None
-        self.blocks = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layer))
-        self.final_norm = nn.RMSNorm(cfg.d_model, cfg.norm_eps)
-        self.final_in = Node("final.resid_in", cfg.d_model, cfg)  # a node, never AbsTopK (official)
-        self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)  # untied
-        self.bigram = nn.Embedding(cfg.vocab_size, cfg.vocab_size) if cfg.bigram_table else None
-        for name, p in self.named_parameters():
-            if name == "wpe.weight" or name.endswith(".bias"):  # official: zero
-                nn.init.zeros_(p)
-            elif p.dim() == 2:
-                std = 0.02 / math.sqrt(2 * cfg.n_layer) if name.endswith("c_proj.weight") else 0.02
-                nn.init.normal_(p, std=std)
-        if self.bigram is not None:  # official init; never decayed
-            nn.init.uniform_(self.bigram.weight, 0.0, 0.02)
-
-    def nodes(self) -> list[Node]:
-        return [m for m in self.modules() if isinstance(m, Node)]
-
-    def embed(self, idx):
-        x = self.wte(idx)
-        return x if self.wpe is None else x + self.wpe.weight[: idx.shape[1]]
-
-    def forward(self, idx, targets=None):
-        x = self.embed(idx)
-        for block in self.blocks:
-            x = block(x)
-        logits = self.lm_head(self.final_in(self.final_norm(x)))
-        if self.bigram is not None:
-            logits = logits + self.bigram(idx)
-        if targets is None:
-            return logits, None
-        return logits, F.cross_entropy(logits.float().flatten(0, 1), targets.flatten())
-
-    @torch.no_grad()
-    def generate(self, idx, n_new: int, temperature=0.8, gen=None):
-        for _ in range(n_new):
-            logits, _ = self(idx[:, -self.cfg.block_size :])
-            probs = F.softmax(logits[:, -1].float() / temperature, dim=-1)
-            idx = torch.cat([idx, torch.multinomial(probs, 1, generator=gen)], dim=1)
-        return idx
-
-
-# -----------------------------------------------------------------------------
-# weight sparsity (paper section 2): after every optimizer step each sparse matrix keeps its
-# ceil(density * numel) largest-magnitude entries, with a floor of min_per_neuron per neuron
-
-
-def sparse_matrices(model: GPT) -> list[tuple[str, nn.Parameter, int | None]]:
-    """(name, weight, floor_dim): every matrix but the bigram table. Each neuron / q,k,v channel
-    keeps min_per_neuron weights along floor_dim: 1 where rows are neurons, 0 where columns are."""
-    floor_dims = {"c_fc": 1, "c_attn": 1, "c_proj": 0}
-    return [(name, p, floor_dims.get(name.split(".")[-2])) for name, p in model.named_parameters()
-            if p.dim() == 2 and not name.startswith("bigram")]
-
-
-@torch.no_grad()
-def topk_mask(w: torch.Tensor, k: int, floor_dim: int | None, min_per_neuron: int) -> torch.Tensor:
-    """Boolean mask of the k entries to keep: each neuron's min_per_neuron largest first, then the
-    largest of the rest. If the floors alone need more than k entries, the floors win."""
-    score = w.abs().float()
-    if floor_dim is not None and min_per_neuron > 0:
-        j = min(min_per_neuron, w.shape[floor_dim])
-        floor = score >= kth_largest(score, j, floor_dim)
-        score = score.masked_fill(floor, float("inf"))
-        k = max(k, int(floor.sum()))
-    return score >= kth_largest(score.view(-1), k, 0)
-
-
-@torch.no_grad()
-def project_weights(model: GPT, density: float, min_per_neuron: int, embed_density: float = None):
-    """Hidden matrices keep `density`; wte and lm_head keep `embed_density` (default: the same).
-    The official script makes embeddings denser: hidden weights are the circuits' edges."""
-    for name, w, floor_dim in sparse_matrices(model):
-        d = embed_density if name in EMBEDDINGS and embed_density is not None else density
-        if d < 1.0:
-            w.mul_(topk_mask(w, math.ceil(d * w.numel()), floor_dim, min_per_neuron))
-
-
-EMBEDDINGS = ("wte.weight", "wpe.weight", "lm_head.weight")  # wpe: sparse like wte (official)
-
-
-def n_sparse(model: GPT, cfg=None) -> int:
-    """Weights of the sparse matrices; with cfg, how many stay nonzero at the target densities
-    (the L0 of the paper's frontier, floors aside)."""
-    if cfg is None:
-        return sum(p.numel() for _, p, _ in sparse_matrices(model))
-    dens = {True: min(1.0, cfg.density * cfg.embed_ratio), False: cfg.density}
-    return sum(math.ceil(dens[n in EMBEDDINGS] * p.numel()) for n, p, _ in sparse_matrices(model))
-
-
-def density_at(it: int, cfg, embed: bool = False) -> float:
-    """Linear anneal from dense to the target over the first anneal_frac of training; the target
-    is cfg.density for hidden matrices, embed_ratio times that (at most 1) for embeddings."""
-    target = min(1.0, cfg.density * cfg.embed_ratio) if embed else cfg.density
-    anneal = cfg.anneal_frac * cfg.max_iters
-    frac = min(1.0, it / anneal) if anneal > 0 else 1.0
-    return 1.0 - (1.0 - target) * frac
-
-
-def lr_at(it: int, cfg) -> float:
-    """Sharkfin (paper 2): linear warmup, linear decay to zero, times 1/sqrt(density now), so the
-    rate rises while the model gets sparser."""
-    warm = max(1, round(cfg.warmup_frac * cfg.max_iters))
-    base = (it + 1) / warm if it < warm else (cfg.max_iters - it) / max(1, cfg.max_iters - warm)
-    return cfg.learning_rate * base / math.sqrt(density_at(it, cfg))
-
-
-def make_optimizer(model: GPT, cfg, device_type: str) -> torch.optim.AdamW:
-    decay = [p for n, p in model.named_parameters() if p.dim() >= 2 and not n.startswith("bigram")]
-    no_decay = [p for n, p in model.named_parameters()
-                if p.dim() < 2 or n.startswith("bigram")]  # norm gains, sinks, bigram table
-    groups = [{"params": decay, "weight_decay": cfg.weight_decay},
-              {"params": no_decay, "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=cfg.learning_rate, betas=(0.9, 0.95), eps=cfg.adam_eps,
-                             fused=device_type == "cuda")
-
-
-def normalize_grad_rms_(params) -> torch.Tensor:
-    """Divides the whole gradient by its root-mean-square (+1e-5), every step, as the official
-    script does: Adam then always sees RMS 1, which is what eps=0.1 is sized for. Not a clip:
-    the raw RMS is ~1e-4 (the bigram table's many zero gradients count too). Returns the raw RMS."""
-    grads = [p.grad for p in params if p.grad is not None]
-    rms = torch.sqrt(sum(g.float().pow(2).sum() for g in grads) / sum(g.numel() for g in grads))
-    torch._foreach_div_(grads, rms + 1e-5)
-    return rms
-
-
-# -----------------------------------------------------------------------------
-# checkpoints
+def atomic_write(path: str, write):
+    """write(f) fills path.tmp, which is synced to disk, then renamed over path: a crash leaves
+    the old file or the new one, never half of one. An interrupted write removes its .tmp."""
+    try:
+        with open(path + ".tmp", "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(path + ".tmp", path)
+    except BaseException:
+        Path(path + ".tmp").unlink(missing_ok=True)
+        raise
 
 
 def save_checkpoint(path, model, optimizer, cfg, iter_num, best_val_loss, data_path):
@@ -679,7 +763,7 @@ def load_checkpoint(path: str, device="cpu") -> tuple[GPT, tiktoken.Encoding, Co
         ckpt = read_checkpoint(path)
         cfg = Config({**DEFAULTS, **ckpt["config"]}, data_path=ckpt.get("data_path", ""))
         try:
-            model = GPT(GPTConfig.from_config(cfg))
+            model = GPT(cfg)
             model.load_state_dict(ckpt["model"])
         except (RuntimeError, TypeError, ValueError, AttributeError):
             sys.exit(f"error: checkpoint '{path}' does not match this model code; retrain it")
@@ -689,6 +773,88 @@ def load_checkpoint(path: str, device="cpu") -> tuple[GPT, tiktoken.Encoding, Co
         sys.exit(f"error: the tokenizer beside '{path}' has {tokenizer.n_vocab} tokens, the model "
                  f"{cfg.vocab_size}; put the model's own tokenizer there")
     return model.to(device).eval(), tokenizer, cfg
+
+
+# what --init_from=resume may change: none of it touches the model, the data or the schedule
+RESUME_MAY_CHANGE = ("out_dir cache_dir init_from overwrite device compile eval_interval "
+                     "eval_iters log_interval bench").split()
+
+
+def start_run(cfg, ckpt, model, optimizer, device, rank: int, world: int) -> tuple:
+    """train()'s setup, every check passed before anything is written to out_dir: the resumed
+    model and optimizer (ckpt: the run's checkpoint, read here if the caller has not) or a
+    refusal to overwrite a checkpoint, the token data (built once), the tokenizer copied beside
+    the checkpoint. Returns (iter_num, best_val_loss, data, tokenizer, data_path)."""
+    ckpt_path = os.path.join(cfg.out_dir, "ckpt.pt")
+    iter_num, best_val_loss, trained_on = 0, math.inf, None
+    if cfg.init_from == "resume":
+        ckpt = ckpt or read_checkpoint(ckpt_path)
+        changed = [k for k in DEFAULTS if k not in RESUME_MAY_CHANGE
+                   and ckpt["config"].get(k, DEFAULTS[k]) != cfg[k]]
+        if changed:
+            sys.exit(f"error: --init_from=resume continues the run's own config; drop the flags "
+                     f"that change it ({', '.join(changed)}), or start a new run elsewhere")
+        try:
+            model.load_state_dict(ckpt["model"])
+            optimizer.load_state_dict(ckpt["optimizer"])
+            iter_num, best_val_loss = int(ckpt["iter_num"]), float(ckpt["best_val_loss"])
+            trained_on = ckpt.get("data_path", "")
+        except (KeyError, RuntimeError, ValueError, TypeError) as e:
+            sys.exit(f"error: cannot resume {ckpt_path} ({type(e).__name__}); start a new run")
+        print(f"resuming from {ckpt_path} at step {iter_num}")
+        ckpt.clear()  # loaded: free its tensors now, not when the caller's reference goes
+    elif os.path.exists(ckpt_path) and not cfg.overwrite:
+        sys.exit(f"error: {ckpt_path} already holds a model; continue it with --init_from=resume, "
+                 "or pass another --out_dir, or --overwrite=True to replace it")
+    # Under DDP rank 0 builds the token cache and the others read it: they wait at a barrier,
+    # which rank 0 joins once the cache is built.
+    if rank > 0:
+        dist.barrier()
+    data_path, tokenizer = prepare_data(cfg)
+    if rank == 0 and world > 1:
+        dist.barrier()
+    if trained_on is not None and os.path.basename(trained_on) != os.path.basename(data_path):
+        sys.exit(f"error: the corpus or vocabulary differs from the one {ckpt_path} was trained on "
+                 f"({trained_on}); resume with the same corpus")
+    data = {s: np.memmap(os.path.join(data_path, f"{s}.bin"), dtype=np.uint16, mode="r")
+            for s in ("train", "val")}
+    for s, arr in data.items():
+        if len(arr) <= cfg.block_size + 1:
+            sys.exit(f"error: {s} split has {len(arr)} tokens, fewer than block_size+1; "
+                     "add code or lower block_size")
+    if rank == 0:  # rank 0 alone writes files
+        os.makedirs(cfg.out_dir, exist_ok=True)
+        Path(ckpt_path + ".tmp").unlink(missing_ok=True)  # left by a killed save
+        tok = Path(data_path, "tokenizer.tiktoken").read_bytes()
+        atomic_write(os.path.join(cfg.out_dir, "tokenizer.tiktoken"), lambda f: f.write(tok))
+    print(f"model: {cfg.n_layer} layers, d_model {cfg.d_model}, {n_weights(model) / 1e6:.2f}M "
+          f"sparse weights -> {n_kept(model, cfg):,} nonzero at density {cfg.density:g} "
+          f"(embeddings {density_at(cfg.max_iters, cfg, embed=True):g})")
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    return iter_num, best_val_loss, data, tokenizer, data_path
+
+
+@contextmanager
+def ctrl_c_finishes_the_step(world: int):
+    """The first Ctrl-C (SIGINT) asks the training loop to stop: it finishes the step, saves and
+    exits with 130 (stop.requested, read after every step). A second Ctrl-C aborts at once.
+    However training ends, the old handler comes back and a DDP process leaves its group."""
+    stop = SimpleNamespace(requested=False)
+
+    def on_sigint(signum, frame):
+        if stop.requested:
+            raise KeyboardInterrupt
+        stop.requested = True
+        print("\nCtrl-C: finishing this step, saving, exiting (press again to abort)")
+
+    old_handler = signal.signal(signal.SIGINT, on_sigint)
+    try:
+        yield stop
+    finally:
+        signal.signal(signal.SIGINT, old_handler)
+        if world > 1:
+            dist.destroy_process_group()
 
 
 # -----------------------------------------------------------------------------
@@ -752,7 +918,7 @@ def load_release(folder: str) -> tuple[GPT, Config]:
     if bias.any():  # added to every logit = added to every row of the bigram table
         cfg["bigram_table"] = True
         sd["bigram.weight"] = sd.get("bigram.weight", torch.zeros(cfg.vocab_size, 1)) + bias
-    model = GPT(GPTConfig.from_config(cfg))
+    model = GPT(cfg)
     want = model.state_dict()
     bad = sorted(set(want) ^ set(sd))
     bad += [k for k in sd if k in want and sd[k].shape != want[k].shape]
@@ -763,7 +929,7 @@ def load_release(folder: str) -> tuple[GPT, Config]:
 
 
 # -----------------------------------------------------------------------------
-# training loop
+# devices and DDP (torchrun)
 
 
 def pick_device(name: str) -> torch.device:
@@ -789,157 +955,104 @@ def setup_ddp(device: torch.device, batch_size: int) -> tuple[int, int, torch.de
     return rank, world, device
 
 
-@torch.no_grad()
-def evaluate(model, fmodel, data: dict, tokenizer, cfg, device, autocast) -> dict:
-    """The mean loss of each split on the same eval_iters batches every time, and a sample."""
-    model.eval()
-    out = {}
-    with autocast:
-        for split, arr in data.items():
-            gen = torch.Generator().manual_seed(cfg.seed)
-            batches = (get_batch(arr, cfg.block_size, cfg.batch_size, gen, device)
-                       for _ in range(cfg.eval_iters))
-            out[split] = sum(fmodel(x, y)[1].item() for x, y in batches) / cfg.eval_iters
-        idx = torch.tensor([tokenizer.encode_ordinary("def ")], device=device)
-        idx = model.generate(idx, 48, gen=torch.Generator(device=device).manual_seed(0))
-    model.train()
-    return out | {"sample": tokenizer.decode(idx[0].tolist())}
+def mean_over_ranks(loss: float, stop: bool, world: int, device) -> tuple[float, bool]:
+    """The global batch's loss (the mean of the ranks' losses) for the log, and whether any rank
+    saw Ctrl-C, so that all stop at the same step. Both travel in one tensor: one all_reduce, a
+    collective every rank must join, per step instead of two."""
+    both = torch.tensor([loss / world, stop], dtype=torch.float64, device=device)
+    dist.all_reduce(both)
+    return both[0].item(), both[1].item() > 0
 
 
-def resume(ckpt_path: str, cfg, model, optimizer) -> tuple[int, float, str]:
-    """Loads the run's model and optimizer; returns (iter_num, best_val_loss, data_path)."""
-    ckpt = read_checkpoint(ckpt_path)
-    changed = [k for k in DEFAULTS if k not in RESUME_MAY_CHANGE
-               and ckpt["config"].get(k, DEFAULTS[k]) != cfg[k]]
-    if changed:
-        sys.exit(f"error: --init_from=resume continues the run's own config; drop the flags "
-                 f"that change it ({', '.join(changed)}), or start a new run elsewhere")
-    try:
-        model.load_state_dict(ckpt["model"])
-        optimizer.load_state_dict(ckpt["optimizer"])
-        state = int(ckpt["iter_num"]), float(ckpt["best_val_loss"]), ckpt.get("data_path", "")
-    except (KeyError, RuntimeError, ValueError, TypeError) as e:
-        sys.exit(f"error: cannot resume {ckpt_path} ({type(e).__name__}); start a new run")
-    print(f"resuming from {ckpt_path} at step {state[0]}")
-    return state
+def bf16_autocast(device: torch.device):
+    """bfloat16 matmuls on CUDA (tensor cores), float32 elsewhere."""
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
 
 
-def train_step(model, fmodel, optimizer, x, y, autocast) -> torch.Tensor:
-    """Forward, backward, gradient / its RMS, AdamW; returns the loss (the caller projects)."""
-    with autocast:
-        _, loss = fmodel(x, y)
-    loss.backward()
-    normalize_grad_rms_(model.parameters())
-    optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
-    return loss
+# -----------------------------------------------------------------------------
+# command line
+
+# What each value must be, checked after presets and flags: key -> (test(value, cfg), rule).
+COUNT, POSITIVE = (lambda v, c: v >= 1, "at least 1"), (lambda v, c: 0 < v < math.inf, "> 0")
+FRACTION, SHARE = (lambda v, c: 0 < v <= 1, "in (0, 1]"), (lambda v, c: 0 <= v <= 1, "in [0, 1]")
+DEVICE = (lambda v, c: v in ("auto", "cpu", "cuda", "mps"), "auto, cpu, cuda or mps")
+RULES = dict(
+    out_dir=(lambda v, c: v != "", "a folder"),
+    init_from=(lambda v, c: v in ("scratch", "resume"), "scratch or resume"),
+    vocab_size=(lambda v, c: 263 <= v <= 65536, "in [263, 65536] (6 task tokens; uint16 ids)"),
+    n_layer=COUNT, d_model=COUNT, d_mlp=COUNT, block_size=COUNT, afrac=FRACTION,
+    d_head=(lambda v, c: v >= 1 and c.d_model % v == 0, "at least 1 and a divisor of d_model"),
+    density=FRACTION, embed_ratio=POSITIVE, anneal_frac=SHARE, warmup_frac=SHARE,
+    min_per_neuron=(lambda v, c: 0 <= v <= c.density * c.d_model, "in [0, density * d_model]"),
+    batch_size=COUNT, max_iters=COUNT, learning_rate=POSITIVE, adam_eps=POSITIVE, device=DEVICE,
+    weight_decay=(lambda v, c: 0 <= v < math.inf, ">= 0"), eval_interval=COUNT, eval_iters=COUNT,
+    log_interval=COUNT, activation=(lambda v, c: v in ("gelu", "relu"), "gelu or relu"),
+    afrac_nodes=(lambda v, c: v == "all" or set(v.split(",")) <= set(NODE_LOCATIONS),
+                 "all or some of " + ",".join(NODE_LOCATIONS)))
 
 
-def train(cfg) -> list[tuple[int, float]]:
-    """Trains per cfg; returns the (step, loss) history. Saves out_dir/ckpt.pt at every eval,
-    on Ctrl-C and at the end. Nothing is written to out_dir until every check has passed."""
-    rank, world, device = setup_ddp(pick_device(cfg.device), cfg.batch_size)
-    ckpt_path = os.path.join(cfg.out_dir, "ckpt.pt")
-    torch.manual_seed(cfg.seed)  # the same initial weights on every rank
-    model = GPT(GPTConfig.from_config(cfg)).to(device)
-    optimizer = make_optimizer(model, cfg, device.type)
-    iter_num, best_val_loss, trained_on = 0, math.inf, None
-    if cfg.init_from == "resume":
-        iter_num, best_val_loss, trained_on = resume(ckpt_path, cfg, model, optimizer)
-    elif os.path.exists(ckpt_path) and not cfg.overwrite:
-        sys.exit(f"error: {ckpt_path} already holds a model; continue it with --init_from=resume, "
-                 "or pass another --out_dir, or --overwrite=True to replace it")
-    if rank > 0:
-        dist.barrier()  # rank 0 builds the token cache first, the others then read it
-    data_path, tokenizer = prepare_data(cfg)
-    if rank == 0 < world - 1:
-        dist.barrier()
-    if trained_on is not None and os.path.basename(trained_on) != os.path.basename(data_path):
-        sys.exit(f"error: the corpus or vocabulary differs from the one {ckpt_path} was trained on "
-                 f"({trained_on}); resume with the same corpus")
-    data = {s: np.memmap(os.path.join(data_path, f"{s}.bin"), dtype=np.uint16, mode="r")
-            for s in ("train", "val")}
-    for s, arr in data.items():
-        if len(arr) <= cfg.block_size + 1:
-            sys.exit(f"error: {s} split has {len(arr)} tokens, fewer than block_size+1; "
-                     "add code or lower block_size")
-    if rank == 0:  # rank 0 alone writes files
-        os.makedirs(cfg.out_dir, exist_ok=True)
-        Path(ckpt_path + ".tmp").unlink(missing_ok=True)  # left by a killed save
-        tok = Path(data_path, "tokenizer.tiktoken").read_bytes()
-        atomic_write(os.path.join(cfg.out_dir, "tokenizer.tiktoken"), lambda f: f.write(tok))
-    print(f"model: {cfg.n_layer} layers, d_model {cfg.d_model}, {n_sparse(model) / 1e6:.2f}M "
-          f"sparse weights -> {n_sparse(model, cfg):,} nonzero at density {cfg.density:g} "
-          f"(embeddings {density_at(cfg.max_iters, cfg, embed=True):g})")
+def parse_value(text: str, default):
+    if isinstance(default, bool):  # a KeyError for anything else
+        return {"true": True, "1": True, "yes": True, "false": False, "0": False, "no": False}[
+            text.lower()]
+    return os.path.expanduser(text) if isinstance(default, str) else type(default)(text)
 
-    if device.type == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
-    fmodel = torch.compile(model) if cfg.compile else model
-    # DDP averages the gradients during backward, so every rank then sees the same gradient, RMS,
-    # Adam step and projection; evaluation uses fmodel, outside DDP, on rank 0 alone
-    train_model = DDP(fmodel) if world > 1 else fmodel
-    stop = {"requested": False}
 
-    def on_sigint(signum, frame):
-        if stop["requested"]:
-            raise KeyboardInterrupt
-        stop["requested"] = True
-        print("\nCtrl-C: finishing this step, saving, exiting (press again to abort)")
+def print_help(defaults, presets):
+    """Every key, its default and the comment beside it in its script's DEFAULTS."""
+    owner = [m for m in list(sys.modules.values())
+             if getattr(m, "__dict__", {}).get("DEFAULTS") is defaults]
+    text = open(owner[0].__file__).read().split("DEFAULTS = dict(")[1] if owner else ""
+    notes = dict(re.findall(r"^    (\w+)=.*?# (.*)$", text.split("\n)")[0], re.M))
+    print("\n".join([f"  {f'--{k}={v}':<26} {notes.get(k, '')}" for k, v in defaults.items()]
+                    + [f"presets (--preset=NAME): {' '.join(presets or ())}"] * bool(presets)))
 
-    old_handler = signal.signal(signal.SIGINT, on_sigint)
-    history, start_iter, t_start, t_last = [], iter_num, time.time(), time.time()
-    try:
-        while iter_num < cfg.max_iters:
-            lr = lr_at(iter_num, cfg)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-            # the batch depends only on (seed, iter_num): a resumed run sees the same data
-            gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + iter_num)
-            x, y = get_batch(data["train"], cfg.block_size, cfg.batch_size, gen, device,
-                             rank, world)
-            loss = train_step(model, train_model, optimizer, x, y, autocast).item()
-            if world > 1:  # log the global batch's loss; a Ctrl-C seen by any rank stops all
-                both = torch.tensor([loss / world, stop["requested"]], dtype=torch.float64,
-                                    device=device)
-                dist.all_reduce(both)
-                loss, stop["requested"] = both[0].item(), both[1].item() > 0
-            if not math.isfinite(loss):
-                sys.exit(f"error: loss is {loss} at step {iter_num}; stopped. The last good "
-                         f"checkpoint is kept in {ckpt_path}. Try a lower --learning_rate.")
-            project_weights(model, density_at(iter_num, cfg), cfg.min_per_neuron,
-                            density_at(iter_num, cfg, embed=True))
-            iter_num += 1
-            history.append((iter_num, loss))
 
-            last = iter_num == cfg.max_iters
-            if iter_num % cfg.log_interval == 0 or last:
-                now, steps = time.time(), iter_num - max(start_iter, iter_num - cfg.log_interval)
-                tok_s = steps * cfg.batch_size * cfg.block_size / max(now - t_last, 1e-9)
-                left = (now - t_start) / (iter_num - start_iter) * (cfg.max_iters - iter_num)
-                print(f"step {iter_num} | loss {loss:.3f} | density {density_at(iter_num, cfg):.3f}"
-                      f" | lr {lr:.2e} | {tok_s / 1e3:.1f}k tok/s | {left / 60:.1f} min left")
-                t_last = now
-            eval_now = rank == 0 and (iter_num % cfg.eval_interval == 0 or last)
-            if eval_now:
-                out = evaluate(model, fmodel, data, tokenizer, cfg, device, autocast)
-                best_val_loss = min(best_val_loss, out["val"])
-                print(f"eval {iter_num} | train {out['train']:.3f} | val {out['val']:.3f}")
-                print("sample: " + repr(out["sample"])[:200])
-            if rank == 0 and (eval_now or stop["requested"]):
-                save_checkpoint(ckpt_path, model, optimizer, cfg, iter_num, best_val_loss,
-                                data_path)
-                t_last = time.time()  # eval and save time is not training throughput
-            if stop["requested"]:
-                print(f"saved {ckpt_path} at step {iter_num}; continue with --init_from=resume")
-                raise KeyboardInterrupt  # a stopped run is not a finished one: exit code 130
-    finally:
-        signal.signal(signal.SIGINT, old_handler)
-        if world > 1:
-            dist.destroy_process_group()
-    print(f"done: {iter_num} steps in {(time.time() - t_start) / 60:.1f} min, best val loss "
-          f"{best_val_loss:.3f}, checkpoint {ckpt_path}")
-    return history
+def parse_config(argv, defaults=DEFAULTS, presets=PRESETS, rules=RULES) -> Config:
+    """--key=value over --preset=NAME over defaults, then checked against the rules. Shared by
+    all three scripts. --help lists the keys; bad input exits with one clear line."""
+    if {"-h", "--help"} & set(argv):
+        print_help(defaults, presets)
+        sys.exit(0)
+    pairs = {}
+    for arg in argv:
+        if not arg.startswith("--") or "=" not in arg:
+            sys.exit(f"error: expected --key=value, got '{arg}'")
+        key, text = arg[2:].split("=", 1)
+        if key not in defaults:
+            sys.exit(f"error: unknown config key '{key}'; valid keys: {' '.join(defaults)}")
+        try:
+            pairs[key] = parse_value(text, defaults[key])
+        except (KeyError, ValueError):
+            kind = type(defaults[key]).__name__
+            sys.exit(f"error: --{key}={text} is not a valid {kind} (default {defaults[key]!r})")
+    cfg = Config(defaults)
+    if presets:
+        name = pairs.get("preset", cfg.preset)
+        if name == "auto":
+            name = "gpu" if torch.cuda.is_available() else "cpu"
+        if name not in presets:
+            sys.exit(f"error: unknown preset '{name}'; valid presets: {' '.join(presets)}")
+        cfg.update(presets[name], preset=name)
+    cfg.update(pairs)
+    for key, (ok, rule) in rules.items():
+        if key in cfg and not ok(cfg[key], cfg):
+            sys.exit(f"error: {key}={cfg[key]} is invalid: it must be {rule}")
+    return cfg
+
+
+def cli(main):
+    """A script's main(argv), run so that Ctrl-C exits with 130 and a file the system refuses (a
+    folder where a file belongs, no permission, a full disk) exits with one line naming it."""
+    def run(argv=None):
+        try:
+            return main(sys.argv[1:] if argv is None else argv)
+        except KeyboardInterrupt:
+            sys.exit(130)
+        except OSError as e:
+            where = f": '{str(e.filename).removesuffix('.tmp')}'" if e.filename else ""
+            sys.exit(f"error: {e.strerror or e}{where}; fix that path or pass another")
+    return run
 
 
 # -----------------------------------------------------------------------------
@@ -954,7 +1067,7 @@ def bench(cfg, warmup=3, rounds=10) -> dict:
     device = pick_device(cfg.device)
     cuda = device.type == "cuda"
     sync = torch.cuda.synchronize if cuda else (lambda: None)
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=cuda)
+    autocast = bf16_autocast(device)
     variants = {"sparse": Config(cfg), "dense": Config(cfg, density=1.0, afrac=1.0)}
     if cuda:
         variants = {f"{n} {mode}": Config(c, compile=mode == "compile")
@@ -962,16 +1075,14 @@ def bench(cfg, warmup=3, rounds=10) -> dict:
     runs = {}
     for name, vcfg in variants.items():
         torch.manual_seed(cfg.seed)
-        model = GPT(GPTConfig.from_config(vcfg)).to(device)
-        target = (density_at(vcfg.max_iters, vcfg), vcfg.min_per_neuron,
-                  density_at(vcfg.max_iters, vcfg, embed=True))
-        project_weights(model, *target)
+        model = GPT(vcfg).to(device)
+        project_weights(model, vcfg.max_iters, vcfg)  # the target densities
         fmodel = torch.compile(model) if vcfg.compile else model
-        runs[name] = (model, fmodel, make_optimizer(model, vcfg, device.type), target, [])
+        runs[name] = (model, fmodel, make_optimizer(model, vcfg, device.type), vcfg, [])
     x, y = torch.randint(cfg.vocab_size, (2, cfg.batch_size, cfg.block_size),
                          generator=torch.Generator().manual_seed(cfg.seed)).to(device)
     for _ in range(warmup + rounds):
-        for model, fmodel, optimizer, target, times in runs.values():
+        for model, fmodel, optimizer, vcfg, times in runs.values():
             if cuda:
                 torch.cuda.reset_peak_memory_stats(device)
             sync()
@@ -979,12 +1090,12 @@ def bench(cfg, warmup=3, rounds=10) -> dict:
             train_step(model, fmodel, optimizer, x, y, autocast)
             sync()
             t1 = time.perf_counter()
-            project_weights(model, *target)
+            project_weights(model, vcfg.max_iters, vcfg)
             sync()
             t2 = time.perf_counter()
             times.append((t2 - t0, t2 - t1, torch.cuda.max_memory_allocated(device) if cuda else 0))
     tokens = cfg.batch_size * cfg.block_size
-    flops = tokens * (6 * n_sparse(model) + 12 * cfg.n_layer * cfg.d_model * cfg.block_size)
+    flops = tokens * (6 * n_weights(model) + 12 * cfg.n_layer * cfg.d_model * cfg.block_size)
     gpu = torch.cuda.get_device_name(device) if cuda else ""
     peak_flops = next((v for k, v in PEAK_FLOPS.items() if k in gpu), math.nan)
     print(f"bench: {cfg.preset} preset on {device.type}, {tokens} tokens/step, median of {rounds} "
@@ -1004,31 +1115,17 @@ def bench(cfg, warmup=3, rounds=10) -> dict:
     return step_ms
 
 
-def cli(main):
-    """A script's main(argv), run so that Ctrl-C exits with 130 and a file the system refuses (a
-    folder where a file belongs, no permission, a full disk) exits with one line naming it."""
-    def run(argv=None):
-        try:
-            return main(sys.argv[1:] if argv is None else argv)
-        except KeyboardInterrupt:
-            sys.exit(130)
-        except OSError as e:
-            where = f": '{str(e.filename).removesuffix('.tmp')}'" if e.filename else ""
-            sys.exit(f"error: {e.strerror or e}{where}; fix that path or pass another")
-    return run
-
-
 @cli
 def main(argv):
-    cfg = parse_config(argv)
+    cfg, ckpt = parse_config(argv), None
     if cfg.init_from == "resume":  # the run's own config, changed only by the flags given now
-        saved = read_checkpoint(os.path.join(cfg.out_dir, "ckpt.pt"))["config"]
-        defaults = {k: saved.get(k, v) for k, v in DEFAULTS.items()} | {"out_dir": cfg.out_dir}
-        cfg = parse_config(argv, defaults, presets=None)
+        ckpt = read_checkpoint(os.path.join(cfg.out_dir, "ckpt.pt"))
+        defaults = {k: ckpt["config"].get(k, v) for k, v in DEFAULTS.items()}
+        cfg = parse_config(argv, defaults | {"out_dir": cfg.out_dir}, presets=None)
     if os.environ.get("RANK", "0") != "0":  # under torchrun rank 0 alone logs
         sys.stdout = open(os.devnull, "w")
     print("config: " + " ".join(f"{k}={v}" for k, v in cfg.items()))
-    return bench(cfg) if cfg.bench else train(cfg)
+    return bench(cfg) if cfg.bench else train(cfg, ckpt)
 
 
 if __name__ == "__main__":

@@ -33,6 +33,7 @@ RULES = dict(  # what each value must be (see sparse_gpt.RULES)
     device=sparse_gpt.DEVICE)
 
 Pair = namedtuple("Pair", "prompt_a prompt_b token_a token_b")
+SOLVED_ACC = 0.9  # a task counts as solved at this accuracy (prune.py prunes the solved ones)
 
 # -----------------------------------------------------------------------------
 # little helpers that make prompts read like the standard library, from a seeded random.Random
@@ -328,18 +329,6 @@ def bracket_counting_long(rng) -> Pair:
 ATTACKS = {f.__name__: f for f in [bracket_counting_distractor, bracket_counting_long]}
 ALL = {**TASKS, **ATTACKS}
 
-# What follows (token_a, token_b) in real code. Another tokenizer can cut the code elsewhere: the
-# released models' tinypython keeps newlines on punctuation, so its answers are "]]\n" vs "]\n".
-FOLLOWS = dict(
-    single_double_quote=("\n",) * 2, final_kwarg=("0):", "\n"), set_or_string=("add(x)", " x"),
-    set_or_string_fixedvarname=("add(x)", " x"), class_init=("\n",) * 2,
-    with_as=(" f:", "data = f.read()"), bracket_brace=(" 1,", " 2,"), with_open=("') as f:",) * 2,
-    bracket_counting=("\n",) * 2, for_while=(" items:", "\n"), else_elif=("\n", ".x:"),
-    fstring_brace=('x}")', 's" % x)'), if_ternary=("\n", " None"), var_swap=("\n",) * 2,
-    indent_for=("pass\n",) * 2, lambda_func=(" x", "x):"), if_equals=(" None:", " None"),
-    enumerate_range=("(a, b):", "(n):"), var_if=("\n", "return"), while_return_true=("\n",) * 2,
-    bracket_counting_distractor=("\n",) * 2, bracket_counting_long=("\n",) * 2)
-
 # -----------------------------------------------------------------------------
 # datasets: deterministic by seed; a prompt's split is decided by its hash alone
 
@@ -369,40 +358,6 @@ def answer_id(tokenizer, token: str) -> int:
     if len(ids) != 1:
         raise ValueError(f"answer {token!r} is {len(ids)} tokens under this tokenizer, not one")
     return ids[0]
-
-
-def as_tokenized(tokenizer, name: str, pair: Pair) -> Pair:
-    """The pair as this tokenizer cuts the code: each answer becomes the first token after its
-    prompt in prompt + answer + FOLLOWS (ours: the answer). A prompt end that merges into it moves
-    to both answers, a first token both answers share moves to both prompts (e.g. ':\n')."""
-    enc, follows = tokenizer.encode_ordinary, FOLLOWS.get(name, ("", ""))
-    prompts, texts = list(pair[:2]), [x + f for x, f in zip(pair[2:], follows)]
-    for _ in range(4):
-        cut = 0
-        for p, x in zip(prompts, texts):  # characters of p whose tokens change when x follows
-            ids, full = enc(p), enc(p + x)
-            n = next((i for i, (s, t) in enumerate(zip(ids, full)) if s != t),
-                     min(len(ids), len(full) - 1))
-            cut = max(cut, len(p) - len(tokenizer.decode(ids[:n])))
-        if cut and (cut >= min(map(len, prompts)) or prompts[0][-cut:] != prompts[1][-cut:]):
-            break
-        if cut:
-            prompts, texts = [p[:-cut] for p in prompts], [prompts[0][-cut:] + x for x in texts]
-            continue
-        a, b = (tokenizer.decode([enc(p + x)[len(enc(p))]]) for p, x in zip(prompts, texts))
-        if a != b and not any(t.isspace() and not x.isspace() for t, x in zip((a, b), pair[2:])):
-            return Pair(*prompts, a, b)
-        if a != b or a in texts:
-            break
-        prompts, texts = [p + a for p in prompts], [x[len(a) :] for x in texts]
-    raise ValueError(f"task {name}: its answers are not two distinct tokens after the prompts here")
-
-
-def for_tokenizer(tokenizer, name: str, pairs: list[Pair]) -> list[Pair]:
-    """The pairs as this tokenizer asks them, checked; a ValueError names a task it cannot ask."""
-    pairs = [as_tokenized(tokenizer, name, p) for p in pairs]
-    check_pairs(tokenizer, name, pairs)
-    return pairs
 
 
 def check_pairs(tokenizer, name: str, pairs: list[Pair]):
@@ -458,15 +413,20 @@ def answer_logits(model, tokenizer, pairs: list[Pair]) -> tuple[torch.Tensor, to
     return torch.where(first_right, a, b), torch.where(first_right, b, a)
 
 
-def score(right: torch.Tensor, wrong: torch.Tensor) -> tuple[torch.Tensor, float]:
-    """Cross-entropy over just the two answers (= softplus of wrong - right), mean over prompts;
-    accuracy = fraction of prompts whose correct answer has the strictly higher logit."""
-    return F.softplus(wrong - right).mean(), (right > wrong).float().mean().item()
+def score(margin: torch.Tensor) -> tuple[torch.Tensor, float]:
+    """Cross-entropy over just the two answers, softplus(-margin) with margin = logit right - logit
+    wrong, mean over prompts; accuracy = fraction of margins > 0. prune.py scores with it too."""
+    return F.softplus(-margin).mean(), (margin > 0).float().mean().item()
+
+
+def solved(scores: dict, min_acc: float = SOLVED_ACC) -> list[str]:
+    """The tasks of scores (name -> (task loss, accuracy, pairs)) solved at accuracy >= min_acc."""
+    return [name for name, (_, acc, _) in scores.items() if acc >= min_acc]
 
 
 def task_loss(model, tokenizer, pairs: list[Pair]) -> tuple[torch.Tensor, float]:
     """(task loss as a differentiable scalar, accuracy) on these pairs."""
-    return score(*answer_logits(model, tokenizer, pairs))
+    return score(torch.sub(*answer_logits(model, tokenizer, pairs)))
 
 
 @torch.no_grad()
@@ -481,7 +441,7 @@ def evaluate(model, tokenizer, names, n: int = 200, seed: int = 0, split: str = 
         pairs = for_tokenizer(tokenizer, name, make_pairs(name, n, seed, split))
         right, wrong = zip(*(answer_logits(model, tokenizer, pairs[i : i + batch_pairs])
                              for i in range(0, n, batch_pairs)))
-        loss, acc = score(torch.cat(right), torch.cat(wrong))
+        loss, acc = score(torch.cat(right) - torch.cat(wrong))
         out[name] = (loss.item(), acc, n)
     return out
 
@@ -510,7 +470,7 @@ def main(argv):
     model, tokenizer, _ = sparse_gpt.load_checkpoint(cfg.ckpt, device)
     print(f"{cfg.ckpt}: {cfg.n} {cfg.split} pairs per task (seed {cfg.seed})")
     print(f"{'task':<30}{'acc':>7}{'loss':>8}{'n':>6}")
-    solved, accs = [], []
+    scores = {}
     for group, title in ((TASKS, ""), (ATTACKS, "attacks on bracket_counting:")):
         chosen = [t for t in names if t in group]
         if title and chosen:
@@ -523,11 +483,62 @@ def main(argv):
                 continue
             print(f"{name:<30}{acc:>7.1%}{loss:>8.3f}{n:>6}")
             if group is TASKS:
-                accs.append(acc)
-                solved += [name] * (acc >= 0.9)
-    if accs:
+                scores[name] = (loss, acc, n)
+    if scores:
+        done, accs = solved(scores), [acc for _, acc, _ in scores.values()]
         print(f"{f'mean over {len(accs)} tasks':<30}{sum(accs) / len(accs):>7.1%}")
-        print(f"solved (accuracy >= 90%): {len(solved)} of {len(accs)}: {' '.join(solved) or '-'}")
+        print(f"solved (accuracy >= {SOLVED_ACC:.0%}): {len(done)} of {len(accs)}: "
+              f"{' '.join(done) or '-'}")
+
+
+# -----------------------------------------------------------------------------
+# the pairs in another tokenizer, which may cut the code elsewhere (tinypython_2k, the released
+# models' tokenizer, keeps newlines on punctuation runs). FOLLOWS: what follows each answer in real
+# code; an answer becomes that tokenizer's first token after the prompt in prompt + answer +
+# FOLLOWS. Worked example, single_double_quote: after `raise ValueError("invalid name` our answers
+# `")` vs `')` are asked as `")\n` vs `')\n` in tinypython (README: Tasks in their tokenizer).
+FOLLOWS = dict(
+    single_double_quote=("\n",) * 2, final_kwarg=("0):", "\n"), set_or_string=("add(x)", " x"),
+    set_or_string_fixedvarname=("add(x)", " x"), class_init=("\n",) * 2,
+    with_as=(" f:", "data = f.read()"), bracket_brace=(" 1,", " 2,"), with_open=("') as f:",) * 2,
+    bracket_counting=("\n",) * 2, for_while=(" items:", "\n"), else_elif=("\n", ".x:"),
+    fstring_brace=('x}")', 's" % x)'), if_ternary=("\n", " None"), var_swap=("\n",) * 2,
+    indent_for=("pass\n",) * 2, lambda_func=(" x", "x):"), if_equals=(" None:", " None"),
+    enumerate_range=("(a, b):", "(n):"), var_if=("\n", "return"), while_return_true=("\n",) * 2,
+    bracket_counting_distractor=("\n",) * 2, bracket_counting_long=("\n",) * 2)
+
+
+def as_tokenized(tokenizer, name: str, pair: Pair) -> Pair:
+    """The pair as this tokenizer cuts the code. A prompt end that merges into an answer moves to
+    both answers, a first token both answers share moves to both prompts (e.g. ':\n')."""
+    enc, follows = tokenizer.encode_ordinary, FOLLOWS.get(name, ("", ""))
+    prompts, texts = list(pair[:2]), [x + f for x, f in zip(pair[2:], follows)]
+    for _ in range(4):
+        cut = 0
+        for p, x in zip(prompts, texts):  # characters of p whose tokens change when x follows
+            ids, full = enc(p), enc(p + x)
+            n = next((i for i, (s, t) in enumerate(zip(ids, full)) if s != t),
+                     min(len(ids), len(full) - 1))
+            cut = max(cut, len(p) - len(tokenizer.decode(ids[:n])))
+        if cut and (cut >= min(map(len, prompts)) or prompts[0][-cut:] != prompts[1][-cut:]):
+            break
+        if cut:
+            prompts, texts = [p[:-cut] for p in prompts], [prompts[0][-cut:] + x for x in texts]
+            continue
+        a, b = (tokenizer.decode([enc(p + x)[len(enc(p))]]) for p, x in zip(prompts, texts))
+        if a != b and not any(t.isspace() and not x.isspace() for t, x in zip((a, b), pair[2:])):
+            return Pair(*prompts, a, b)
+        if a != b or a in texts:
+            break
+        prompts, texts = [p + a for p in prompts], [x[len(a) :] for x in texts]
+    raise ValueError(f"task {name}: its answers are not two distinct tokens after the prompts here")
+
+
+def for_tokenizer(tokenizer, name: str, pairs: list[Pair]) -> list[Pair]:
+    """The pairs as this tokenizer asks them, checked; a ValueError names a task it cannot ask."""
+    pairs = [as_tokenized(tokenizer, name, p) for p in pairs]
+    check_pairs(tokenizer, name, pairs)
+    return pairs
 
 
 if __name__ == "__main__":

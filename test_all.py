@@ -1,5 +1,6 @@
 """The test suite: python -m pytest -q test_all.py (CPU, a few minutes on 2 cores)."""
 
+import copy
 import hashlib
 import json
 import math
@@ -66,7 +67,16 @@ def tiny_cfg(tmp_path, corpus_dir, **overrides):
 def small_model(**kw) -> sg.GPT:
     torch.manual_seed(0)
     args = dict(vocab_size=64, n_layer=2, d_model=32, d_head=8, d_mlp=64, block_size=16)
-    return sg.GPT(sg.GPTConfig(**{**args, **kw}))
+    return sg.GPT(sg.Config(sg.DEFAULTS, **{**args, **kw}))
+
+
+def project_at_target(model, density, j=4, embed_density=None):
+    """project_weights at the end of annealing: hidden matrices keep `density`, embeddings
+    `embed_density` (default: the same)."""
+    ratio = (embed_density or density) / density
+    cfg = sg.Config(sg.DEFAULTS, density=density, min_per_neuron=j, embed_ratio=ratio,
+                    max_iters=1, anneal_frac=0.0)
+    sg.project_weights(model, 1, cfg)
 
 
 # -----------------------------------------------------------------------------
@@ -80,7 +90,7 @@ def test_every_matrix_keeps_exact_topk_and_neuron_floor():
         model.blocks[1].attn.c_attn.weight[3].mul_(1e-6)
         model.blocks[0].mlp.c_proj.weight[:, 7].mul_(1e-6)
     density, j = 0.2, 4
-    sg.project_weights(model, density, j)
+    project_at_target(model, density, j)
     for name, w, floor_dim in sg.sparse_matrices(model):
         assert (w != 0).sum().item() == math.ceil(density * w.numel()), name
         if floor_dim is not None:
@@ -89,7 +99,7 @@ def test_every_matrix_keeps_exact_topk_and_neuron_floor():
     assert (model.blocks[1].attn.c_attn.weight[3] != 0).sum() == j
     assert (model.blocks[0].mlp.c_proj.weight[:, 7] != 0).sum() == j
     # so sparse that the floors alone need more than density allows: the floors win
-    sg.project_weights(model, 0.05, j)
+    project_at_target(model, 0.05, j)
     c_attn = model.blocks[0].attn.c_attn.weight
     assert ((c_attn != 0).sum(dim=1) == j).all() and (c_attn != 0).sum() == 96 * j
     assert model.bigram.weight.numel() == 64 * 64  # the bigram table is not projected
@@ -174,7 +184,7 @@ def test_bigram_table_starts_official_and_is_never_decayed():
 
 def test_embeddings_keep_their_own_denser_count():
     model = small_model()
-    sg.project_weights(model, 0.05, 4, 0.2)
+    project_at_target(model, 0.05, 4, 0.2)
     for name, w, floor_dim in sg.sparse_matrices(model):
         want = 0.2 if name in sg.EMBEDDINGS else 0.05
         assert (w != 0).sum().item() >= math.ceil(want * w.numel()), name
@@ -344,6 +354,15 @@ def test_bad_keys_values_and_corpus_give_clear_errors(tmp_path):
 # training loop
 
 
+def test_config_reads_keys_as_attributes_and_a_missing_one_is_an_attribute_error():
+    cfg = sg.parse_config(["--n_layer=3"])
+    assert cfg.n_layer == 3 and hasattr(cfg, "d_model") and not hasattr(cfg, "nope")
+    with pytest.raises(AttributeError, match="nope"):
+        cfg.nope
+    copied = copy.deepcopy(cfg)
+    assert copied == cfg and type(copied) is sg.Config and copied.n_layer == 3
+
+
 def test_atomic_save_survives_an_interrupted_write(tmp_path, monkeypatch):
     model = small_model()
     opt = sg.make_optimizer(model, sg.Config(sg.DEFAULTS), "cpu")
@@ -432,6 +451,14 @@ def test_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path, cor
 # the GPU path, proven on CPU: torch selection, torch.compile, bf16 autocast, DDP
 
 
+# kth_largest_numpy replaced by a torch selection runs the GPU path on CPU. topk: kth_largest's
+# own torch branch, which any dtype but float32 takes (float64 holds float32 exactly); kthvalue:
+# an alternative to try on a GPU.
+TORCH_SELECTIONS = {
+    "topk": lambda a, k, dim: sg.kth_largest(a.double(), k, dim).float(),
+    "kthvalue": lambda a, k, dim: a.kthvalue(a.shape[dim] - k + 1, dim, keepdim=True).values}
+
+
 def test_gpu_selection_path_keeps_exactly_the_numpy_sets_even_with_ties_at_zero(monkeypatch):
     gen = torch.Generator().manual_seed(0)
     cases = []
@@ -449,8 +476,8 @@ def test_gpu_selection_path_keeps_exactly_the_numpy_sets_even_with_ties_at_zero(
             sg.abstopk(bf.float(), 16) != 0, sg.kth_largest(x.abs().view(-1), 100, 0)]
 
     numpy_sets = run_all()
-    for method in ("topk", "kthvalue"):  # topk: what CUDA runs; kthvalue: an alternative to try there
-        monkeypatch.setattr(sg, "SELECT", method)
+    for method, select in TORCH_SELECTIONS.items():
+        monkeypatch.setattr(sg, "kth_largest_numpy", select)
         assert torch.equal((sg.abstopk(bf, 16) != 0), numpy_sets[-2])  # bf16 selects in torch only
         for a, b in zip(numpy_sets, run_all()):
             assert torch.equal(a, b), method
@@ -464,8 +491,8 @@ def test_gpu_path_compiles_into_one_graph_and_numpy_breaks_are_counted(monkeypat
     cpu = torch._dynamo.explain(model)(x, x)  # CPU keeps numpy: every AbsTopK breaks the graph
     assert cpu.graph_break_count > 0
     assert all("numpy" in r.reason for r in cpu.break_reasons)
-    for method in ("topk", "kthvalue"):  # the branch CUDA runs, and its alternative
-        monkeypatch.setattr(sg, "SELECT", method)
+    for method, select in TORCH_SELECTIONS.items():  # the branch CUDA runs, and its alternative
+        monkeypatch.setattr(sg, "kth_largest_numpy", select)
         torch._dynamo.reset()
         gpu = torch._dynamo.explain(model)(x, x)
         assert gpu.graph_count == 1 and gpu.graph_break_count == 0, method
@@ -475,7 +502,7 @@ def test_compiled_model_matches_eager_in_loss_and_after_a_training_step(monkeypa
     """Inductor reorders float32 sums (fused kernels), so the losses differ by ~5e-7 (measured),
     not bit for bit; 1e-5 leaves room and fails on any real difference (one wrong mask moves
     the loss by ~1e-3)."""
-    monkeypatch.setattr(sg, "SELECT", "topk")  # compile what CUDA would compile
+    monkeypatch.setattr(sg, "kth_largest_numpy", TORCH_SELECTIONS["topk"])  # as CUDA compiles
     cfg = sg.Config(sg.DEFAULTS, density=0.25, learning_rate=1e-2)
     x, y = torch.randint(64, (2, 4, 16), generator=torch.Generator().manual_seed(0))
     losses = []
@@ -487,7 +514,7 @@ def test_compiled_model_matches_eager_in_loss_and_after_a_training_step(monkeypa
         before.backward()
         sg.normalize_grad_rms_(list(model.parameters()))
         opt.step()
-        sg.project_weights(model, cfg.density, cfg.min_per_neuron)
+        project_at_target(model, cfg.density, cfg.min_per_neuron)
         with torch.no_grad():
             losses.append((before.item(), fmodel(x, y)[1].item()))
     (eager0, eager1), (comp0, comp1) = losses
@@ -636,8 +663,8 @@ class ContextBlind(torch.nn.Module):
 
 def tiny_gpt(vocab_size: int, block_size: int) -> sg.GPT:
     torch.manual_seed(0)
-    cfg = sg.GPTConfig(vocab_size=vocab_size, n_layer=1, d_model=32, d_head=8, d_mlp=64,
-                       block_size=block_size)
+    cfg = sg.Config(sg.DEFAULTS, vocab_size=vocab_size, n_layer=1, d_model=32, d_head=8,
+                    d_mlp=64, block_size=block_size)
     model = sg.GPT(cfg)
     torch.nn.init.normal_(model.bigram.weight, std=0.1)  # so answers' logits differ by prompt
     return model
@@ -783,7 +810,7 @@ def test_cli_prints_examples_a_table_and_clear_errors(tmp_path, task_ranks, caps
     assert all(f"=== {name}:" in out for name in ALL_NAMES)
     # a tiny checkpoint with its tokenizer beside it, as sparse_gpt.py saves them
     cfg = sg.parse_config(["--preset=tiny", f"--vocab_size={len(task_ranks) + 1}"])
-    model = sg.GPT(sg.GPTConfig.from_config(cfg))
+    model = sg.GPT(cfg)
     ckpt = str(tmp_path / "ckpt.pt")
     sg.save_checkpoint(ckpt, model, sg.make_optimizer(model, cfg, "cpu"), cfg, 0, float("inf"), "")
     sg.save_tokenizer(task_ranks, str(tmp_path / "tokenizer.tiktoken"))
@@ -797,7 +824,7 @@ def test_cli_prints_examples_a_table_and_clear_errors(tmp_path, task_ranks, caps
     short = tmp_path / "short"
     short.mkdir()
     cfg = sg.parse_config(["--preset=tiny", "--vocab_size=301"])
-    model = sg.GPT(sg.GPTConfig.from_config(cfg))
+    model = sg.GPT(cfg)
     ckpt = str(short / "ckpt.pt")
     sg.save_checkpoint(ckpt, model, sg.make_optimizer(model, cfg, "cpu"), cfg, 0, float("inf"), "")
     sg.save_tokenizer(dict(list(task_ranks.items())[:300]), str(short / "tokenizer.tiktoken"))
@@ -832,7 +859,7 @@ NOISE_TEXT = "abcdefghijk"
 def hand_gpt(**kw) -> sg.GPT:
     torch.manual_seed(0)
     args = dict(vocab_size=257, n_layer=1, d_model=8, d_head=4, d_mlp=8, block_size=8)
-    return sg.GPT(sg.GPTConfig(**{**args, **kw}))
+    return sg.GPT(sg.Config(sg.DEFAULTS, **{**args, **kw}))
 
 
 def byte_tokenizer():
@@ -883,7 +910,7 @@ def test_prune_recovers_planted_circuit():
     model = planted_model()
     means = prune.compute_means(model, noise_tokens(), n_batches=8, batch_size=16)
     cfg = sg.parse_config(["--steps=60", "--lr=3e-2"], prune.DEFAULTS, presets=None)  # quick
-    keep, info = prune.find_circuit(model, means, planted_data(), cfg, log=lambda s: None)
+    keep, info = prune.find_circuit(model, means, planted_data(), cfg)
     names = prune.node_names(model)
     assert sorted(names[i] for i in keep.nonzero()[:, 0].tolist()) == sorted(PLANTED), info
     assert info["loss_calibrated"] <= cfg.target_loss and info["n_nodes"] == 5
@@ -894,15 +921,15 @@ def test_prune_recovers_planted_circuit():
                      ("0.mlp.post_act.1", "0.mlp.resid_delta.1")}
 
 
-def test_long_drop_pass_reports_progress(monkeypatch):
+def test_long_drop_pass_reports_progress(monkeypatch, capsys):
     """The drop pass costs one forward per node the bisection keeps (minutes on a released
     model), so it logs every LOG_EVERY nodes, as the mask training logs every LOG_EVERY steps."""
     monkeypatch.setattr(prune, "LOG_EVERY", 2)
     model = planted_model()
     means = prune.compute_means(model, noise_tokens(), n_batches=8, batch_size=16)
     cfg = sg.parse_config(["--steps=60", "--lr=3e-2", "--seeds=1"], prune.DEFAULTS, presets=None)
-    lines = []
-    keep, info = prune.find_circuit(model, means, planted_data(), cfg, log=lines.append)
+    keep, info = prune.find_circuit(model, means, planted_data(), cfg)
+    lines = capsys.readouterr().out.splitlines()
     drops = [l for l in lines if "drop pass" in l and "left" in l]
     k = info["seeds"][0]["bisection_nodes"]
     assert len(drops) == k // 2 and drops[0].startswith(f"  drop pass 2/{k} | kept "), lines
@@ -929,7 +956,7 @@ def search_backup_model(*argv) -> tuple:
     means = prune.compute_means(model, noise_tokens(), n_batches=8, batch_size=16)
     cfg = sg.parse_config(["--steps=60", "--lr=3e-2", "--seeds=4", *argv], prune.DEFAULTS,
                           presets=None)
-    return model, means, prune.find_circuit(model, means, planted_data(), cfg, log=lambda s: None)
+    return model, means, prune.find_circuit(model, means, planted_data(), cfg)
 
 
 def test_same_seed_same_circuit_and_the_smallest_seed_wins():
@@ -1033,6 +1060,37 @@ def test_answer_diff_matches_tasks_scoring():
     assert acc == ref_acc
 
 
+def test_answer_diff_runs_the_models_own_blocks_so_a_changed_block_changes_both(monkeypatch):
+    """GPT.answer_diff (the shortcut prune.py trains masks with) is built from the model's own
+    blocks: change Block.forward and MLP.forward, and it still equals forward's logits."""
+    model = hand_gpt(n_layer=2, d_model=16, d_mlp=32)
+    with torch.no_grad():
+        model.bigram.weight.normal_()
+    pairs = [planted_task(random.Random(i)) for i in range(8)]
+    data = tasks.encode_pairs(byte_tokenizer(), pairs, 8, torch.device("cpu"))
+
+    def changed_block(self, x, at=None):  # half the attention, the MLP twice
+        x = x + 0.5 * self.attn(self.attn_in(self.attn_norm(x)))
+        if at is not None:
+            x = x[at][:, None]
+        x = x + self.mlp(self.mlp_in(self.mlp_norm(x)))
+        return x + self.mlp(self.mlp_in(self.mlp_norm(x)))
+
+    def diffs():
+        rows = torch.arange(len(data["last"]))
+        logits = model(data["idx"])[0][rows, data["last"]]
+        full = logits[rows, data["tok_a"]] - logits[rows, data["tok_b"]]
+        return full, prune.answer_diff(model, data)
+
+    before, _ = diffs()
+    monkeypatch.setattr(sg.Block, "forward", changed_block)
+    monkeypatch.setattr(sg.MLP, "forward", lambda self, x: self.resid_delta(
+        self.c_proj(self.post_act(torch.tanh(self.c_fc(x))))))
+    full, shortcut = diffs()
+    assert (full - before).abs().max() > 0.01  # the change matters (here by up to 0.07)
+    torch.testing.assert_close(shortcut, full)
+
+
 def test_edge_counting_on_a_hand_made_weight_pattern():
     model = hand_gpt()
     attn, mlp = model.blocks[0].attn, model.blocks[0].mlp
@@ -1070,8 +1128,7 @@ def planted_ckpt(tmp_path, monkeypatch):
     out.mkdir()
     data_dir.mkdir()
     noise_tokens().tofile(data_dir / "val.bin")
-    shape = {f: getattr(model.cfg, f) for f in sg.GPTConfig.__dataclass_fields__}
-    config = {**sg.DEFAULTS, **shape, "batch_size": 16}
+    config = {**model.cfg, "batch_size": 16}
     ckpt = {"model": model.state_dict(), "config": config, "data_path": str(data_dir)}
     torch.save(ckpt, out / "ckpt.pt")
     sg.save_tokenizer({bytes([i]): i for i in range(256)}, str(out / "tokenizer.tiktoken"))
