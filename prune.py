@@ -21,7 +21,7 @@ import time
 from collections import Counter
 from contextlib import contextmanager
 from pathlib import Path
-from statistics import geometric_mean
+from statistics import geometric_mean, median_low
 
 import numpy as np
 import torch
@@ -47,13 +47,15 @@ DEFAULTS = dict(
     data_dir="",  # a released model's means: this corpus (empty = the stdlib) in its tokenizer
     cache_dir="data",  # where that corpus's tokens are cached, keyed by corpus and tokenizer
     seed=0,  # mask initialisation, the shuffled-answer control, the random-set check
+    seeds=2,  # searches from seeds seed, seed + 1, ...; the smallest circuit wins (README: why 2)
     device="auto",  # auto | cpu | cuda | mps
 )
 RULES = dict(  # what each value must be (see sparse_gpt.RULES); tasks: see tasks.task_names
     ckpt=(lambda v, c: v != "", "a checkpoint file"), solved_acc=sparse_gpt.FRACTION,
     k_coef=sparse_gpt.POSITIVE, target_loss=sparse_gpt.POSITIVE,
     heaviside_temp=sparse_gpt.POSITIVE, lr=sparse_gpt.POSITIVE, steps=sparse_gpt.up_to(10**6),
-    n_pairs=sparse_gpt.up_to(10**4), mean_batches=sparse_gpt.up_to(10**4), seed=sparse_gpt.SEED,
+    n_pairs=sparse_gpt.up_to(10**4), seeds=sparse_gpt.up_to(100),
+    mean_batches=sparse_gpt.up_to(10**4), seed=sparse_gpt.SEED,
     device=sparse_gpt.DEVICE)
 LOG_EVERY = 100  # mask-training steps (or drop-pass nodes) between progress lines
 MAX_SCALE = 4.0  # the calibration may scale the logit difference by at most this much
@@ -260,8 +262,8 @@ def train_masks(model, means, train: dict, cfg) -> torch.Tensor:
             tau.clamp_(-1, 1)
         if (step + 1) % LOG_EVERY == 0 or step + 1 == cfg.steps:
             left = (time.time() - t0) / (step + 1) * (cfg.steps - step - 1)
-            print(f"  k_coef {cfg.k_coef:g} step {step + 1}/{cfg.steps} | task loss "
-                  f"{task.item():.3f} | kept {int(keep.sum())} | lr {lr:.1e} | {left:.0f}s left")
+            print(f"  seed {cfg.seed} step {step + 1}/{cfg.steps} | task loss {task.item():.3f}"
+                  f" | kept {int(keep.sum())} | lr {lr:.1e} | {left:.0f}s left")
     return tau.detach()
 
 
@@ -406,33 +408,64 @@ def token_edges(model, keep: torch.Tensor, prompt_tokens, answer_tokens) -> tupl
 # the search: masks, then the fewest nodes that reach the target, then a control
 
 
-def find_circuit(model, means, train: dict, cfg) -> tuple:
-    """Trains the masks, then discretizes: the fewest nodes in order of tau that reach the target
-    calibrated loss, then a pass that drops each remaining node, weakest first, whenever the
-    rest still reach the target (bisection on one ordering leaves some that are not needed).
-    Returns (the 0/1 keep vector or None, a dict of what each stage found)."""
-    tau = train_masks(model, means, train, cfg)
+def find_circuit(model, means, train: dict, cfg, ) -> tuple:
+    """The search from cfg.seeds seeds, each training its own masks (the seed draws their init
+    noise). Returns (the 0/1 keep vector or None, a dict of what each stage found)."""
+    taus = {s: train_masks(model, means, train, sparse_gpt.Config({**cfg, "seed": s}))
+            for s in range(cfg.seed, cfg.seed + cfg.seeds)}
+    keep, info = search(model, means, train, taus, cfg.target_loss)
+    if keep is not None:
+        z = diff_with(model, means, keep, train)  # one forward for both losses
+        info.update(n_nodes=int(keep.sum()), n_edges=len(circuit_edges(model, keep)),
+                    loss_raw=pair_loss(z, train)[0].item(),
+                    loss_calibrated=pair_loss(z, train, *fit_calibration(z, train))[0].item())
+        print(f"  circuit: {info['n_nodes']} nodes, {info['n_edges']} edges; train loss "
+              f"{info['loss_calibrated']:.3f} calibrated, {info['loss_raw']:.3f} raw")
+    return keep, info
+
+
+def search(model, means, train: dict, taus: dict, target: float) -> tuple:
+    """Each seed's circuit (discretize); the smallest by edges wins. At a target looser than the
+    paper's, the circuit found at the paper's target reaches this one too: after a drop pass at
+    this target it is one more candidate, so a looser target never ends at a larger circuit."""
+    names, mean_tau, found, info = node_names(model), sum(taus.values()) / len(taus), {}, {}
+    for s, tau in taus.items():
+        k, found[s] = discretize(model, means, train, tau, target)
+        info[s] = {"masks_kept": int((tau > 0).sum()), "bisection_nodes": k, "nodes": None if
+                   found[s] is None else [names[i] for i in found[s].nonzero()[:, 0].tolist()]}
+        print(f"  seed {s}: masks keep {info[s]['masks_kept']} nodes, bisection {k}, after the "
+              f"drop pass {None if found[s] is None else int(found[s].sum())}")
+    if target > DEFAULTS["target_loss"]:
+        strict = search(model, means, train, taus, DEFAULTS["target_loss"])[0]
+        found["strict"] = None if strict is None else drop_pass(
+            model, means, train, strict, mean_tau.argsort(descending=True), target)
+    sizes = {k: (len(circuit_edges(model, c)), int(c.sum())) for k, c in found.items()
+             if c is not None}
+    return found[min(sizes, key=sizes.get)] if sizes else None, {"seeds": info}
+
+
+def discretize(model, means, data: dict, tau, target: float) -> tuple:
+    """(k, circuit): the fewest nodes in order of tau that reach the target calibrated loss
+    (from the count with tau > 0), then the drop pass; (None, None) if no node set does."""
     order = tau.argsort(descending=True)
-    k = smallest_circuit(model, means, train, order, cfg.target_loss, int((tau > 0).sum()))
-    info = {"masks_kept": int((tau > 0).sum()), "bisection_nodes": k}
-    if k is None:
-        print("  no node set reaches the target loss")
-        return None, info
-    keep, t0 = keep_first(order, k), time.time()
-    for n, i in enumerate(order[:k].flip(0).tolist(), 1):  # one forward per node: log progress
+    k = smallest_circuit(model, means, data, order, target, int((tau > 0).sum()))
+    return k, None if k is None else drop_pass(model, means, data, keep_first(order, k), order,
+                                               target)
+
+
+def drop_pass(model, means, data: dict, keep, order, target: float) -> torch.Tensor:
+    """Drops each kept node, weakest first in `order`, whenever the rest still reach the target
+    calibrated loss: bisection on one ordering leaves some that are not needed."""
+    keep, t0 = keep.clone(), time.time()
+    todo = [i for i in order.flip(0).tolist() if keep[i]]
+    for n, i in enumerate(todo, 1):  # one forward per node: log progress
         keep[i] = 0.0
-        if circuit_loss(model, means, keep, train) > cfg.target_loss:
+        if circuit_loss(model, means, keep, data) > target:
             keep[i] = 1.0
         if n % LOG_EVERY == 0:
-            print(f"  drop pass {n}/{k} | kept {int(keep.sum())} | "
-                  f"{(time.time() - t0) / n * (k - n):.0f}s left")
-    z = diff_with(model, means, keep, train)  # one forward for both losses
-    info.update(n_nodes=int(keep.sum()), loss_raw=pair_loss(z, train)[0].item(),
-                loss_calibrated=pair_loss(z, train, *fit_calibration(z, train))[0].item())
-    print(f"  masks keep {info['masks_kept']} nodes, bisection {k}, after the drop pass "
-          f"{info['n_nodes']}: train loss {info['loss_calibrated']:.3f} calibrated, "
-          f"{info['loss_raw']:.3f} raw")
-    return keep, info
+            print(f"  drop pass {n}/{len(todo)} | kept {int(keep.sum())} | "
+                  f"{(time.time() - t0) / n * (len(todo) - n):.0f}s left")
+    return keep
 
 
 def shuffled(data: dict, seed: int) -> dict:
@@ -445,11 +478,12 @@ def shuffled(data: dict, seed: int) -> dict:
 
 
 def control(model, means, train: dict, test: dict, cfg) -> dict:
-    """The same search on shuffled answers: a real circuit should need far more edges than
-    this one, or this one should fail to reach the target at all."""
+    """The same search, from one seed, on shuffled answers: a real circuit should need far more
+    edges than this one, or this one should fail to reach the target at all."""
     print("  control: the same search with the answers shuffled per pair")
     train_c, test_c = shuffled(train, cfg.seed + 1), shuffled(test, cfg.seed + 2)
-    keep, info = find_circuit(model, means, train_c, cfg)
+    keep, info = find_circuit(model, means, train_c, sparse_gpt.Config({**cfg, "seeds": 1}))
+    info.pop("seeds")
     if keep is None:
         return {"n_nodes": None, "n_edges": None, "test_acc": None, **info}
     calib = fit_calibration(diff_with(model, means, keep, train_c), train_c)
@@ -545,6 +579,27 @@ def describe(model, tokenizer, means, keep, train: dict, test: dict, cfg) -> dic
                             len(circuit_edges(model, keep_first(attr_order, k_attr)))}}
 
 
+def seed_spread(model, means, info: dict, train: dict, test: dict) -> dict:
+    """Over the seeds' circuits: min / median / max nodes and edges; the core (the nodes every
+    seed keeps) with its calibrated loss and accuracy on the test pairs, everything else
+    ablated; and the mean Jaccard overlap of two seeds' node sets."""
+    names, sets = node_names(model), [set(s["nodes"]) for s in info["seeds"].values() if s["nodes"]
+                                      is not None]
+    core = set.intersection(*sets) if sets else set()
+    keeps = [torch.tensor([float(n in s) for n in names], device=means.device) for s in sets]
+    sizes = [[len(s) for s in sets], [len(circuit_edges(model, k)) for k in keeps]]
+    core_keep = torch.tensor([float(n in core) for n in names], device=means.device)
+    loss, acc = pair_loss(diff_with(model, means, core_keep, test), test,
+                          *fit_calibration(diff_with(model, means, core_keep, train), train))
+    pairs = [len(a & b) / max(1, len(a | b)) for i, a in enumerate(sets) for b in sets[:i]]
+    return {"n_seeds": len(info["seeds"]), "n_reached": len(sets),
+            **{k: [f(v) for f in (min, median_low, max)] if sets else None
+               for k, v in zip(("n_nodes", "n_edges"), sizes)},
+            "core": [n for n in names if n in core], "core_sufficiency": {"loss": loss.item(),
+                                                                        "acc": acc},
+            "overlap": sum(pairs) / len(pairs) if pairs else None}
+
+
 # -----------------------------------------------------------------------------
 # writers: <task>.json, <task>.txt and <task>.svg in circuits/ beside the checkpoint
 
@@ -579,6 +634,12 @@ def verdict(r: dict) -> list[str]:
     return lines
 
 
+def spread(values) -> str:
+    """[min, median, max] -> 'min/median/max'; a number -> '0.62'; None -> '-'."""
+    return "-" if values is None else f"{values:.2f}" if isinstance(values, float) else \
+        "/".join(map(str, values))
+
+
 def write_txt(path: str, r: dict):
     c, ka, kb = r["circuit"], *r["circuit"]["key_tokens"]
     lines = [f"{r['task']}: {c['n_nodes']} nodes, {c['n_edges']} edges (and {c['n_embed_edges']} "
@@ -593,6 +654,12 @@ def write_txt(path: str, r: dict):
     lines += [f"head {h}: at the answer its query attends on prompt_a to {a['attends_a']}, on "
               f"prompt_b to {a['attends_b']}, to the sink {a['sink']:.2f}\n"
               for h, a in c["heads"].items()]
+    s = r["seeds"]
+    lines.append(f"over {s['n_seeds']} seeds ({s['n_reached']} reach the target): nodes "
+                 f"{spread(s['n_nodes'])}, edges {spread(s['n_edges'])} (min/median/max); mean "
+                 f"overlap (Jaccard) {spread(s['overlap'])}; core (kept by every seed) "
+                 f"{len(s['core'])} nodes, alone: test loss {s['core_sufficiency']['loss']:.3f} "
+                 f"acc {s['core_sufficiency']['acc']:.1%}\n  core: {' '.join(s['core'])}\n")
     edges = all_edges(c)
     for i, name in enumerate(c["nodes"]):
         if i == 0 or location(name) != location(c["nodes"][i - 1]):
@@ -841,6 +908,7 @@ def prune_checkpoint(path: str, model, tokenizer, means, names: list[str], cfg) 
                     print(f"{name}: the previous {base}.{ext} is renamed {name}.stale.{ext}")
             continue
         r.update(describe(model, tokenizer, means, keep, train, test, cfg))
+        r["seeds"] = seed_spread(model, means, search, train, test)
         r["seconds"] = round(time.time() - t0, 1)
         text = json.dumps(r, indent=1).encode()
         sparse_gpt.write_files_together({  # the three files change together or not at all
@@ -857,10 +925,13 @@ def print_summary(path: str, results: dict[str, dict]):
           "circuit alone, after its calibration (scale, shift: '!' = the scale at its bound "
           f"{MAX_SCALE:g}); raw = uncalibrated; nec = circuit ablated; rand = a random node set "
           "of its size ablated; control = the same search on shuffled answers: nodes/edges, test "
-          "acc; fail = no circuit reaches the target; UNSOLVED = the model does not solve it)")
+          "acc; fail = no circuit reaches the target; UNSOLVED = the model does not solve it; "
+          "seeds = every seed's circuit: min/median/max, and the core that all keep: its size and "
+          "test acc alone, and the mean Jaccard overlap)")
     print(f"{'task':<28}{'nodes':>6}{'edges':>7}{'full':>6}{'suff loss':>10}{'acc':>6}"
           f"{'scale':>7}{'shift':>7}{'raw':>7}{'nec loss':>9}{'acc':>6}{'rand loss':>10}"
-          f"{'attr edges':>11}{'control':>17}")
+          f"{'attr edges':>11}{'control':>17}{'seeds: nodes':>13}{'edges':>10}{'core':>5}{'acc':>5}"
+          f"{'overlap':>8}")
     edges = []
     for name, r in results.items():
         ctrl = r.get("control")
@@ -870,14 +941,16 @@ def print_summary(path: str, results: dict[str, dict]):
         if "circuit" not in r:
             print(f"{name:<28}  no circuit reaches the target loss; control {ctrl}{unsolved}")
             continue
-        c, ch, (scale, shift) = r["circuit"], r["checks"], r["calibration"].values()
+        c, ch, (scale, shift), s = r["circuit"], r["checks"], r["calibration"].values(), r["seeds"]
         edges.append(max(c["n_edges"], 1))  # an empty circuit (the bigram table did it) counts as 1
         print(f"{name:<28}{c['n_nodes']:>6}{c['n_edges']:>7}{ch['full']['acc']:>6.0%}"
               f"{ch['sufficiency']['loss']:>10.3f}{ch['sufficiency']['acc']:>6.0%}"
               f"{scale:>6.2f}{'!' if scale > AT_BOUND * MAX_SCALE else ' '}{shift:>+7.2f}"
               f"{ch['sufficiency_uncalibrated']['loss']:>7.3f}{ch['necessity']['loss']:>9.3f}"
               f"{ch['necessity']['acc']:>6.0%}{ch['random_ablation']['loss']:>10.3f}"
-              f"{r['attribution']['n_edges'] or '-':>11}{ctrl:>17}{unsolved}")
+              f"{r['attribution']['n_edges'] or '-':>11}{ctrl:>17}{spread(s['n_nodes']):>13}"
+              f"{spread(s['n_edges']):>10}{len(s['core']):>5}{s['core_sufficiency']['acc']:>5.0%}"
+              f"{spread(s['overlap']):>8}{unsolved}")
     if edges:
         print(f"geometric mean of edges over {len(edges)} tasks: {geometric_mean(edges):.1f}")
 

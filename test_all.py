@@ -1153,7 +1153,8 @@ def test_prune_recovers_planted_circuit():
     names = prune.node_names(model)
     assert sorted(names[i] for i in keep.nonzero()[:, 0].tolist()) == sorted(PLANTED), info
     assert info["loss_calibrated"] <= cfg.target_loss and info["n_nodes"] == 5
-    assert info["bisection_nodes"] == 5  # the mask order's first 5 are the planted nodes
+    # every seed's mask order has the planted nodes first: its bisection stops at 5
+    assert [s["bisection_nodes"] for s in info["seeds"].values()] == [5] * cfg.seeds
     edges = {(names[s], names[d]) for s, d, _ in prune.circuit_edges(model, keep)}
     assert edges == {("0.mlp.resid_in.0", "0.mlp.post_act.0"),
                      ("0.mlp.resid_in.0", "0.mlp.post_act.1"),
@@ -1167,12 +1168,76 @@ def test_long_drop_pass_reports_progress(monkeypatch, capsys):
     monkeypatch.setattr(prune, "LOG_EVERY", 2)
     model = planted_model()
     means = prune.compute_means(model, noise_tokens(), n_batches=8, batch_size=16)
-    cfg = sg.parse_config(["--steps=60", "--lr=3e-2"], prune.DEFAULTS, presets=None)
+    cfg = sg.parse_config(["--steps=60", "--lr=3e-2", "--seeds=1"], prune.DEFAULTS, presets=None)
     keep, info = prune.find_circuit(model, means, planted_data(), cfg)
     lines = capsys.readouterr().out.splitlines()
     drops = [l for l in lines if "drop pass" in l and "left" in l]
-    k = info["bisection_nodes"]
+    k = info["seeds"][0]["bisection_nodes"]
     assert len(drops) == k // 2 and drops[0].startswith(f"  drop pass 2/{k} | kept "), lines
+
+
+def backup_model() -> sg.GPT:
+    """The planted model with a backup route: channels 2 and 3 also carry X vs Y (+-0.5 each),
+    read by neurons 2 and 3, which write onto channel 1 as neurons 0 and 1 do. So the task has
+    several near-equivalent circuits, and different seeds of the search find different ones."""
+    model = planted_model()
+    mlp = model.blocks[0].mlp
+    with torch.no_grad():
+        model.wte.weight[:, 2:4] = 0.0
+        model.wte.weight[ord("X"), 2:4], model.wte.weight[ord("Y"), 2:4] = 0.5, -0.5
+        model.blocks[0].attn.c_proj.weight[2:4] = 0.0
+        mlp.c_fc.weight[2:4], mlp.c_proj.weight[:, 2:4] = 0.0, 0.0
+        mlp.c_fc.weight[2, 2:4], mlp.c_fc.weight[3, 2:4] = 10.0, -10.0
+        mlp.c_proj.weight[1, 2], mlp.c_proj.weight[1, 3] = 1.0, -1.0
+    return model
+
+
+def search_backup_model(*argv) -> tuple:
+    model = backup_model()
+    means = prune.compute_means(model, noise_tokens(), n_batches=8, batch_size=16)
+    cfg = sg.parse_config(["--steps=60", "--lr=3e-2", "--seeds=4", *argv], prune.DEFAULTS,
+                          presets=None)
+    return model, means, prune.find_circuit(model, means, planted_data(), cfg)
+
+
+def test_same_seed_same_circuit_and_the_smallest_seed_wins():
+    model, _, (keep, info) = search_backup_model()
+    again, info_again = search_backup_model()[2]
+    assert torch.equal(keep, again) and info == info_again
+    names, sets = prune.node_names(model), [s["nodes"] for s in info["seeds"].values()]
+    assert len({tuple(s) for s in sets}) > 1, info  # the seeds found different circuits
+    seed_keeps = [torch.tensor([float(n in s) for n in names]) for s in sets]
+    sizes = {(len(prune.circuit_edges(model, k)), int(k.sum())) for k in seed_keeps}
+    assert (info["n_edges"], info["n_nodes"]) == (len(prune.circuit_edges(model, keep)),
+                                                  int(keep.sum())) <= min(sizes)
+
+
+def test_core_is_the_intersection_of_the_seeds_circuits():
+    model, means, (keep, info) = search_backup_model()
+    data, sets = planted_data(), [set(s["nodes"]) for s in info["seeds"].values()]
+    spread = prune.seed_spread(model, means, info, data, data)
+    assert set(spread["core"]) == set.intersection(*sets) != set()
+    sizes = sorted(map(len, sets))
+    assert spread["n_nodes"] == [sizes[0], sizes[1], sizes[-1]]  # min, (low) median, max
+    jaccard = [len(a & b) / len(a | b) for a in sets for b in sets if a is not b]
+    assert spread["overlap"] == pytest.approx(sum(jaccard) / len(jaccard)) and spread["overlap"] < 1
+    core = torch.tensor([float(n in spread["core"]) for n in prune.node_names(model)])
+    z = prune.diff_with(model, means, core, data)
+    loss, acc = prune.pair_loss(z, data, *prune.fit_calibration(z, data))
+    assert spread["core_sufficiency"] == {"loss": loss.item(), "acc": acc}
+
+
+def test_a_looser_target_never_gives_a_larger_circuit(monkeypatch):
+    strict = search_backup_model()[2][1]
+    loose = search_backup_model("--target_loss=0.3")[2][1]
+    assert (loose["n_edges"], loose["n_nodes"]) <= (strict["n_edges"], strict["n_nodes"])
+    # even when the search at the looser target itself finds nothing, the stricter one's
+    # circuit (which reaches the looser target too) is the answer, after its own drop pass
+    search = prune.smallest_circuit
+    monkeypatch.setattr(prune, "smallest_circuit", lambda *a: None if a[4] == 0.3 else search(*a))
+    loose = search_backup_model("--target_loss=0.3")[2][1]
+    assert (loose["n_edges"], loose["n_nodes"]) <= (strict["n_edges"], strict["n_nodes"])
+    assert all(s["nodes"] is None for s in loose["seeds"].values())
 
 
 def test_calibration_scale_is_bounded_so_separation_alone_cannot_reach_zero_loss():
@@ -1465,7 +1530,7 @@ def test_the_search_can_return_the_empty_circuit():
     model = bigram_answered_model()
     means = planted_means(model)
     keep, info = prune.find_circuit(model, means, planted_data(), mask_cfg())
-    assert info["bisection_nodes"] == 0 and int(keep.sum()) == 0
+    assert all(s["bisection_nodes"] == 0 for s in info["seeds"].values()) and int(keep.sum()) == 0
     checks = prune.run_checks(model, means, keep, planted_data(), (1.0, 0.0), 0)
     assert checks["empty_circuit"]["acc"] == 1.0
     assert checks["empty_circuit"]["loss"] == pytest.approx(math.log1p(math.exp(-5)), rel=1e-3)
