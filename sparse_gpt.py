@@ -610,12 +610,9 @@ def train_bpe(docs: list[str], vocab_size: int, pattern=PRETOKEN_PATTERN) -> dic
             w, f = words[i], freqs[i]
             out, j = [], 0
             while j < len(w):
-                if j + 1 < len(w) and (w[j], w[j + 1]) == pair:
-                    out.append(new_id)
-                    j += 2
-                else:
-                    out.append(w[j])
-                    j += 1
+                hit = j + 1 < len(w) and (w[j], w[j + 1]) == pair
+                out.append(new_id if hit else w[j])
+                j += 2 if hit else 1
             for p in zip(w, w[1:]):
                 pair_count[p] -= f
             for p in zip(out, out[1:]):
