@@ -450,9 +450,8 @@ def train_step(model, fmodel, optimizer, x, y, autocast) -> torch.Tensor:
 
 
 def train(cfg, ckpt: dict | None = None) -> list[tuple[int, float]]:
-    """Trains per cfg, or continues ckpt (the run's checkpoint) under --init_from=resume; returns
-    the (step, loss) history. Saves out_dir/ckpt.pt at every eval, on Ctrl-C, SIGTERM and at the
-    end."""
+    """Trains per cfg, or continues ckpt (the run's checkpoint) under --init_from=resume; saves
+    out_dir/ckpt.pt at every eval, on Ctrl-C or SIGTERM, and at the end. -> (step, loss) history"""
     rank, world, device = setup_ddp(pick_device(cfg.device), cfg.batch_size)
     cfg = absolute_paths(cfg)
     check_memory(cfg, device, training=True)
@@ -552,8 +551,7 @@ def is_val_file(relpath: str) -> bool:
 
 
 def read_corpus(root: str) -> tuple[list[str], list[str]]:
-    """Returns (train_docs, val_docs). Skipped and counted: unreadable and non-UTF-8 files, and
-    what is not a regular file (a FIFO would block) or is over MAX_FILE_BYTES (data, not code)."""
+    """(train_docs, val_docs); skipped: unreadable, non-UTF-8, not a file (a FIFO), too big."""
     docs, skipped = {}, 0
     for path in list_py_files(root):
         try:
@@ -591,15 +589,13 @@ MAX_PRETOKEN = 1024  # the standard library's longest pre-token has 201 characte
 
 
 def train_bpe(docs: list[str], vocab_size: int, pattern=PRETOKEN_PATTERN) -> dict[bytes, int]:
-    """Learns vocab_size - 257 merges (256 bytes + end-of-text are fixed). Returns tiktoken
-    ranks. Incremental: a merge only revisits the words that contain its pair."""
+    """vocab_size - 257 merges as tiktoken ranks; a merge revisits only the words with its pair."""
     # re lacks \p{L}; regex (a dependency of tiktoken) has it but cuts ours a little differently
     pretoken = regex.compile(pattern) if r"\p" in pattern else re.compile(pattern)
     # pre-tokens cut to MAX_PRETOKEN characters: no input makes merges walk one giant word
     word_counts = Counter(w[i : i + MAX_PRETOKEN] for doc in docs for w in pretoken.findall(doc)
                           for i in range(0, len(w), MAX_PRETOKEN))
-    words = [list(w.encode()) for w in word_counts]
-    freqs = list(word_counts.values())
+    words, freqs = [list(w.encode()) for w in word_counts], list(word_counts.values())
     token_bytes = [bytes([i]) for i in range(256)]
     pair_count, where = Counter(), {}
     for i, (w, f) in enumerate(zip(words, freqs)):
@@ -615,12 +611,9 @@ def train_bpe(docs: list[str], vocab_size: int, pattern=PRETOKEN_PATTERN) -> dic
             w, f = words[i], freqs[i]
             out, j = [], 0
             while j < len(w):
-                if j + 1 < len(w) and (w[j], w[j + 1]) == pair:
-                    out.append(new_id)
-                    j += 2
-                else:
-                    out.append(w[j])
-                    j += 1
+                hit = j + 1 < len(w) and (w[j], w[j + 1]) == pair
+                out.append(new_id if hit else w[j])
+                j += 2 if hit else 1
             for p in zip(w, w[1:]):
                 pair_count[p] -= f
             for p in zip(out, out[1:]):
@@ -667,8 +660,7 @@ def load_tokenizer(path: str, fix: str = "copy a good one there") -> tiktoken.En
 
 
 def load_data_gym_tokenizer(folder: str) -> tiktoken.Encoding:
-    """tinypython_2k as the released models ship it, GPT-2 style: vocab.bpe + encoder.json, read
-    by tiktoken (which checks that they agree), end-of-text after the last rank, their pattern."""
+    """tinypython_2k as the released models ship it: GPT-2 style vocab.bpe + encoder.json."""
     files = [os.path.join(folder, f) for f in ("vocab.bpe", "encoder.json")]
     try:  # the file hashes key tiktoken's cache, so a replaced file is never read stale
         hashes = [hashlib.sha256(open(regular(f), "rb").read()).hexdigest() for f in files]
@@ -684,16 +676,14 @@ def load_data_gym_tokenizer(folder: str) -> tiktoken.Encoding:
 
 
 def cache_digest(folder: str) -> bytes:
-    """sha1 of the cache's files. sha1.txt, written last, records it: a cache whose files do not
-    match it (missing, truncated, corrupt, half-built) is rebuilt, never trusted."""
+    """sha1 of the cache's files; sha1.txt, written last, records it: a mismatch is rebuilt."""
     names = ("tokenizer.tiktoken", "train.bin", "val.bin")
     data = b"".join(Path(regular(os.path.join(folder, n))).read_bytes() for n in names)
     return hashlib.sha1(data).hexdigest().encode()
 
 
 def cache_folder(cache_dir: str, root: str, *made_with) -> str:
-    """cache_dir/<corpus>-<hash> for token files of the corpus under root: the hash covers the
-    corpus (every file's path and size) and what else the tokens depend on (made_with)."""
+    """cache_dir/<corpus>-<hash of every file's path and size, and of made_with>."""
     key = hashlib.sha1("|".join(map(str, (root, *made_with))).encode())
     for path in list_py_files(root):
         key.update(os.fsencode(f"{os.path.relpath(path, root)}:{os.path.getsize(path)}"))
@@ -727,8 +717,7 @@ def prepare_data(cfg) -> tuple[str, tiktoken.Encoding]:
     os.makedirs(folder, exist_ok=True)
     save_tokenizer(ranks, tok_path)
     enc = make_encoding(ranks)
-    t1 = time.time()
-    print(f"tokenizer: {len(ranks) + 1} tokens trained in {t1 - t0:.1f}s")
+    print(f"tokenizer: {len(ranks) + 1} tokens trained in {(t1 := time.time()) - t0:.1f}s")
     for split, docs in (("train", train_docs), ("val", val_docs)):
         n = write_tokens(os.path.join(folder, f"{split}.bin"), docs, enc)
         print(f"data: {split}.bin holds {n:,} tokens")
@@ -742,15 +731,13 @@ def prepare_data(cfg) -> tuple[str, tiktoken.Encoding]:
 
 
 def atomic_write(path: str, write):
-    """write(f) fills path.tmp, which is synced to disk, then renamed over path: a crash leaves
-    the old file or the new one, never half of one. An interrupted write removes its .tmp."""
+    """write(f) fills path.tmp, then renamed over path: a crash leaves the old file or the new."""
     write_files_together({path: write})
 
 
 def write_files_together(writes: dict):
-    """path -> write(f), all or none: each fills path.tmp, synced to disk, and only when every one
-    is written are they renamed over their paths. On any failure the .tmp files go and the old
-    files stay; a full disk or a refused write (torch.save's RuntimeError too) names the file."""
+    """path -> write(f), all or none: each fills path.tmp, synced, renamed when all are written.
+    On failure the .tmp files go, the old files stay; a refused write raises OSError naming it."""
     path = ""
     try:
         for path, write in writes.items():
@@ -770,8 +757,7 @@ def write_files_together(writes: dict):
 
 
 def regular(path: str) -> str:
-    """path, unless it is there but neither a file nor a folder: a FIFO, a device or a socket,
-    whose read could block forever, is refused by name and never opened."""
+    """path, unless it is a FIFO, device or socket (a read could block forever): refused."""
     if os.path.exists(path) and not (os.path.isfile(path) or os.path.isdir(path)):
         sys.exit(f"error: '{path}' is not a regular file (a FIFO, device or socket); put the "
                  "file itself there")
@@ -779,8 +765,7 @@ def regular(path: str) -> str:
 
 
 def save_checkpoint(path, model, optimizer, cfg, iter_num, best_val_loss, data_path):
-    """Atomic (see atomic_write). A checkpoint holds only tensors, dicts, lists, numbers, strings
-    and None, so that it loads with weights_only=True: keep it so, the config included."""
+    """Atomic. Only tensors, dicts, lists, numbers, strings, None: it loads weights_only=True."""
     ckpt = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "config": dict(cfg),
             "iter_num": iter_num, "best_val_loss": best_val_loss, "data_path": data_path,
             "tokenizer_sha1": data_path and tokenizer_sha1(data_path)}
@@ -801,22 +786,20 @@ def read_checkpoint(path: str) -> dict:
         sys.exit(f"error: cannot read checkpoint '{path}' ({why}); retrain or pick another")
     if not (isinstance(ckpt, dict) and "model" in ckpt and isinstance(ckpt.get("config"), dict)):
         sys.exit(f"error: '{path}' is not a sparse_gpt checkpoint (no model/config)")
-    wrong = [f"{k}={v!r}" for k, v in ckpt["config"].items()
-             if k not in DEFAULTS or not same_kind(v, DEFAULTS[k])]
-    if wrong:
+    if wrong := [f"{k}={v!r}" for k, v in ckpt["config"].items()
+                 if k not in DEFAULTS or not same_kind(v, DEFAULTS[k])]:
         sys.exit(f"error: '{path}' has config {wrong[0]}, a key this code does not know or a value "
                  "of the wrong type; retrain, or use the code that wrote it")
     return ckpt
 
 
-def nonfinite(model) -> str | None:
-    """The name of the first tensor of the model that holds a NaN or an infinity, or None."""
+def nonfinite(model) -> str | None:  # the first tensor with a NaN or an infinity, or None
     return next((n for n, t in model.state_dict().items() if not t.isfinite().all()), None)
 
 
 def check_memory(cfg, device: torch.device, training: bool):
-    """Refuses a model that cannot fit, before it is allocated. A lower bound: 4 bytes a weight,
-    twice while loading, 4 times in training (gradient, Adam's moments) plus a batch's logits."""
+    """Refuses a model that cannot fit, before allocating: 4 bytes a weight, twice to load, 4
+    times to train (gradient, Adam's moments) plus a batch's logits: a lower bound."""
     hd = (cfg.n_head or cfg.d_model // max(cfg.d_head, 1)) * cfg.d_head
     weights = (cfg.vocab_size * (2 * cfg.d_model + cfg.vocab_size * cfg.bigram_table) + cfg.n_layer
                * cfg.d_model * (4 * hd + 2 * cfg.d_mlp) + cfg.block_size * cfg.d_model)
@@ -839,14 +822,13 @@ def checkpoint_file(path: str) -> str:
 
 
 def load_checkpoint(path: str, device="cpu") -> tuple[GPT, tiktoken.Encoding, Config]:
-    """Our ckpt.pt with tokenizer.tiktoken beside it, or a released model's folder (or its
-    final_model.pt) with tinypython's vocab.bpe and encoder.json."""
+    """A run folder or its ckpt.pt (tokenizer.tiktoken beside it), or a released model's folder
+    or its final_model.pt (tinypython's vocab.bpe and encoder.json beside it)."""
     pick_device(torch.device(device).type)  # one line, not torch's error, when it is missing
     path = checkpoint_file(path)
     folder = os.path.dirname(path) or "."
     if os.path.basename(path) == "final_model.pt":
-        model, cfg = load_release(folder)
-        tokenizer = load_data_gym_tokenizer(folder)
+        (model, cfg), tokenizer = load_release(folder), load_data_gym_tokenizer(folder)
     else:
         ckpt = read_checkpoint(path)
         cfg = Config({**DEFAULTS, **ckpt["config"]}, data_path=ckpt.get("data_path", ""))
@@ -857,11 +839,11 @@ def load_checkpoint(path: str, device="cpu") -> tuple[GPT, tiktoken.Encoding, Co
         except (RuntimeError, TypeError, ValueError, AttributeError) as e:
             why = str(e) if isinstance(e, ValueError) else "retrain it"
             sys.exit(f"error: checkpoint '{path}' does not match this model code; {why}")
-        tok_path, fix = os.path.join(folder, "tokenizer.tiktoken"), "copy the run's own there"
-        tokenizer = load_tokenizer(tok_path, f"{fix} (its cache {cfg.data_path} has one)")
+        tok_path = os.path.join(folder, "tokenizer.tiktoken")
+        fix = f"copy the run's own there (its cache {cfg.data_path} has one)"
+        tokenizer = load_tokenizer(tok_path, fix)
         if ckpt.get("tokenizer_sha1") not in (None, "", tokenizer_sha1(folder)):  # older: none
-            sys.exit(f"error: {tok_path} is not the tokenizer {path} was trained with; {fix} "
-                     f"(its cache {cfg.data_path} has one)")
+            sys.exit(f"error: {tok_path} is not the tokenizer {path} was trained with; {fix}")
     if nonfinite(model):
         sys.exit(f"error: '{path}' holds NaN or infinite weights in {nonfinite(model)}: the run "
                  "diverged before it was saved; train it again with a lower --learning_rate")
@@ -877,17 +859,16 @@ RESUME_MAY_CHANGE = ("out_dir cache_dir init_from overwrite device compile eval_
 
 
 def start_run(cfg, ckpt, model, optimizer, device, rank: int, world: int) -> tuple:
-    """train()'s setup, every check passed before anything is written to out_dir: the resumed
-    model and optimizer (ckpt: the run's checkpoint, read here if the caller has not) or a
-    refusal to overwrite a checkpoint, the token data (built once), the tokenizer copied beside
-    the checkpoint. Returns (iter_num, best_val_loss, data, tokenizer, data_path)."""
+    """train()'s setup, every check passed before out_dir is written: the resumed model and
+    optimizer (ckpt read here if the caller has not) or a refusal to overwrite, the token data,
+    the tokenizer copied beside the checkpoint. Returns (iter_num, best_val_loss, data,
+    tokenizer, data_path)."""
     ckpt_path = os.path.join(cfg.out_dir, "ckpt.pt")
     iter_num, best_val_loss, trained_on = 0, math.inf, None
     if cfg.init_from == "resume":
         ckpt = ckpt or read_checkpoint(ckpt_path)
         saved = absolute_paths(Config(DEFAULTS, **ckpt["config"]))  # older checkpoints: relative
-        changed = [k for k in DEFAULTS if k not in RESUME_MAY_CHANGE and saved[k] != cfg[k]]
-        if changed:
+        if changed := [k for k in DEFAULTS if k not in RESUME_MAY_CHANGE and saved[k] != cfg[k]]:
             sys.exit(f"error: --init_from=resume continues the run's own config; drop the flags "
                      f"that change it ({', '.join(changed)}), or start a new run elsewhere")
         try:
@@ -916,7 +897,7 @@ def start_run(cfg, ckpt, model, optimizer, device, rank: int, world: int) -> tup
     if trained_on is not None and os.path.basename(trained_on) != os.path.basename(data_path):
         sys.exit(f"error: the corpus or vocabulary differs from the one {ckpt_path} was trained on "
                  f"({trained_on}); resume with the same corpus")
-    data = {s: np.memmap(os.path.join(data_path, f"{s}.bin"), dtype=np.uint16, mode="r")
+    data = {s: np.memmap(f"{data_path}/{s}.bin", dtype=np.uint16, mode="r")
             for s in ("train", "val")}
     for s, arr in data.items():
         if len(arr) <= cfg.block_size + 1:
@@ -947,8 +928,8 @@ def absolute_paths(cfg) -> Config:
 
 
 def claim_folder(folder: str) -> str:
-    """folder/run.lock holds the pid of the run writing there: a second run is refused while that
-    process lives, and the lock of one that has ended is taken over. Returns the lock's path."""
+    """folder/run.lock holds the writing run's pid: a second run is refused while that process
+    lives; an ended one's lock is taken over. Returns the lock's path."""
     path = os.path.join(folder, "run.lock")
     holder = Path(regular(path)).read_text() if os.path.isfile(path) else ""
     if holder.isdigit() and 0 < int(holder) != os.getpid():
@@ -964,11 +945,9 @@ def claim_folder(folder: str) -> str:
 
 @contextmanager
 def ctrl_c_finishes_the_step(world: int, lock: str | None):
-    """The first Ctrl-C (SIGINT), or SIGTERM (a scheduler, docker stop, timeout), asks the
-    training loop to stop: it finishes the step, saves and exits with 130 or 143 (stop.requested:
-    the signal's number, read after every step). A second one aborts at once, with one process
-    (torchrun passes a Ctrl-C on: every rank sees two). However training ends, the old handlers
-    come back, the lock on out_dir goes and a DDP process leaves its group."""
+    """The first Ctrl-C or SIGTERM sets stop.requested (the signal's number): the loop finishes
+    the step, saves, exits 130 or 143. A second aborts at once, with one process (torchrun passes
+    a Ctrl-C on: every rank sees two). At the end the handlers, the lock and DDP group go."""
     stop = SimpleNamespace(requested=0)
 
     def on_signal(signum, frame):
@@ -978,11 +957,11 @@ def ctrl_c_finishes_the_step(world: int, lock: str | None):
         print(f"\n{signal.Signals(signum).name}: finishing this step, saving, exiting (send it "
               "again to abort)")
 
-    old_handlers = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+    old = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
         yield stop
     finally:
-        for s, handler in old_handlers.items():
+        for s, handler in old.items():
             signal.signal(s, handler)
         if lock:
             Path(lock).unlink(missing_ok=True)
@@ -1046,7 +1025,7 @@ def release_config(beeg: dict, where: str) -> Config:
 
 def load_release(folder: str) -> tuple[GPT, Config]:
     """A released model as our GPT, its logits equal to theirs (float32)."""
-    cfg_path, sd_path = (os.path.join(folder, f) for f in ("beeg_config.json", "final_model.pt"))
+    cfg_path, sd_path = os.path.join(folder, "beeg_config.json"), f"{folder}/final_model.pt"
     try:
         cfg = release_config(json.loads(Path(regular(cfg_path)).read_text()), cfg_path)
         check_memory(cfg, torch.device("cpu"), training=False)
@@ -1054,8 +1033,8 @@ def load_release(folder: str) -> tuple[GPT, Config]:
     except Exception as e:
         sys.exit(f"error: cannot read {cfg_path} and final_model.pt ({type(e).__name__}); download "
                  "them into one folder (README: Prune the paper's released models)")
-    if not (isinstance(sd, dict) and all(isinstance(t, torch.Tensor) for t in sd.values())
-            and all(isinstance(k, str) for k in sd)):
+    if not (isinstance(sd, dict) and all(isinstance(k, str) and isinstance(t, torch.Tensor)
+                                         for k, t in sd.items())):
         sys.exit(f"error: {sd_path} is not a flat dict of named tensors (a state_dict); download "
                  "it again (README: Prune the paper's released models)")
     rename = re.compile("|".join(map(re.escape, RELEASE_NAMES)))
@@ -1069,9 +1048,8 @@ def load_release(folder: str) -> tuple[GPT, Config]:
         sd["bigram.weight"] = sd.get("bigram.weight", torch.zeros(cfg.vocab_size, 1)) + bias
     model = GPT(cfg)
     want = model.state_dict()
-    bad = sorted(set(want) ^ set(sd))
-    bad += [k for k in sd if k in want and sd[k].shape != want[k].shape]
-    if bad:
+    if bad := sorted(set(want) ^ set(sd)) + [k for k in sd if k in want
+                                             and sd[k].shape != want[k].shape]:
         sys.exit(f"error: {sd_path} does not fit its beeg_config.json (tensor {bad[0]})")
     model.load_state_dict(sd)
     return model, cfg
@@ -1108,16 +1086,14 @@ def setup_ddp(device: torch.device, batch_size: int) -> tuple[int, int, torch.de
 
 
 def mean_over_ranks(loss: float, stop: bool, world: int, device) -> tuple[float, bool]:
-    """The global batch's loss (the mean of the ranks' losses) for the log, and whether any rank
-    saw Ctrl-C, so that all stop at the same step. Both travel in one tensor: one all_reduce, a
-    collective every rank must join, per step instead of two."""
+    """The global batch's loss and whether any rank saw Ctrl-C (so all stop at the same step), in
+    one tensor: one all_reduce, a collective every rank must join, per step instead of two."""
     both = torch.tensor([loss / world, stop], dtype=torch.float64, device=device)
     dist.all_reduce(both)
     return both[0].item(), both[1].item() > 0
 
 
-def bf16_autocast(device: torch.device):
-    """bfloat16 matmuls on CUDA (tensor cores), float32 elsewhere."""
+def bf16_autocast(device: torch.device):  # bfloat16 matmuls on CUDA (tensor cores)
     return torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
 
 
@@ -1147,8 +1123,8 @@ RULES = dict(
     min_per_neuron=(lambda v, c: 0 <= v <= c.density * c.d_model, "in [0, density * d_model]"),
     batch_size=COUNT, max_iters=up_to(10**9), learning_rate=POSITIVE, adam_eps=POSITIVE,
     weight_decay=(lambda v, c: 0 <= v < math.inf, ">= 0"), eval_interval=COUNT, device=DEVICE,
-    eval_iters=up_to(10**5),
-    log_interval=COUNT, activation=(lambda v, c: v in ("gelu", "relu"), "gelu or relu"),
+    eval_iters=up_to(10**5), log_interval=COUNT,
+    activation=(lambda v, c: v in ("gelu", "relu"), "gelu or relu"),
     afrac_nodes=(lambda v, c: v == "all" or set(v.split(",")) <= set(NODE_LOCATIONS),
                  "all or some of " + ",".join(NODE_LOCATIONS)))
 
@@ -1160,26 +1136,21 @@ def parse_value(text: str, default):
     return os.path.expanduser(text) if isinstance(default, str) else type(default)(text)
 
 
-def print_help(defaults, presets):
-    """Every key, its default and the comment beside it in its script's DEFAULTS."""
-    owner = [m for m in list(sys.modules.values())
-             if getattr(m, "__dict__", {}).get("DEFAULTS") is defaults]
-    text = open(owner[0].__file__).read().split("DEFAULTS = dict(")[1] if owner else ""
-    notes = dict(re.findall(r"^    (\w+)=.*?# (.*)$", text.split("\n)")[0], re.M))
-    print("\n".join([f"  {f'--{k}={v}':<26} {notes.get(k, '')}" for k, v in defaults.items()]
-                    + [f"presets (--preset=NAME): {' '.join(presets or ())}"] * bool(presets)))
-
-
 def initials(key: str) -> str:
     """learning_rate -> lr: what a near-miss key often is."""
     return "".join(word[:1] for word in key.split("_"))
 
 
 def parse_config(argv, defaults=DEFAULTS, presets=PRESETS, rules=RULES) -> Config:
-    """--key=value over --preset=NAME over defaults, then checked against the rules. Shared by
-    all three scripts. --help lists the keys; bad input exits with one clear line."""
-    if {"-h", "--help"} & set(argv):
-        print_help(defaults, presets)
+    """--key=value over --preset=NAME over defaults, checked against the rules; for all three
+    scripts. --help lists the keys; bad input exits with one clear line."""
+    if {"-h", "--help"} & set(argv):  # every key, its default and its comment in DEFAULTS
+        owner = [m for m in list(sys.modules.values())
+                 if getattr(m, "__dict__", {}).get("DEFAULTS") is defaults]
+        text = open(owner[0].__file__).read().split("DEFAULTS = dict(")[1] if owner else ""
+        notes = dict(re.findall(r"^    (\w+)=.*?# (.*)$", text.split("\n)")[0], re.M))
+        print("\n".join([f"  {f'--{k}={v}':<26} {notes.get(k, '')}" for k, v in defaults.items()]
+                        + [f"presets (--preset=NAME): {' '.join(presets or ())}"] * bool(presets)))
         sys.exit(0)
     pairs = {}
     for arg in argv:
@@ -1198,8 +1169,7 @@ def parse_config(argv, defaults=DEFAULTS, presets=PRESETS, rules=RULES) -> Confi
             sys.exit(f"error: --{key}={text} is not a valid {kind} (default {defaults[key]!r})")
     cfg = Config(defaults)
     if presets:
-        name = pairs.get("preset", cfg.preset)
-        if name == "auto":
+        if (name := pairs.get("preset", cfg.preset)) == "auto":
             name = "gpu" if torch.cuda.is_available() else "cpu"
         if name not in presets:
             sys.exit(f"error: unknown preset '{name}'; valid presets: {' '.join(presets)}")
@@ -1215,14 +1185,13 @@ def check_rules(cfg, rules, where=""):
             sys.exit(f"error: {where}{key}={cfg[key]} is invalid: it must be {rule}")
 
 
-def same_kind(value, default) -> bool:
-    """A config value of its default's type (an int where a float belongs too)."""
+def same_kind(value, default) -> bool:  # the default's type (an int where a float belongs too)
     return type(value) is type(default) or type(default) is float and type(value) is int
 
 
 def cli(main):
-    """A script's main(argv), run so that Ctrl-C exits with 130 and a file the system refuses (a
-    folder where a file belongs, no permission, a full disk) exits with one line naming it."""
+    """main(argv) run so that Ctrl-C exits with 130 and a file the system refuses (a folder, no
+    permission, a full disk) exits with one line naming it."""
     def run(argv=None):
         # SIGTERM (a scheduler, docker stop, timeout) unwinds like Ctrl-C: no half-written file
         signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(143))
@@ -1238,8 +1207,8 @@ def cli(main):
                 where = f": '{str(e.filename).removesuffix('.tmp')}'" if e.filename else ""
                 sys.exit(f"error: {e.strerror or e}{where}; fix that path or pass another")
         except SystemExit as e:  # under torchrun every rank fails alike: rank 0 alone says why
-            if isinstance(e.code, str) and TORCHRUN_VARS <= set(os.environ) and \
-                    os.environ["RANK"] != "0":
+            if isinstance(e.code, str) and TORCHRUN_VARS <= set(os.environ) \
+                    and os.environ["RANK"] != "0":
                 sys.exit(1)
             raise
     return run
@@ -1252,13 +1221,12 @@ PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12}  # bf16 dense, for
 
 
 def bench(cfg, warmup=3, rounds=10) -> dict:
-    """Times training steps of the model at its target density and of its dense twin (density=1,
-    afrac=1) on random tokens, interleaved step by step; on CUDA both eager and compiled."""
+    """Times training steps at the target density and of the dense twin (density=1, afrac=1) on
+    random tokens, interleaved step by step; on CUDA both eager and compiled."""
     device = pick_device(cfg.device)
     check_memory(cfg, device, training=True)
-    cuda = device.type == "cuda"
+    cuda, autocast = device.type == "cuda", bf16_autocast(device)
     sync = torch.cuda.synchronize if cuda else (lambda: None)
-    autocast = bf16_autocast(device)
     variants = {"sparse": Config(cfg), "dense": Config(cfg, density=1.0, afrac=1.0)}
     if cuda:
         variants = {f"{n} {mode}": Config(c, compile=mode == "compile")
@@ -1300,8 +1268,7 @@ def bench(cfg, warmup=3, rounds=10) -> dict:
         if cuda:
             line += f" | MFU {flops / step / peak_flops:5.1%} | peak {peak / 2**30:.2f} GiB"
         print(line)
-    for name in [n for n in step_ms if "sparse" in n]:
-        dense = name.replace("sparse", "dense")
+    for name, dense in [(n, n.replace("sparse", "dense")) for n in step_ms if "sparse" in n]:
         print(f"ratio {name} / {dense}: {step_ms[name] / step_ms[dense]:.2f}")
     return step_ms
 

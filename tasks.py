@@ -68,8 +68,7 @@ def value(rng) -> str:
 
 
 def message(rng) -> str:
-    """An error message or a comment; it ends in a word, so a quote or brace after it stays a
-    token of its own."""
+    """An error message or a comment, ending in a word: a quote or brace after it is a token."""
     noun, other = rng.choice(NOUNS), rng.choice(NOUNS)
     return rng.choice([f"cannot {rng.choice(VERBS)} {noun}", f"invalid {noun}",
                        f"expected a {noun}", f"unknown {noun}", f"missing {noun} in {other}",
@@ -94,8 +93,7 @@ def statement(rng, ind: str, comments: bool = True) -> str:
 
 
 def preamble(rng, method: bool | None = None) -> tuple[str, str]:
-    """The start of a function or of a method, with a few body lines. Returns (text, indent) so
-    the task's own line can follow at that indent."""
+    """(text, indent): a function's or method's start and a few body lines; the task's line next."""
     method = rng.random() < 0.5 if method is None else method
     args = ", ".join(rng.sample(NOUNS, rng.randint(1, 2)))
     text = rng.choice(["", "", f"import {rng.choice(['os', 're', 'sys', 'io'])}\n\n\n"])
@@ -341,8 +339,7 @@ def split_of(prompt: str) -> str:
 
 
 def make_pairs(name: str, n: int, seed: int = 0, split: str = "train") -> list[Pair]:
-    """n pairs of task `name` whose prompts both belong to `split`; pairs that straddle the
-    splits are drawn again, so train and test never share a prompt."""
+    """n pairs of task `name` with both prompts in `split` (train and test never share one)."""
     if name not in ALL:
         raise ValueError(f"unknown task '{name}'; valid tasks: {' '.join(ALL)}")
     if type(n) is not int or n < 0:
@@ -368,9 +365,8 @@ def answer_id(tokenizer, token: str) -> int:
 
 
 def check_pairs(tokenizer, name: str, pairs: list[Pair]):
-    """Raises ValueError naming the task and the token unless both answers are single tokens and
-    each would be produced as it is right after every prompt (paper A.7), i.e.
-    encode(prompt + answer) == encode(prompt) + [answer]."""
+    """A ValueError names the task and token unless each answer is one token, produced as it is
+    after every prompt (paper A.7): encode(prompt + answer) == encode(prompt) + [answer]."""
     encode = tokenizer.encode_ordinary
     for pair in pairs:
         for token in (pair.token_a, pair.token_b):
@@ -389,19 +385,17 @@ def check_pairs(tokenizer, name: str, pairs: list[Pair]):
 
 
 def encode_pairs(tokenizer, pairs: list[Pair], block_size: int, device="cpu") -> dict:
-    """Rows 2i / 2i+1 are prompt_a / prompt_b of pair i, right-padded (invisible to a causal model
-    at the positions we read); last = each row's answer position; sign is +1 where token_a is the
-    right answer, -1 where token_b is. Prompts longer than the context keep their last block_size
-    tokens, so the answer position survives. prune.py reuses this for every mask-training step."""
+    """Rows 2i / 2i+1: prompt_a / prompt_b of pair i, right-padded (a causal model never sees the
+    padding at `last`, each row's answer position), cut to their last block_size tokens; sign:
+    +1 where token_a is the right answer, -1 where token_b is. prune.py trains masks on it."""
     if not pairs:
         raise ValueError("no pairs to encode: pass at least one Pair")
-    rows, tok_a, tok_b = [], [], []
+    rows, answers = [], []
     for p in pairs:
-        a, b = answer_id(tokenizer, p.token_a), answer_id(tokenizer, p.token_b)
+        answers += [(answer_id(tokenizer, p.token_a), answer_id(tokenizer, p.token_b))] * 2
         rows += [tokenizer.encode_ordinary(p.prompt_a)[-block_size:],
                  tokenizer.encode_ordinary(p.prompt_b)[-block_size:]]
-        tok_a += [a, a]
-        tok_b += [b, b]
+    tok_a, tok_b = zip(*answers)
     idx = torch.zeros(len(rows), max(map(len, rows)), dtype=torch.long)
     for i, row in enumerate(rows):
         idx[i, : len(row)] = torch.tensor(row)
@@ -414,9 +408,8 @@ def answer_logits(model, tokenizer, pairs: list[Pair]) -> tuple[torch.Tensor, to
     """(logit of the correct answer, logit of the wrong one), each of shape (2n,): row 2i is
     prompt_a of pair i, row 2i+1 its prompt_b. One batched forward, differentiable."""
     data = encode_pairs(tokenizer, pairs, model.cfg.block_size, next(model.parameters()).device)
-    logits, _ = model(data["idx"])
-    rows = torch.arange(len(data["last"]), device=logits.device)
-    last = logits[rows, data["last"]].float()
+    rows = torch.arange(len(data["last"]), device=data["idx"].device)
+    last = model(data["idx"])[0][rows, data["last"]].float()
     a, b = last[rows, data["tok_a"]], last[rows, data["tok_b"]]
     first_right = data["sign"] > 0
     return torch.where(first_right, a, b), torch.where(first_right, b, a)
