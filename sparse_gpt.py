@@ -930,17 +930,27 @@ def absolute_paths(cfg) -> Config:
 def claim_folder(folder: str) -> str:
     """folder/run.lock holds the writing run's pid: a second run is refused while that process
     lives; an ended one's lock is taken over. Returns the lock's path."""
-    path = os.path.join(folder, "run.lock")
-    holder = Path(regular(path)).read_text() if os.path.isfile(path) else ""
-    if holder.isdigit() and 0 < int(holder) != os.getpid():
-        try:
-            os.kill(int(holder), 0)  # signal 0 only asks whether the process exists
-            sys.exit(f"error: {folder} is in use by another run (pid {holder}); wait for it to "
-                     f"end, or pass another --out_dir (or delete {path} if that is not a run)")
-        except ProcessLookupError:
-            print(f"{path}: its run (pid {holder}) has ended; taking the lock over")
-    atomic_write(path, lambda f: f.write(str(os.getpid()).encode()))
-    return path
+    path, mine = os.path.join(folder, "run.lock"), os.path.join(folder, f"run.lock.{os.getpid()}")
+    Path(mine).write_text(str(os.getpid()))
+    try:
+        for _ in range(2):
+            try:  # a hard link is made whole or not at all: of two runs at once, one gets it
+                os.link(mine, path)
+                return path
+            except FileExistsError:
+                holder = Path(regular(path)).read_text()
+            if holder.isdigit() and 0 < int(holder) != os.getpid():
+                try:
+                    os.kill(int(holder), 0)  # signal 0 only asks whether the process exists
+                    sys.exit(f"error: {folder} is in use by another run (pid {holder}); wait for "
+                             f"it to end, or pass another --out_dir (or delete {path} if that is "
+                             "not a run)")
+                except ProcessLookupError:
+                    print(f"{path}: its run (pid {holder}) has ended; taking the lock over")
+            os.unlink(path)
+        sys.exit(f"error: could not take {path}; another run is starting there")
+    finally:
+        os.unlink(mine)
 
 
 @contextmanager
