@@ -18,9 +18,10 @@ import os
 import re
 import sys
 import time
+from collections import Counter
 from contextlib import contextmanager
 from pathlib import Path
-from statistics import geometric_mean
+from statistics import geometric_mean, median_low
 
 import numpy as np
 import torch
@@ -34,6 +35,7 @@ DEFAULTS = dict(
     tasks="",  # comma-separated names; empty = every task the model solves at >= solved_acc
     compare="",  # a second checkpoint: prune both on the same tasks, print the edge ratio B/A
     solved_acc=tasks.SOLVED_ACC,  # accuracy (train pairs) at which a task counts as solved
+    unsolved=False,  # prune a task the full model does not solve too (marked UNSOLVED)
     target_loss=0.15,  # task loss (nats) the circuit must reach on the train pairs (paper 5)
     k_coef=1e-4,  # penalty per kept node (paper 5)
     heaviside_temp=1.0,  # temperature of the sigmoid whose derivative is the mask's gradient
@@ -45,22 +47,23 @@ DEFAULTS = dict(
     data_dir="",  # a released model's means: this corpus (empty = the stdlib) in its tokenizer
     cache_dir="data",  # where that corpus's tokens are cached, keyed by corpus and tokenizer
     seed=0,  # mask initialisation, the shuffled-answer control, the random-set check
+    seeds=2,  # searches from seeds seed, seed + 1, ...; the smallest circuit wins (README: why 2)
     steer=False,  # a bridged checkpoint: then steer its dense model through the circuit (A.4)
     steer_node="",  # the residual read to steer, e.g. 1.attn.resid_in.37; empty = picked
     device="auto",  # auto | cpu | cuda | mps
 )
-RULES = dict(  # what each value must be (see sparse_gpt.RULES)
+RULES = dict(  # what each value must be (see sparse_gpt.RULES); tasks: see tasks.task_names
     ckpt=(lambda v, c: v != "", "a checkpoint file"), solved_acc=sparse_gpt.FRACTION,
-    tasks=(lambda v, c: all(t in tasks.ALL for t in v.split(",") if t),
-           "comma-separated task names (python tasks.py shows every task)"),
     k_coef=sparse_gpt.POSITIVE, target_loss=sparse_gpt.POSITIVE,
     heaviside_temp=sparse_gpt.POSITIVE, lr=sparse_gpt.POSITIVE, steps=sparse_gpt.up_to(10**6),
-    n_pairs=sparse_gpt.up_to(10**4), mean_batches=sparse_gpt.up_to(10**4), seed=sparse_gpt.SEED,
+    n_pairs=sparse_gpt.up_to(10**4), seeds=sparse_gpt.up_to(100),
+    mean_batches=sparse_gpt.up_to(10**4), seed=sparse_gpt.SEED,
     device=sparse_gpt.DEVICE,
     steer_node=(lambda v, c: v == "" or re.fullmatch(r"\d+\.(attn|mlp)\.resid_in\.\d+", v),
                 "empty or a residual read such as 1.attn.resid_in.37"))
 LOG_EVERY = 100  # mask-training steps (or drop-pass nodes) between progress lines
 MAX_SCALE = 4.0  # the calibration may scale the logit difference by at most this much
+AT_BOUND = 0.95  # a scale above this fraction of MAX_SCALE is flagged: the signal is weak
 
 
 # -----------------------------------------------------------------------------
@@ -263,8 +266,8 @@ def train_masks(model, means, train: dict, cfg) -> torch.Tensor:
             tau.clamp_(-1, 1)
         if (step + 1) % LOG_EVERY == 0 or step + 1 == cfg.steps:
             left = (time.time() - t0) / (step + 1) * (cfg.steps - step - 1)
-            print(f"  k_coef {cfg.k_coef:g} step {step + 1}/{cfg.steps} | task loss "
-                  f"{task.item():.3f} | kept {int(keep.sum())} | lr {lr:.1e} | {left:.0f}s left")
+            print(f"  seed {cfg.seed} step {step + 1}/{cfg.steps} | task loss {task.item():.3f}"
+                  f" | kept {int(keep.sum())} | lr {lr:.1e} | {left:.0f}s left")
     return tau.detach()
 
 
@@ -409,33 +412,64 @@ def token_edges(model, keep: torch.Tensor, prompt_tokens, answer_tokens) -> tupl
 # the search: masks, then the fewest nodes that reach the target, then a control
 
 
-def find_circuit(model, means, train: dict, cfg) -> tuple:
-    """Trains the masks, then discretizes: the fewest nodes in order of tau that reach the target
-    calibrated loss, then a pass that drops each remaining node, weakest first, whenever the
-    rest still reach the target (bisection on one ordering leaves some that are not needed).
-    Returns (the 0/1 keep vector or None, a dict of what each stage found)."""
-    tau = train_masks(model, means, train, cfg)
+def find_circuit(model, means, train: dict, cfg, ) -> tuple:
+    """The search from cfg.seeds seeds, each training its own masks (the seed draws their init
+    noise). Returns (the 0/1 keep vector or None, a dict of what each stage found)."""
+    taus = {s: train_masks(model, means, train, sparse_gpt.Config({**cfg, "seed": s}))
+            for s in range(cfg.seed, cfg.seed + cfg.seeds)}
+    keep, info = search(model, means, train, taus, cfg.target_loss)
+    if keep is not None:
+        z = diff_with(model, means, keep, train)  # one forward for both losses
+        info.update(n_nodes=int(keep.sum()), n_edges=len(circuit_edges(model, keep)),
+                    loss_raw=pair_loss(z, train)[0].item(),
+                    loss_calibrated=pair_loss(z, train, *fit_calibration(z, train))[0].item())
+        print(f"  circuit: {info['n_nodes']} nodes, {info['n_edges']} edges; train loss "
+              f"{info['loss_calibrated']:.3f} calibrated, {info['loss_raw']:.3f} raw")
+    return keep, info
+
+
+def search(model, means, train: dict, taus: dict, target: float) -> tuple:
+    """Each seed's circuit (discretize); the smallest by edges wins. At a target looser than the
+    paper's, the circuit found at the paper's target reaches this one too: after a drop pass at
+    this target it is one more candidate, so a looser target never ends at a larger circuit."""
+    names, mean_tau, found, info = node_names(model), sum(taus.values()) / len(taus), {}, {}
+    for s, tau in taus.items():
+        k, found[s] = discretize(model, means, train, tau, target)
+        info[s] = {"masks_kept": int((tau > 0).sum()), "bisection_nodes": k, "nodes": None if
+                   found[s] is None else [names[i] for i in found[s].nonzero()[:, 0].tolist()]}
+        print(f"  seed {s}: masks keep {info[s]['masks_kept']} nodes, bisection {k}, after the "
+              f"drop pass {None if found[s] is None else int(found[s].sum())}")
+    if target > DEFAULTS["target_loss"]:
+        strict = search(model, means, train, taus, DEFAULTS["target_loss"])[0]
+        found["strict"] = None if strict is None else drop_pass(
+            model, means, train, strict, mean_tau.argsort(descending=True), target)
+    sizes = {k: (len(circuit_edges(model, c)), int(c.sum())) for k, c in found.items()
+             if c is not None}
+    return found[min(sizes, key=sizes.get)] if sizes else None, {"seeds": info}
+
+
+def discretize(model, means, data: dict, tau, target: float) -> tuple:
+    """(k, circuit): the fewest nodes in order of tau that reach the target calibrated loss
+    (from the count with tau > 0), then the drop pass; (None, None) if no node set does."""
     order = tau.argsort(descending=True)
-    k = smallest_circuit(model, means, train, order, cfg.target_loss, int((tau > 0).sum()))
-    info = {"masks_kept": int((tau > 0).sum()), "bisection_nodes": k}
-    if k is None:
-        print("  no node set reaches the target loss")
-        return None, info
-    keep, t0 = keep_first(order, k), time.time()
-    for n, i in enumerate(order[:k].flip(0).tolist(), 1):  # one forward per node: log progress
+    k = smallest_circuit(model, means, data, order, target, int((tau > 0).sum()))
+    return k, None if k is None else drop_pass(model, means, data, keep_first(order, k), order,
+                                               target)
+
+
+def drop_pass(model, means, data: dict, keep, order, target: float) -> torch.Tensor:
+    """Drops each kept node, weakest first in `order`, whenever the rest still reach the target
+    calibrated loss: bisection on one ordering leaves some that are not needed."""
+    keep, t0 = keep.clone(), time.time()
+    todo = [i for i in order.flip(0).tolist() if keep[i]]
+    for n, i in enumerate(todo, 1):  # one forward per node: log progress
         keep[i] = 0.0
-        if circuit_loss(model, means, keep, train) > cfg.target_loss:
+        if circuit_loss(model, means, keep, data) > target:
             keep[i] = 1.0
         if n % LOG_EVERY == 0:
-            print(f"  drop pass {n}/{k} | kept {int(keep.sum())} | "
-                  f"{(time.time() - t0) / n * (k - n):.0f}s left")
-    z = diff_with(model, means, keep, train)  # one forward for both losses
-    info.update(n_nodes=int(keep.sum()), loss_raw=pair_loss(z, train)[0].item(),
-                loss_calibrated=pair_loss(z, train, *fit_calibration(z, train))[0].item())
-    print(f"  masks keep {info['masks_kept']} nodes, bisection {k}, after the drop pass "
-          f"{info['n_nodes']}: train loss {info['loss_calibrated']:.3f} calibrated, "
-          f"{info['loss_raw']:.3f} raw")
-    return keep, info
+            print(f"  drop pass {n}/{len(todo)} | kept {int(keep.sum())} | "
+                  f"{(time.time() - t0) / n * (len(todo) - n):.0f}s left")
+    return keep
 
 
 def shuffled(data: dict, seed: int) -> dict:
@@ -448,11 +482,12 @@ def shuffled(data: dict, seed: int) -> dict:
 
 
 def control(model, means, train: dict, test: dict, cfg) -> dict:
-    """The same search on shuffled answers: a real circuit should need far more edges than
-    this one, or this one should fail to reach the target at all."""
+    """The same search, from one seed, on shuffled answers: a real circuit should need far more
+    edges than this one, or this one should fail to reach the target at all."""
     print("  control: the same search with the answers shuffled per pair")
     train_c, test_c = shuffled(train, cfg.seed + 1), shuffled(test, cfg.seed + 2)
-    keep, info = find_circuit(model, means, train_c, cfg)
+    keep, info = find_circuit(model, means, train_c, sparse_gpt.Config({**cfg, "seeds": 1}))
+    info.pop("seeds")
     if keep is None:
         return {"n_nodes": None, "n_edges": None, "test_acc": None, **info}
     calib = fit_calibration(diff_with(model, means, keep, train_c), train_c)
@@ -460,26 +495,69 @@ def control(model, means, train: dict, test: dict, cfg) -> dict:
             "test_acc": pair_loss(diff_with(model, means, keep, test_c), test_c, *calib)[1]}
 
 
+def key_positions(data: dict) -> torch.Tensor:
+    """(prompts, positions) booleans: the tokens where a pair's two prompts differ (the quote
+    task's ( " and ( '), i.e. what lies between their common start and their common end."""
+    idx, key = data["idx"].cpu(), torch.zeros(data["idx"].shape, dtype=torch.bool)
+    for i in range(0, len(idx), 2):
+        a, b = (idx[j, : data["last"][j] + 1].tolist() for j in (i, i + 1))
+        n = min(len(a), len(b))
+        start = next((j for j in range(n) if a[j] != b[j]), n)
+        end = next((j for j in range(n - start) if a[-1 - j] != b[-1 - j]), n - start)
+        key[i, start : len(a) - end], key[i + 1, start : len(b) - end] = True, True
+    return key
+
+
 @torch.no_grad()
-def node_profiles(model, means, keep, data: dict, tokenizer, n_top=3) -> dict[int, dict]:
-    """For each kept node: its mean at the answer position on prompt_a vs prompt_b, and the
-    tokens (anywhere in the prompts) where it is largest in magnitude, in the circuit alone."""
-    record, out = {}, {}
+def read_circuit(model, means, keep, data: dict, tokenizer, n_top=3) -> dict:
+    """What the circuit alone (all else mean-ablated) does on `data`. Per kept node: its mean on
+    the key tokens of prompt_a and of prompt_b (see key_positions), on every other token and at
+    the answer position, and the tokens where it is largest in magnitude. Per head with a kept
+    channel: where its query at the answer position attends (the softmax attend_with_sink
+    computes, from the recorded q and k), by token, apart for prompt_a and prompt_b."""
+    record, nodes, heads = {}, {}, {}
     with ablated(model, means, keep, record):
         model(data["idx"])
-    last, real = data["last"].cpu(), real_positions(data).cpu()
-    tokens = [tokenizer.decode([t]) for t in data["idx"].cpu()[real].tolist()]
-    for loc, (a, b) in node_spans(model).items():
+    last, real, key = data["last"].cpu(), real_positions(data).cpu(), key_positions(data)
+    side = (torch.arange(len(last)) % 2 == 0)[:, None].expand_as(key)  # True on prompt_a rows
+    decode = {t: tokenizer.decode([t]) for t in data["idx"].unique().tolist()}
+    tokens = [[decode[t] for t in row.tolist()] for row in data["idx"].cpu()]
+
+    def mean(x, where):
+        return round(x[where].mean().item(), 3) if where.any() else None
+
+    def top(values, where):  # the n_top tokens of largest magnitude, as (token, value)
+        best = {}
+        for (r, t), v in zip(where.nonzero().tolist(), values[where].tolist()):
+            if v:
+                best[tokens[r][t]] = max(best.get(tokens[r][t], v), v, key=abs)
+        return [(t, round(v, 3)) for t, v in sorted(best.items(), key=lambda x: -abs(x[1]))][:n_top]
+
+    spans = node_spans(model)
+    for loc, (a, b) in spans.items():
         for i in keep[a:b].nonzero()[:, 0].tolist():
             acts = record[loc][..., i].cpu()
-            at_answer, flat, top = acts[torch.arange(len(last)), last], acts[real], {}
-            for j in flat.abs().argsort(descending=True).tolist():
-                top.setdefault(tokens[j], round(flat[j].item(), 3))
-                if len(top) == n_top:
-                    break
-            out[a + i] = {"mean_a": at_answer[0::2].mean().item(),
-                          "mean_b": at_answer[1::2].mean().item(), "top_tokens": list(top.items())}
-    return out
+            answer = acts[torch.arange(len(last)), last]
+            nodes[a + i] = {"key_a": mean(acts, key & side), "key_b": mean(acts, key & ~side),
+                            "other": mean(acts, real & ~key), "mean_a": answer[0::2].mean().item(),
+                            "mean_b": answer[1::2].mean().item(), "top_tokens": top(acts, real)}
+    d, rows = model.cfg.d_head, torch.arange(len(last))
+    for l, block in enumerate(model.blocks):
+        kept = torch.cat([keep[slice(*spans[f"{l}.attn.{x}"])] for x in "qkv"]).view(3, -1)
+        for h in sorted({i // d for i in kept.any(0).nonzero()[:, 0].tolist()}):
+            q, k = (record[f"{l}.attn.{x}"].cpu()[..., h * d : (h + 1) * d] for x in "qk")
+            logit = (k @ q[rows, last][..., None])[..., 0].masked_fill(~real, -math.inf) * d**-0.5
+            sink = -math.inf if block.attn.sink is None else block.attn.sink[h].item()
+            w = torch.softmax(torch.cat([torch.full((len(rows), 1), sink), logit], 1), 1)
+            heads[f"{l}.attn.head{h}"] = head = {"sink": round(w[:, 0].mean().item(), 3)}
+            for x, where in (("a", real & side), ("b", real & ~side)):
+                share = Counter()
+                for (r, t), v in zip(where.nonzero().tolist(), w[:, 1:][where].tolist()):
+                    share[tokens[r][t]] += 2 * v / len(rows)
+                head[f"attends_{x}"] = [(t, round(v, 3)) for t, v in share.most_common(2)]
+    keys = [Counter(tokens[r][t] for r, t in (key & s).nonzero().tolist()) for s in (side, ~side)]
+    return {"nodes": nodes, "heads": heads,
+            "key_tokens": [(c.most_common(1) or [("",)])[0][0] for c in keys]}
 
 
 def describe(model, tokenizer, means, keep, train: dict, test: dict, cfg) -> dict:
@@ -491,17 +569,39 @@ def describe(model, tokenizer, means, keep, train: dict, test: dict, cfg) -> dic
     edges = circuit_edges(model, keep)
     n_embed, unembed = token_edges(model, keep, test["idx"][real_positions(test)].unique().tolist(),
                                    torch.cat([test["tok_a"], test["tok_b"]]).unique().tolist())
-    profiles = node_profiles(model, means, keep, test, tokenizer)
+    seen = read_circuit(model, means, keep, test, tokenizer)
     return {"circuit": {"n_nodes": int(keep.sum()), "n_edges": len(edges), "n_embed_edges": n_embed,
                         "nodes": [names[i] for i in keep.nonzero()[:, 0].tolist()],
                         "edges": [(names[s], names[d], w) for s, d, w in edges],
                         "unembed_edges": [(names[s], tokenizer.decode([t]), w)
                                           for s, t, w in unembed],
-                        "profiles": {names[i]: p for i, p in profiles.items()}},
+                        "profiles": {names[i]: p for i, p in seen["nodes"].items()},
+                        "heads": seen["heads"], "key_tokens": seen["key_tokens"]},
             "calibration": {"scale": calib[0], "shift": calib[1]},
             "checks": run_checks(model, means, keep, test, calib, cfg.seed),
             "attribution": {"n_nodes": k_attr, "n_edges": None if k_attr is None else
                             len(circuit_edges(model, keep_first(attr_order, k_attr)))}}
+
+
+def seed_spread(model, means, info: dict, train: dict, test: dict) -> dict:
+    """Over the seeds' circuits: min / median / max nodes and edges; the core (the nodes every
+    seed keeps) with its calibrated loss and accuracy on the test pairs, everything else
+    ablated; and the mean Jaccard overlap of two seeds' node sets."""
+    names, sets = node_names(model), [set(s["nodes"]) for s in info["seeds"].values() if s["nodes"]
+                                      is not None]
+    core = set.intersection(*sets) if sets else set()
+    keeps = [torch.tensor([float(n in s) for n in names], device=means.device) for s in sets]
+    sizes = [[len(s) for s in sets], [len(circuit_edges(model, k)) for k in keeps]]
+    core_keep = torch.tensor([float(n in core) for n in names], device=means.device)
+    loss, acc = pair_loss(diff_with(model, means, core_keep, test), test,
+                          *fit_calibration(diff_with(model, means, core_keep, train), train))
+    pairs = [len(a & b) / max(1, len(a | b)) for i, a in enumerate(sets) for b in sets[:i]]
+    return {"n_seeds": len(info["seeds"]), "n_reached": len(sets),
+            **{k: [f(v) for f in (min, median_low, max)] if sets else None
+               for k, v in zip(("n_nodes", "n_edges"), sizes)},
+            "core": [n for n in names if n in core], "core_sufficiency": {"loss": loss.item(),
+                                                                        "acc": acc},
+            "overlap": sum(pairs) / len(pairs) if pairs else None}
 
 
 # -----------------------------------------------------------------------------
@@ -520,112 +620,241 @@ def all_edges(c: dict) -> list[tuple[str, str, float]]:
     return [tuple(e) for e in c["edges"]] + unembed
 
 
+def verdict(r: dict) -> list[str]:
+    """The lines every output opens with: the full model beside the circuit, the calibration,
+    and the flags for a circuit that explains less than its loss suggests."""
+    ch, (scale, shift) = r["checks"], r["calibration"].values()
+    lines = [f"test pairs: full model acc {ch['full']['acc']:.1%} | circuit alone acc "
+             f"{ch['sufficiency']['acc']:.1%}, loss {ch['sufficiency']['loss']:.3f} after the "
+             f"calibration (scale {scale:.2f}, shift {shift:+.2f}; "
+             f"{ch['sufficiency_uncalibrated']['loss']:.3f} before) | circuit ablated acc "
+             f"{ch['necessity']['acc']:.1%}"]
+    if r["full_train_acc"] < r["config"]["solved_acc"]:
+        lines.append(f"UNSOLVED: the full model scores {r['full_train_acc']:.1%} on the train "
+                     "pairs; a circuit for a skill the model lacks explains nothing in it")
+    if scale > AT_BOUND * MAX_SCALE:
+        lines.append(f"CALIBRATION AT ITS BOUND (scale {scale:.2f}, at most {MAX_SCALE:g}): the "
+                     "circuit's own signal is weak, its loss was bought by scaling it up")
+    return lines
+
+
+def spread(values) -> str:
+    """[min, median, max] -> 'min/median/max'; a number -> '0.62'; None -> '-'."""
+    return "-" if values is None else f"{values:.2f}" if isinstance(values, float) else \
+        "/".join(map(str, values))
+
+
 def write_txt(path: str, r: dict):
-    c = r["circuit"]
+    c, ka, kb = r["circuit"], *r["circuit"]["key_tokens"]
     lines = [f"{r['task']}: {c['n_nodes']} nodes, {c['n_edges']} edges (and {c['n_embed_edges']} "
              f"embedding, {len(c['unembed_edges'])} unembedding edges), k_coef {r['k_coef']:g}",
-             f"checkpoint {r['ckpt']}; target loss {r['target_loss']} on the train pairs; "
-             "on the test pairs:"]
+             *verdict(r), f"checkpoint {r['ckpt']}; target loss {r['target_loss']} on the train "
+             "pairs; on the test pairs:"]
     lines += [f"  {k:<26} loss {v['loss']:.3f}  acc {v['acc']:.1%}" for k, v in r["checks"].items()]
     lines.append(f"  attribution baseline needs {r['attribution']['n_nodes']} nodes, "
-                 f"{r['attribution']['n_edges']} edges\n")
+                 f"{r['attribution']['n_edges']} edges\nnode values are means in the circuit alone"
+                 f" on the test pairs; key tokens (where a pair's prompts differ): {ka!r} in "
+                 f"prompt_a, {kb!r} in prompt_b")
+    lines += [f"head {h}: at the answer its query attends on prompt_a to {a['attends_a']}, on "
+              f"prompt_b to {a['attends_b']}, to the sink {a['sink']:.2f}\n"
+              for h, a in c["heads"].items()]
+    s = r["seeds"]
+    lines.append(f"over {s['n_seeds']} seeds ({s['n_reached']} reach the target): nodes "
+                 f"{spread(s['n_nodes'])}, edges {spread(s['n_edges'])} (min/median/max); mean "
+                 f"overlap (Jaccard) {spread(s['overlap'])}; core (kept by every seed) "
+                 f"{len(s['core'])} nodes, alone: test loss {s['core_sufficiency']['loss']:.3f} "
+                 f"acc {s['core_sufficiency']['acc']:.1%}\n  core: {' '.join(s['core'])}\n")
     edges = all_edges(c)
     for i, name in enumerate(c["nodes"]):
         if i == 0 or location(name) != location(c["nodes"][i - 1]):
             lines.append(f"[{location(name)}]")
         p = c["profiles"][name]
         top = ", ".join(f"{tok!r} {v:+.2f}" for tok, v in p["top_tokens"])
-        lines.append(f"  {name}: at the answer {p['mean_a']:+.3f} on prompt_a, "
-                     f"{p['mean_b']:+.3f} on prompt_b; most active on {top}")
+        lines.append(f"  {name}: on {ka!r} {p['key_a']:+.3f}, on {kb!r} {p['key_b']:+.3f}, on "
+                     f"other tokens {p['other']:+.3f}; at the answer {p['mean_a']:+.3f} on "
+                     f"prompt_a, {p['mean_b']:+.3f} on prompt_b; most active on {top}")
         lines += [f"      <- {s} ({w:+.3f})" for s, d, w in edges if d == name]
         lines += [f"      -> {d} ({w:+.3f})" for s, d, w in edges if s == name]
     Path(path).write_text("\n".join(lines) + "\n")
 
 
-COL, ROW, BOX_W, BOX_H, LEFT, TOP = 84, 64, 72, 22, 190, 110  # SVG layout, in pixels
+# SVG layout, in pixels; colours of prompt_a's and prompt_b's key tokens and answers
+BOX_W, BOX_H, GAP, ROW_GAP, LEFT, WIDTH, ARROW = 160, 62, 12, 56, 150, 1560, 70
+A_COLOUR, B_COLOUR = "#7d3c98", "#ca6f1e"
 FILL = {"resid_in": "#dfe9fa", "resid_delta": "#fadddd", "q": "#dcf1df", "k": "#dcf1df",
         "v": "#dcf1df", "post_act": "#fff0c2", "logit": "#eeeeee"}
+KIND = {"resid_in": "read ch", "resid_delta": "write ch", "post_act": "neuron "}
+ROW_WORDS = {"attn": "attention", "mlp": "MLP", "final": "unembedding", "resid_in": "reads",
+             "resid_delta": "writes", "post_act": "neurons"}
+SPOKEN = {'"': "double quote", "'": "single quote", "\n": "newline", "\t": "tab"}
+
+
+def shown(token: str, n=8) -> str:
+    """A token with its spaces, newlines and tabs made visible, cut to n characters."""
+    return token.replace(" ", "␣").replace("\n", "↵").replace("\t", "⇥")[:n]
+
+
+def spoken(token: str) -> str:
+    """'")' -> 'double quote + )': two answers that differ only in a quote read apart."""
+    runs = re.findall(r" +|[\"'\n\t]|[^\"'\n\t ]+", token)
+    return " + ".join(SPOKEN.get(x, "space" if x == " " else f"{len(x)} spaces" if x.isspace()
+                                 else x) for x in runs)
 
 
 def row_of(name: str) -> str:
-    """A node's row in the SVG: its location, q, k and v of a layer sharing one row."""
+    """A node's row: its location; a layer's q, k and v channels share one row, by head."""
     if name.startswith("logit"):
         return "answer logits"
-    loc = location(name)
-    return loc[:-1] + "qkv" if loc[-2:] in (".q", ".k", ".v") else loc
+    return location(name)[:-1] + "heads" if name.split(".")[2] in "qkv" else location(name)
 
 
-def box_label(name: str) -> str:
-    """The text in a node's box; the row label and the hover title carry the rest."""
+def head_of(name: str) -> str:
+    """'1.attn.k.head3.ch6' -> '1.attn.head3', the key of the circuit's 'heads'."""
     parts = name.split(".")
-    if name.startswith("logit"):
-        return name[6:]
-    if parts[2] in ("q", "k", "v"):
-        return f"{parts[2]} h{parts[3][4:]}.{parts[4][2:]}"
-    return {"post_act": "n", "resid_in": "r", "resid_delta": "w"}[parts[-2]] + parts[-1]
+    return f"{parts[0]}.attn.{parts[3]}"
 
 
-def svg_layout(nodes: list[str], edges) -> tuple[list[str], dict, list[int]]:
-    """Rows in forward order; each residual read/write on its channel's column; every other node
-    as near as it can get to the mean column of its residual neighbours."""
-    rows = list(dict.fromkeys(row_of(n) for n in nodes))
-    channels = sorted({int(n.split(".")[-1]) for n in nodes if "resid" in n})
-    pos = {n: (LEFT + COL * channels.index(int(n.split(".")[-1])),
-               TOP + ROW * rows.index(row_of(n))) for n in nodes if "resid" in n}
-    for r, row in enumerate(rows):
-        free = [n for n in nodes if row_of(n) == row and n not in pos]
-        want = {n: float(np.mean([pos[m][0] for s, d, _ in edges if n in (s, d)
-                                  for m in (s, d) if m in pos] or [LEFT])) for n in free}
-        x = -math.inf
-        for n in sorted(free, key=want.get):
-            x = max(want[n], x + COL)
-            pos[n] = (x, TOP + ROW * r)
-    return rows, pos, channels
+def svg_layout(nodes: list[str], edges) -> tuple[dict, list, float]:
+    """Rows in forward order, each packed left to right in the order of its nodes' neighbours
+    placed above, wrapping at WIDTH; a head's channels sit together, keys and values left of its
+    queries (a head with no kept query gets a placeholder, its query at its mean). Returns each
+    box's centre, each row's (name, top) and the height."""
+    pos, rows, y = {}, [], 200.0
+    for row in dict.fromkeys(map(row_of, nodes)):
+        groups, head = {}, row.endswith("heads")
+        for n in (n for n in nodes if row_of(n) == row):
+            groups.setdefault(head_of(n) if head else n, []).append(n)
+        for g, members in groups.items():
+            members.sort(key=lambda n: head and n.split(".")[2] == "q")
+            if head and members[-1].split(".")[2] != "q":
+                members.append(g.replace(".attn.", ".attn.q.") + ".mean")
+        near = {g: np.mean([pos[m][0] for s, d, _ in edges for n in groups[g] if n in (s, d)
+                            for m in (s, d) if m in pos] or [0]) for g in groups}
+        y += 44 * head  # room for a head's title
+        rows.append((row, y))
+        x = LEFT
+        for g in sorted(groups, key=near.get):
+            if x + len(groups[g]) * (BOX_W + GAP) + ARROW * head > WIDTH and x > LEFT:
+                x, y = LEFT, y + BOX_H + ROW_GAP + 44 * head
+            for i, n in enumerate(groups[g]):
+                x += ARROW * (head and n.split(".")[2] == "q" != groups[g][i - 1].split(".")[2])
+                pos[n], x = (x + BOX_W / 2, y + BOX_H / 2), x + BOX_W + GAP
+            x += 2 * GAP
+        y += BOX_H + ROW_GAP
+    return pos, rows, y
+
+
+HALO = 'stroke="white" stroke-width="3" paint-order="stroke"'  # text that stays readable on lines
+
+
+def text(x, y, body, size=11, colour="#222", extra="") -> str:
+    return f'<text x="{x:.0f}" y="{y:.0f}" font-size="{size}" fill="{colour}" {extra}>{body}</text>'
+
+
+def line(x1, y1, x2, y2, extra) -> str:
+    return f'<line x1="{x1:.0f}" y1="{y1:.0f}" x2="{x2:.0f}" y2="{y2:.0f}" {extra}'
+
+
+def mono(body: str, colour="#222") -> str:
+    return f'<tspan font-family="monospace" fill="{colour}">{html.escape(body)}</tspan>'
+
+
+def num(v: float | None) -> str:
+    return "-" if v is None else f"{v:+.2f}" if abs(v) < 9.995 else f"{v:+.0f}"
+
+
+def box_lines(n: str, c: dict, answers) -> tuple[str, list[str]]:
+    """A box's title and lines: a node's values on the key tokens and at the answer and its top
+    tokens; an answer's token, spelled out."""
+    if n.startswith("logit"):
+        tok = next(t for s, t, _ in c["unembed_edges"] if f"logit {t!r}" == n)
+        side = "a" * (tok in answers[0]) or "b" * (tok in answers[1])
+        colour = {"a": A_COLOUR, "b": B_COLOUR, "": "#222"}[side]
+        return mono(shown(tok, 20), colour), [html.escape(spoken(tok)),
+                                              f"the answer after prompt_{side}" * bool(side)]
+    if n.endswith(".mean"):
+        return "q: every channel", ["at its mean (none", "is in the circuit)"]
+    p, parts, f = c["profiles"][n], n.split("."), num
+    (ka, kb), top = (shown(t) for t in c["key_tokens"]), (shown(t) for t, _ in p["top_tokens"])
+    title = f"{parts[2]} ch{parts[4][2:]}" if parts[2] in "qkv" else KIND[parts[-2]] + parts[-1]
+    return title, [f"{mono(ka, A_COLOUR)} {f(p['key_a'])} {mono(kb, B_COLOUR)} {f(p['key_b'])} "
+                   f"else {f(p['other'])}", f"answer {mono('a', A_COLOUR)} {f(p['mean_a'])} "
+                   f"{mono('b', B_COLOUR)} {f(p['mean_b'])}", "top " + " ".join(map(mono, top))]
 
 
 def write_svg(path: str, r: dict):
-    """In the style of the paper's figures, as plain SVG text: layers top to bottom, residual
-    channels as vertical lines (solid from their first to last node), nodes as labelled boxes,
-    edges blue (+) or red (-) with width by |weight|, the answer logits at the bottom. Hovering
-    a box or an edge shows its full name and weight."""
-    c, checks = r["circuit"], r["checks"]
+    """A circuit drawn to be read without the TXT, as plain SVG text: a legend; rows in forward
+    order, top to bottom; each node a box saying what it does; each head one frame, an arrow
+    from its keys and values to its query saying where it attends from the answer; edges blue
+    (+) or red (-), width by |weight|, the weight written on them; dashed grey lines from a
+    residual write to the later reads of its channel. Hovering shows full names."""
+    c, ex, esc = r["circuit"], r["example"], html.escape
     edges = all_edges(c)
-    logits = sorted({d for _, d, _ in edges if d.startswith("logit")})
-    rows, pos, channels = svg_layout(c["nodes"] + logits, edges)
-    width, height = max([x for x, _ in pos.values()] + [600]) + BOX_W + 30, TOP + ROW * len(rows)
-    suff, raw, nec = checks["sufficiency"], checks["sufficiency_uncalibrated"], checks["necessity"]
-    out = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{width:.0f}" height="{height}" '
-           'font-family="sans-serif" font-size="11">',
-           '<rect width="100%" height="100%" fill="white"/>',
-           f'<text x="10" y="22" font-size="15" font-weight="bold">{html.escape(r["task"])}: '
-           f'{c["n_nodes"]} nodes, {c["n_edges"]} edges</text>',
-           f'<text x="10" y="42" fill="#555">circuit alone: test loss {suff["loss"]:.3f} '
-           f'(uncalibrated {raw["loss"]:.3f}), acc {suff["acc"]:.0%}; circuit ablated: acc '
-           f'{nec["acc"]:.0%}</text>',
-           '<text x="10" y="60" fill="#555">r/w = residual read/write, n = MLP neuron, '
-           'q/k/v hH.C = head H channel C; blue/red edges = positive/negative weights</text>']
-    out += [f'<text x="10" y="{TOP + ROW * i + 4}" fill="#333">{html.escape(row)}</text>'
-            for i, row in enumerate(rows)]
-    for i, ch in enumerate(channels):
-        ys = [y for n, (_, y) in pos.items() if "resid" in n and int(n.split(".")[-1]) == ch]
-        x = LEFT + COL * i
-        out.append(f'<text x="{x}" y="{TOP - 30}" text-anchor="middle" fill="#888">ch {ch}</text>'
-                   f'<line x1="{x}" y1="{TOP - 24}" x2="{x}" y2="{height - 20}" stroke="#e4e4e4" '
-                   f'stroke-width="2"/><line x1="{x}" y1="{min(ys)}" x2="{x}" y2="{max(ys)}" '
-                   'stroke="#bbb" stroke-width="4"/>')
-    top_w = max([abs(w) for *_, w in edges] or [1.0])
+    pos, rows, height = svg_layout(c["nodes"] + sorted({d for _, d, _ in edges if "logit" in d}),
+                                   edges)
+    top_w, (ka, kb) = max([abs(w) for *_, w in edges] or [1.0]), c["key_tokens"]
+    width = max([WIDTH] + [x + BOX_W / 2 for x, _ in pos.values()]) + 20  # a head may be wider
+    out = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{width:.0f}" height="{height:.0f}" '
+           'font-family="sans-serif"><rect width="100%" height="100%" fill="white"/><defs><marker '
+           'id="tip" viewBox="0 0 10 10" refX="9" refY="5" markerWidth="8" markerHeight="8" '
+           'orient="auto"><path d="M0,0 L10,5 L0,10 z" fill="#444"/></marker></defs>',
+           text(10, 24, f"{esc(r['task'])}: {c['n_nodes']} nodes, {c['n_edges']} edges", 17,
+                extra='font-weight="bold"')]
+    out += [text(10, 46 + 17 * i, f"prompt_{x}: ...{mono(ex[i][-60:].replace(chr(10), '↵'))} → "
+                 f"right answer {mono(shown(ex[2 + i]), colour)} ({esc(spoken(ex[2 + i]))})", 12)
+            for i, (x, colour) in enumerate((("a", A_COLOUR), ("b", B_COLOUR)))]
+    out += [text(10, 86 + 16 * i, esc(s), 12, "#b00" if s[0].isupper() else "#222")
+            for i, s in enumerate(verdict(r))]
+    legend = ("Boxes: blue = a read of one residual channel (after RMSNorm), red = a write to one, "
+              "yellow = an MLP neuron, green = a q, k or v channel (framed by head), grey = an "
+              "answer's logit. Rows run in the order of the forward pass, top to bottom.¶In a box:"
+              f" its mean on prompt_a's key token {ka!r} (purple) and prompt_b's {kb!r} (orange),"
+              " where the prompts differ, and on other tokens; at the answer position of a and of"
+              " b; the tokens it is largest on. The circuit alone (all else mean-ablated), test "
+              "pairs.¶Lines: blue = positive weight, red = negative, width by |weight| (widest "
+              f"{top_w:.2f}), the weight written on it; dashed grey = a write seen by a later read "
+              "of its residual channel (a read without one reads the token embedding).")
+    out += [text(10, 136 + 15 * i, esc(s), 11, "#444") for i, s in enumerate(legend.split("¶"))]
+    for row, y in rows:
+        words = " ".join(ROW_WORDS.get(w, w) for w in row.split("."))
+        out += [text(8, y + 20, esc("layer " * row[0].isdigit() + words), 12, "#333",
+                     'font-weight="bold"'), text(8, y + 36, esc(row), 10, "#888")]
+    heads = {h: [n for n in pos if "heads" in row_of(n) and head_of(n) == h] for h in c["heads"]}
+    for h, members in heads.items():  # a frame around each head, an arrow from k/v to q
+        (x0, y), x1 = min(pos[n] for n in members), max(pos[n][0] for n in members)
+        qx = min(pos[n][0] for n in members if n.split(".")[2] == "q") - BOX_W / 2
+        out += [f'<rect x="{x0 - BOX_W / 2 - 8:.0f}" y="{y - BOX_H / 2 - 44:.0f}" width="'
+                f'{x1 - x0 + BOX_W + 16:.0f}" height="{BOX_H + 52}" rx="8" fill="#f5fbf6" '
+                'stroke="#5a9"/>', line(qx - ARROW - GAP + 4, y, qx - 4, y, 'stroke="#444" '
+                                        'stroke-width="2" marker-end="url(#tip)"/>')]
+    for n, (x, y) in pos.items():  # dashed: a write to channel c feeds the next reads of c
+        out += [line(pos[m][0], pos[m][1] + BOX_H / 2, x, y - BOX_H / 2, 'stroke="#aaa" '
+                     'stroke-dasharray="5 4" stroke-width="1.5"/>') for m in pos if "resid_in" in n
+                and "resid_delta" in m and m.split(".")[-1] == n.split(".")[-1] and pos[m][1] < y]
     for s, d, w in edges:
-        (x1, y1), (x2, y2) = pos[s], pos[d]
-        colour, title = "#2b6cb0" if w > 0 else "#c53030", html.escape(f"{s} -> {d}: {w:+.3f}")
-        out.append(f'<line x1="{x1:.0f}" y1="{y1 + BOX_H / 2}" x2="{x2:.0f}" y2="{y2 - BOX_H / 2}" '
-                   f'stroke="{colour}" stroke-opacity="0.75" '
-                   f'stroke-width="{0.8 + 4 * abs(w) / top_w:.1f}"><title>{title}</title></line>')
+        (x1, y1), (x2, y2), colour = pos[s], pos[d], "#2b6cb0" if w > 0 else "#c53030"
+        y1, y2 = y1 + BOX_H / 2, y2 - BOX_H / 2
+        out += [line(x1, y1, x2, y2, f'stroke="{colour}" stroke-opacity="0.7" stroke-width="'
+                     f'{0.8 + 5 * abs(w) / top_w:.1f}"><title>{esc(f"{s} -> {d}: {w:+.3f}")}'
+                     '</title></line>'), text((x1 + 2 * x2) / 3, (y1 + 2 * y2) / 3, f"{w:+.2f}",
+                                              10, colour, 'text-anchor="middle" ' + HALO)]
     for n, (x, y) in pos.items():
-        kind = "logit" if n.startswith("logit") else location(n).split(".")[-1]
-        out.append(f'<g><title>{html.escape(n)}</title><rect x="{x - BOX_W / 2:.0f}" '
-                   f'y="{y - BOX_H / 2}" width="{BOX_W}" height="{BOX_H}" rx="4" '
-                   f'fill="{FILL[kind]}" stroke="#444"/><text x="{x:.0f}" y="{y + 4}" '
-                   f'text-anchor="middle">{html.escape(box_label(n))}</text></g>')
+        title, lines = box_lines(n, c, r["answers"])
+        kind = "logit" if "logit" in n else location(n).split(".")[-1]
+        x, y = x - BOX_W / 2, y - BOX_H / 2
+        out += [f'<g><title>{esc(n)}</title><rect x="{x:.0f}" y="{y:.0f}" width="{BOX_W}" height'
+                f'="{BOX_H}" rx="5" fill="{FILL[kind]}" stroke="#444" stroke-dasharray="'
+                f'{"4 3" * n.endswith(".mean")}"/>', text(x + 6, y + 14, title, 12,
+                                                          extra='font-weight="bold"'),
+                *(text(x + 6, y + 28 + 13 * i, s, 10.5) for i, s in enumerate(lines)), "</g>"]
+    for h, members in heads.items():  # last, over the edges: where each head attends
+        seen, x, y = c["heads"][h], min(pos[n][0] for n in members) - BOX_W / 2, pos[members[0]][1]
+        att = " | ".join(f"after prompt_{x}: " + ", ".join(f"{mono(shown(t), colour)} {v:.2f}"
+                         for t, v in seen[f"attends_{x}"]) for x, colour in
+                         (("a", A_COLOUR), ("b", B_COLOUR))) + f" | the sink {seen['sink']:.2f}"
+        out += [text(x, y - BOX_H / 2 - 28, f"layer {h.split('.')[0]} head {h.split('head')[1]}:"
+                     " at the answer position its query attends to", 11, extra='font-weight="bold" '
+                     + HALO), text(x, y - BOX_H / 2 - 12, att, 11, extra=HALO)]
     Path(path).write_text("\n".join(out + ["</svg>"]) + "\n")
 
 
@@ -753,18 +982,26 @@ def prune_checkpoint(path: str, model, tokenizer, means, names: list[str], cfg,
     for name in names:
         t0 = time.time()
         print(f"{name}: pruning {len(means)} nodes of {path}")
-        try:
-            pairs = {s: tasks.for_tokenizer(tokenizer, name, tasks.make_pairs(name, cfg.n_pairs,
-                                                                           cfg.seed, s))
-                     for s in ("train", "test")}
+        try:  # train and test pairs in one call: a released tokenizer's rewrites print once
+            pairs = tasks.for_tokenizer(tokenizer, name, [p for s in ("train", "test") for p in
+                                                          tasks.make_pairs(name, cfg.n_pairs,
+                                                                           cfg.seed, s)])
         except ValueError as e:
             print(f"{name}: skipped: {e}")
             continue
-        train, test = (tasks.encode_pairs(tokenizer, pairs[s], model.cfg.block_size, means.device)
-                       for s in ("train", "test"))
+        train, test = (tasks.encode_pairs(tokenizer, p, model.cfg.block_size, means.device)
+                       for p in (pairs[: cfg.n_pairs], pairs[cfg.n_pairs :]))
+        full_acc = pair_loss(diff_with(model, means, torch.ones_like(means), train), train)[1]
+        if full_acc < cfg.solved_acc and not cfg.unsolved:
+            print(f"{name}: refused: the full model scores {full_acc:.1%} on the train pairs, "
+                  f"under solved_acc {cfg.solved_acc:.0%}, so a circuit would explain no skill of "
+                  "it; --unsolved=True prunes it anyway, marked UNSOLVED in every output")
+            continue
         keep, search = find_circuit(model, means, train, cfg)
         results[name] = r = {"task": name, "ckpt": path, "target_loss": cfg.target_loss,
-                             "k_coef": cfg.k_coef, "search": search, "config": dict(cfg)}
+                             "k_coef": cfg.k_coef, "search": search, "config": dict(cfg),
+                             "full_train_acc": full_acc, "example": pairs[cfg.n_pairs],
+                             "answers": [sorted({p[i] for p in pairs[cfg.n_pairs :]}) for i in (2, 3)]}
         if cfg.control:
             r["control"] = control(model, means, train, test, cfg)
         if bridged is not None:  # steered through the circuit, or the best channel without one
@@ -782,6 +1019,7 @@ def prune_checkpoint(path: str, model, tokenizer, means, names: list[str], cfg,
                     print(f"{name}: the previous {base}.{ext} is renamed {name}.stale.{ext}")
             continue
         r.update(describe(model, tokenizer, means, keep, train, test, cfg))
+        r["seeds"] = seed_spread(model, means, search, train, test)
         r["seconds"] = round(time.time() - t0, 1)
         text = json.dumps(r, indent=1).encode()
         sparse_gpt.write_files_together({  # the three files change together or not at all
@@ -794,27 +1032,36 @@ def prune_checkpoint(path: str, model, tokenizer, means, names: list[str], cfg,
 
 
 def print_summary(path: str, results: dict[str, dict]):
-    print(f"\n{path}: circuits; losses on the test pairs (suff = circuit alone, calibrated; raw = "
-          "uncalibrated; nec = circuit ablated; rand = a random node set of its size ablated; "
-          "control = the same search on shuffled answers: nodes/edges, test acc; fail = no "
-          "circuit reaches the target)")
-    print(f"{'task':<28}{'nodes':>6}{'edges':>7}{'suff loss':>10}{'raw':>7}{'acc':>6}"
-          f"{'nec loss':>9}{'acc':>6}{'rand loss':>10}{'attr edges':>11}{'control':>17}")
+    print(f"\n{path}: circuits; on the test pairs: full = the whole model's accuracy; suff = the "
+          "circuit alone, after its calibration (scale, shift: '!' = the scale at its bound "
+          f"{MAX_SCALE:g}); raw = uncalibrated; nec = circuit ablated; rand = a random node set "
+          "of its size ablated; control = the same search on shuffled answers: nodes/edges, test "
+          "acc; fail = no circuit reaches the target; UNSOLVED = the model does not solve it; "
+          "seeds = every seed's circuit: min/median/max, and the core that all keep: its size and "
+          "test acc alone, and the mean Jaccard overlap)")
+    print(f"{'task':<28}{'nodes':>6}{'edges':>7}{'full':>6}{'suff loss':>10}{'acc':>6}"
+          f"{'scale':>7}{'shift':>7}{'raw':>7}{'nec loss':>9}{'acc':>6}{'rand loss':>10}"
+          f"{'attr edges':>11}{'control':>17}{'seeds: nodes':>13}{'edges':>10}{'core':>5}{'acc':>5}"
+          f"{'overlap':>8}")
     edges = []
     for name, r in results.items():
         ctrl = r.get("control")
         ctrl = "-" if ctrl is None else "fail" if ctrl["n_edges"] is None else \
             f"{ctrl['n_nodes']}/{ctrl['n_edges']} {ctrl['test_acc']:.0%}"
+        unsolved = " UNSOLVED" * (r["full_train_acc"] < r["config"]["solved_acc"])
         if "circuit" not in r:
-            print(f"{name:<28}  no circuit reaches the target loss; control {ctrl}")
+            print(f"{name:<28}  no circuit reaches the target loss; control {ctrl}{unsolved}")
             continue
-        c, ch = r["circuit"], r["checks"]
+        c, ch, (scale, shift), s = r["circuit"], r["checks"], r["calibration"].values(), r["seeds"]
         edges.append(max(c["n_edges"], 1))  # an empty circuit (the bigram table did it) counts as 1
-        print(f"{name:<28}{c['n_nodes']:>6}{c['n_edges']:>7}{ch['sufficiency']['loss']:>10.3f}"
-              f"{ch['sufficiency_uncalibrated']['loss']:>7.3f}{ch['sufficiency']['acc']:>6.0%}"
-              f"{ch['necessity']['loss']:>9.3f}{ch['necessity']['acc']:>6.0%}"
-              f"{ch['random_ablation']['loss']:>10.3f}{r['attribution']['n_edges'] or '-':>11}"
-              f"{ctrl:>17}")
+        print(f"{name:<28}{c['n_nodes']:>6}{c['n_edges']:>7}{ch['full']['acc']:>6.0%}"
+              f"{ch['sufficiency']['loss']:>10.3f}{ch['sufficiency']['acc']:>6.0%}"
+              f"{scale:>6.2f}{'!' if scale > AT_BOUND * MAX_SCALE else ' '}{shift:>+7.2f}"
+              f"{ch['sufficiency_uncalibrated']['loss']:>7.3f}{ch['necessity']['loss']:>9.3f}"
+              f"{ch['necessity']['acc']:>6.0%}{ch['random_ablation']['loss']:>10.3f}"
+              f"{r['attribution']['n_edges'] or '-':>11}{ctrl:>17}{spread(s['n_nodes']):>13}"
+              f"{spread(s['n_edges']):>10}{len(s['core']):>5}{s['core_sufficiency']['acc']:>5.0%}"
+              f"{spread(s['overlap']):>8}{unsolved}")
     if edges:
         print(f"geometric mean of edges over {len(edges)} tasks: {geometric_mean(edges):.1f}")
 
@@ -822,11 +1069,10 @@ def print_summary(path: str, results: dict[str, dict]):
 @sparse_gpt.cli
 def main(argv):
     cfg = sparse_gpt.parse_config(argv, DEFAULTS, presets=None, rules=RULES)
-    names = [t for t in cfg.tasks.split(",") if t]
+    names = tasks.task_names(cfg.tasks)
     device = sparse_gpt.pick_device(cfg.device)
     paths = [cfg.ckpt] + [cfg.compare] * bool(cfg.compare)
-    paths = [os.path.join(p, "ckpt.pt" if os.path.exists(os.path.join(p, "ckpt.pt")) else
-                          "final_model.pt") if os.path.isdir(p) else p for p in paths]
+    paths = [sparse_gpt.checkpoint_file(p) for p in paths]
     loaded = [sparse_gpt.load_checkpoint(path, device) for path in paths]  # bad files fail here
     for path in paths:  # node_means.pt and circuits/ go beside each checkpoint: fail now, not later
         out = os.path.join(os.path.dirname(path) or ".", "circuits")
@@ -837,7 +1083,8 @@ def main(argv):
     if not names:  # the tasks that every checkpoint solves, so that a comparison is like for like
         solved = [solved_tasks(model, tokenizer, cfg) for model, tokenizer, _ in loaded]
         names = [t for t in solved[0] if all(t in s for s in solved)]
-        print(f"tasks solved at accuracy >= {cfg.solved_acc:.0%}: {' '.join(names) or 'none'}")
+        print(f"tasks solved at accuracy >= {cfg.solved_acc:.0%} on {cfg.n_pairs} train pairs "
+              f"(tasks.py's table: test pairs): {' '.join(names) or 'none'}")
         if not names:
             sys.exit(f"error: no task is solved at accuracy >= {cfg.solved_acc:.0%}; "
                      "name some with --tasks=a,b or lower --solved_acc")

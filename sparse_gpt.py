@@ -12,6 +12,7 @@ resume; the paper's released models; devices and DDP; the command line; --bench;
 """
 
 import base64
+import difflib
 import hashlib
 import heapq
 import json
@@ -79,7 +80,6 @@ DEFAULTS = dict(
     bridge_to="",  # a dense run's ckpt.pt; its tokenizer and token cache are used
     c_nmse=1.0,  # weight of the bridges' reconstruction losses
     c_kl=1.0,  # weight of the hybrid paths' KL to the dense model
-    hybrid_frac=0.25,  # fraction of each batch the hybrid paths run on in training: their cost
     # loop and system
     eval_interval=250,  # steps between evaluations (each saves the checkpoint)
     eval_iters=20,  # batches per evaluation
@@ -232,8 +232,7 @@ class Block(nn.Module):
         self.mlp_in = Node(layer, "mlp.resid_in", cfg.d_model, cfg)
         self.attn, self.mlp = Attention(cfg, layer), MLP(cfg, layer)
 
-    def sublayer(self, j: int, x):
-        """What attention (j=0) or the MLP (j=1) adds to the residual stream x."""
+    def sublayer(self, j: int, x):  # what attention (j=0) or the MLP (j=1) adds to the stream x
         if j == 0:
             return self.attn(self.attn_in(self.attn_norm(x)))
         return self.mlp(self.mlp_in(self.mlp_norm(x)))
@@ -277,9 +276,8 @@ class GPT(nn.Module):
         return x if self.wpe is None else x + self.wpe.weight[: idx.shape[1]]
 
     def forward(self, idx, targets=None, site=0, x=None, resids=None):
-        """Logits, and their mean cross-entropy given targets. For bridges (below): site 2l / 2l+1
-        is the residual stream before block l's attention / MLP; given x the model runs from `site`
-        on x, not its own stream; `resids`, a list, collects the stream at every site it passes."""
+        """Logits, and their mean cross-entropy given targets. Bridges (below) run it from `site`
+        (2l / 2l+1: before block l's attention / MLP) on x; `resids` collects the stream there."""
         x = self.embed(idx) if x is None else x
         for i in range(site, 2 * len(self.blocks)):
             if resids is not None:
@@ -465,9 +463,8 @@ def train_step(model, fmodel, optimizer, x, y, autocast) -> torch.Tensor:
 
 
 def train(cfg, ckpt: dict | None = None) -> list[tuple[int, float]]:
-    """Trains per cfg, or continues ckpt (the run's checkpoint) under --init_from=resume; returns
-    the (step, loss) history. Saves out_dir/ckpt.pt at every eval, on Ctrl-C, SIGTERM and at the
-    end."""
+    """Trains per cfg, or continues ckpt (the run's checkpoint) under --init_from=resume; saves
+    out_dir/ckpt.pt at every eval, on Ctrl-C or SIGTERM, and at the end. -> (step, loss) history"""
     rank, world, device = setup_ddp(pick_device(cfg.device), cfg.batch_size)
     cfg = absolute_paths(cfg)
     check_memory(cfg, device, training=True)
@@ -525,7 +522,7 @@ def train(cfg, ckpt: dict | None = None) -> list[tuple[int, float]]:
                 print(f"eval {iter_num} | train {out['train']:.3f} | val {out['val']:.3f}")
                 print("sample: " + repr(out["sample"])[:200])
                 if bridged is not None:
-                    print(evaluate_bridges(bridged, data, cfg, device, autocast))
+                    print(evaluate_bridges(bridged, data["val"], cfg, device, autocast))
             if rank == 0 and (eval_now or stopping):  # rank 0 alone writes files
                 save_checkpoint(ckpt_path, model, optimizer, cfg, iter_num, best_val_loss,
                                 data_path, bridged and bridged.checkpoint())
@@ -534,7 +531,7 @@ def train(cfg, ckpt: dict | None = None) -> list[tuple[int, float]]:
                 print(f"saved {ckpt_path} at step {iter_num}; continue with --init_from=resume")
                 sys.exit(128 + stopping)  # a stopped run is not a finished one: 130 or 143
     print(f"done: {iter_num} steps in {(time.time() - t_start) / 60:.1f} min, best val loss "
-          f"{best_val_loss:.3f}, checkpoint {ckpt_path}")
+          f"{best_val_loss:.3f}; {ckpt_path} holds the last step's weights, not the best's")
     return history
 
 
@@ -554,12 +551,12 @@ def nmse(pred, target):
 
 
 class Bridged(nn.Module):
-    """The sparse model, the frozen dense one, and the bridges: dense matrices with biases.
-    forward(idx, targets) -> (the terms of the loss, detached; the loss)."""
+    """The sparse model, the dense one (frozen; its file at dense_path) and the bridges: dense
+    matrices with biases. forward(idx, targets) -> (the loss's terms, detached; the loss)."""
 
     def __init__(self, sparse: GPT, dense: GPT, cfg, dense_path: str):
         super().__init__()
-        self.sparse, self.dense, self.cfg = sparse, dense, cfg
+        self.sparse, self.dense, self.cfg = sparse, dense.requires_grad_(False), cfg
         self.dense_path = os.path.abspath(dense_path)
         self.dense_sha1 = hashlib.sha1(Path(dense_path).read_bytes()).hexdigest()
         d, sites = dense.cfg.d_model, range(2 * cfg.n_layer)
@@ -568,35 +565,30 @@ class Bridged(nn.Module):
         for lin in [*self.enc, *self.dec]:  # as the model's matrices: the default init is ~5x
             nn.init.normal_(lin.weight, std=0.02)  # larger, and its bias alone outweighs the
             nn.init.zeros_(lin.bias)  # sparse model's residual stream (RMS ~0.01; README)
-        # f_i writes a sparse residual stream: AbsTopK keeps afrac of it (d_sparse/4 by default)
-        self.k = max(1, int(cfg.afrac * cfg.d_model)) if cfg.afrac < 1 else None
+        self.k = max(1, int(cfg.afrac * cfg.d_model))  # f_i's AbsTopK: d_sparse/4 by default
 
     def forward(self, idx, targets):
         h_dense, h_sparse, rows = [], [], []
-        # the 4L hybrid passes cost most: in training they see the batch's first n sequences, an
-        # unbiased sample of it (README: Bridges); evaluation runs them on every sequence
-        n = max(1, round(self.cfg.hybrid_frac * len(idx))) if self.training else len(idx)
+        # the 4L hybrid passes cost most: in training they see a quarter of the batch, in eval all
+        n = max(1, round(len(idx) / 4)) if self.training else len(idx)
         with torch.no_grad():  # the dense model's own pass needs no gradient; the hybrids' do
             logits, dense_ce = self.dense(idx, targets, resids=h_dense)
-            log_p = F.log_softmax(logits[:n].float(), -1).flatten(0, 1)
-            p = log_p.exp()  # KL(p || q) = sum p log p - sum p log q, its first term a constant
-            neg_entropy = (p * log_p).sum(-1).mean()
+            log_p = F.log_softmax(logits[:n].float(), -1).flatten(0, 1)  # per token, as q below
         _, ce = self.sparse(idx, targets, resids=h_sparse)
         for i, (f, g) in enumerate(zip(self.enc, self.dec)):
-            to_sparse, to_dense = f(h_dense[i]), g(h_sparse[i])
-            to_sparse = to_sparse if self.k is None else abstopk(to_sparse, self.k)
+            to_sparse, to_dense = abstopk(f(h_dense[i]), self.k), g(h_sparse[i])
             hybrids = [F.log_softmax(m(idx[:n], site=i, x=h[:n])[0].float(), -1).flatten(0, 1)
                        for m, h in ((self.sparse, to_sparse), (self.dense, to_dense))]
             rows.append(torch.stack(  # NMSE d->s, s->d, KL d->s, s->d, CE d->s, s->d
                 [nmse(to_sparse, h_sparse[i]), nmse(to_dense, h_dense[i])]
-                + [neg_entropy - (p * q).sum(-1).mean() for q in hybrids]
+                + [F.kl_div(q, log_p, reduction="batchmean", log_target=True) for q in hybrids]
                 + [F.nll_loss(q, targets[:n].flatten()) for q in hybrids]))
         terms = torch.stack(rows)
         loss = ce + self.cfg.c_nmse * terms[:, :2].sum() + self.cfg.c_kl * terms[:, 2:4].sum()
         self.log = f" | ce {ce:.3f} nmse {terms[:, :2].sum():.3f} kl {terms[:, 2:4].sum():.3f}"
         return dict(ce=ce.detach(), dense_ce=dense_ce, sites=terms.detach()), loss
 
-    def checkpoint(self) -> dict:
+    def checkpoint(self) -> dict:  # saved beside the sparse model
         return dict(dense=self.dense_path, dense_sha1=self.dense_sha1, enc=self.enc.state_dict(),
                     dec=self.dec.state_dict())
 
@@ -609,27 +601,23 @@ class Bridged(nn.Module):
 
 
 def bridge_to_dense(cfg, model: GPT, optimizer, device) -> Bridged:
-    """The dense model, checked to fit, and new bridges, which the optimizer steps with the sparse
-    model (matrices decayed, biases not; never projected). The run trains on the dense run's
-    token cache and tokenizer (bridged.dense_data)."""
+    """The dense model, checked to fit (load_checkpoint checks its tokenizer), and new bridges,
+    which the optimizer steps with the sparse model (matrices decayed, biases not; never
+    projected). The run trains on the dense run's token cache and tokenizer: .dense_data."""
     dense, tokenizer, dcfg = load_checkpoint(cfg.bridge_to, device)
-    tok = [Path(p, "tokenizer.tiktoken") for p in (dcfg.data_path, os.path.dirname(cfg.bridge_to))]
-    bad = [f"it is weight-sparse (density {dcfg.density:g}); train a dense run (--density=1)"
-           ] * (dcfg.density < 1) + [
-        f"its {k} is {dcfg[k]}, this run's {cfg[k]}: pass --{k}={dcfg[k]}"
-        for k in ("n_layer", "vocab_size", "block_size")  # a longer dense context is fine
-        if dcfg[k] != cfg[k] and (k != "block_size" or dcfg[k] < cfg[k])]
-    bad += [f"its token cache {tok[0]} is missing or has another tokenizer"] * (
-        not tok[0].exists() or tok[0].read_bytes() != tok[1].read_bytes())
-    if bad:
-        sys.exit(f"error: cannot bridge to {cfg.bridge_to}: {bad[0]}")
-    bridged = Bridged(model, dense.requires_grad_(False), cfg, cfg.bridge_to).to(device)
+    why = [f"its {k} is {dcfg[k]}, this run's {cfg[k]}: pass --{k}={dcfg[k]}"
+           for k in ("n_layer", "vocab_size", "block_size")  # a longer dense context is fine
+           if dcfg[k] != cfg[k] and (k != "block_size" or dcfg[k] < cfg[k])]
+    if dcfg.density < 1:
+        why = [f"it is weight-sparse (density {dcfg.density:g}); train a dense run (--density=1)"]
+    if why:
+        sys.exit(f"error: cannot bridge to {cfg.bridge_to}: {why[0]}")
+    bridged = Bridged(model, dense, cfg, cfg.bridge_to).to(device)
     params = [*bridged.enc.parameters(), *bridged.dec.parameters()]
     for decay in (True, False):
         optimizer.add_param_group({"params": [p for p in params if (p.dim() == 2) == decay],
                                    "weight_decay": cfg.weight_decay * decay})
-    print(f"bridges: {len(bridged.enc)} sites to {cfg.bridge_to} (d_model {dcfg.d_model}), "
-          f"{sum(p.numel() for p in params):,} dense weights")
+    print(f"bridges: {len(bridged.enc)} sites, {sum(p.numel() for p in params):,} dense weights")
     bridged.dense_data = dcfg.data_path, tokenizer
     return bridged
 
@@ -642,19 +630,18 @@ def load_bridged(path: str, device="cpu") -> Bridged:
         sys.exit(f"error: {path} has no bridges; train one with --bridge_to=DENSE/ckpt.pt")
     bridged = Bridged(sparse, load_checkpoint(saved["dense"], device)[0], cfg, saved["dense"])
     bridged.load(saved, path)
-    return bridged.to(device).requires_grad_(False)
+    return bridged.to(device)
 
 
 @torch.no_grad()
-def evaluate_bridges(bridged: Bridged, data: dict, cfg, device, autocast) -> str:
-    """The eval line: on evaluate()'s val batches, both models' CE, each site's NMSE both ways,
-    the CE of every hybrid path (d->s: dense to site i, then sparse; s->d: the reverse)."""
-    gen, runs = torch.Generator().manual_seed(cfg.seed), []
+def evaluate_bridges(bridged: Bridged, val, cfg, device, autocast) -> str:
+    """The eval line, on estimate_loss's val batches: both models' CE, each site's NMSE both
+    ways, the CE of every hybrid path (d->s: dense to site i, then sparse; s->d: the reverse)."""
+    gen = torch.Generator().manual_seed(cfg.seed)
     bridged.eval()
-    for _ in range(cfg.eval_iters):
-        with autocast:
-            runs.append(bridged(*get_batch(data["val"], cfg.block_size, cfg.batch_size, gen,
-                                           device))[0])
+    with autocast:
+        runs = [bridged(*get_batch(val, cfg.block_size, cfg.batch_size, gen, device))[0]
+                for _ in range(cfg.eval_iters)]
     bridged.train()
     m = {k: sum(r[k] for r in runs) / len(runs) for k in runs[0]}
     col = lambda j: " ".join(f"{v:.3f}" for v in m["sites"][:, j].tolist())
@@ -698,8 +685,7 @@ def is_val_file(relpath: str) -> bool:
 
 
 def read_corpus(root: str) -> tuple[list[str], list[str]]:
-    """Returns (train_docs, val_docs). Skipped and counted: unreadable and non-UTF-8 files, and
-    what is not a regular file (a FIFO would block) or is over MAX_FILE_BYTES (data, not code)."""
+    """(train_docs, val_docs); skipped: unreadable, non-UTF-8, not a file (a FIFO), too big."""
     docs, skipped = {}, 0
     for path in list_py_files(root):
         try:
@@ -737,15 +723,13 @@ MAX_PRETOKEN = 1024  # the standard library's longest pre-token has 201 characte
 
 
 def train_bpe(docs: list[str], vocab_size: int, pattern=PRETOKEN_PATTERN) -> dict[bytes, int]:
-    """Learns vocab_size - 257 merges (256 bytes + end-of-text are fixed). Returns tiktoken
-    ranks. Incremental: a merge only revisits the words that contain its pair."""
+    """vocab_size - 257 merges as tiktoken ranks; a merge revisits only the words with its pair."""
     # re lacks \p{L}; regex (a dependency of tiktoken) has it but cuts ours a little differently
     pretoken = regex.compile(pattern) if r"\p" in pattern else re.compile(pattern)
     # pre-tokens cut to MAX_PRETOKEN characters: no input makes merges walk one giant word
     word_counts = Counter(w[i : i + MAX_PRETOKEN] for doc in docs for w in pretoken.findall(doc)
                           for i in range(0, len(w), MAX_PRETOKEN))
-    words = [list(w.encode()) for w in word_counts]
-    freqs = list(word_counts.values())
+    words, freqs = [list(w.encode()) for w in word_counts], list(word_counts.values())
     token_bytes = [bytes([i]) for i in range(256)]
     pair_count, where = Counter(), {}
     for i, (w, f) in enumerate(zip(words, freqs)):
@@ -761,12 +745,9 @@ def train_bpe(docs: list[str], vocab_size: int, pattern=PRETOKEN_PATTERN) -> dic
             w, f = words[i], freqs[i]
             out, j = [], 0
             while j < len(w):
-                if j + 1 < len(w) and (w[j], w[j + 1]) == pair:
-                    out.append(new_id)
-                    j += 2
-                else:
-                    out.append(w[j])
-                    j += 1
+                hit = j + 1 < len(w) and (w[j], w[j + 1]) == pair
+                out.append(new_id if hit else w[j])
+                j += 2 if hit else 1
             for p in zip(w, w[1:]):
                 pair_count[p] -= f
             for p in zip(out, out[1:]):
@@ -813,8 +794,7 @@ def load_tokenizer(path: str, fix: str = "copy a good one there") -> tiktoken.En
 
 
 def load_data_gym_tokenizer(folder: str) -> tiktoken.Encoding:
-    """tinypython_2k as the released models ship it, GPT-2 style: vocab.bpe + encoder.json, read
-    by tiktoken (which checks that they agree), end-of-text after the last rank, their pattern."""
+    """tinypython_2k as the released models ship it: GPT-2 style vocab.bpe + encoder.json."""
     files = [os.path.join(folder, f) for f in ("vocab.bpe", "encoder.json")]
     try:  # the file hashes key tiktoken's cache, so a replaced file is never read stale
         hashes = [hashlib.sha256(open(regular(f), "rb").read()).hexdigest() for f in files]
@@ -830,16 +810,14 @@ def load_data_gym_tokenizer(folder: str) -> tiktoken.Encoding:
 
 
 def cache_digest(folder: str) -> bytes:
-    """sha1 of the cache's files. sha1.txt, written last, records it: a cache whose files do not
-    match it (missing, truncated, corrupt, half-built) is rebuilt, never trusted."""
+    """sha1 of the cache's files; sha1.txt, written last, records it: a mismatch is rebuilt."""
     names = ("tokenizer.tiktoken", "train.bin", "val.bin")
     data = b"".join(Path(regular(os.path.join(folder, n))).read_bytes() for n in names)
     return hashlib.sha1(data).hexdigest().encode()
 
 
 def cache_folder(cache_dir: str, root: str, *made_with) -> str:
-    """cache_dir/<corpus>-<hash> for token files of the corpus under root: the hash covers the
-    corpus (every file's path and size) and what else the tokens depend on (made_with)."""
+    """cache_dir/<corpus>-<hash of every file's path and size, and of made_with>."""
     key = hashlib.sha1("|".join(map(str, (root, *made_with))).encode())
     for path in list_py_files(root):
         key.update(os.fsencode(f"{os.path.relpath(path, root)}:{os.path.getsize(path)}"))
@@ -873,8 +851,7 @@ def prepare_data(cfg) -> tuple[str, tiktoken.Encoding]:
     os.makedirs(folder, exist_ok=True)
     save_tokenizer(ranks, tok_path)
     enc = make_encoding(ranks)
-    t1 = time.time()
-    print(f"tokenizer: {len(ranks) + 1} tokens trained in {t1 - t0:.1f}s")
+    print(f"tokenizer: {len(ranks) + 1} tokens trained in {(t1 := time.time()) - t0:.1f}s")
     for split, docs in (("train", train_docs), ("val", val_docs)):
         n = write_tokens(os.path.join(folder, f"{split}.bin"), docs, enc)
         print(f"data: {split}.bin holds {n:,} tokens")
@@ -888,15 +865,13 @@ def prepare_data(cfg) -> tuple[str, tiktoken.Encoding]:
 
 
 def atomic_write(path: str, write):
-    """write(f) fills path.tmp, which is synced to disk, then renamed over path: a crash leaves
-    the old file or the new one, never half of one. An interrupted write removes its .tmp."""
+    """write(f) fills path.tmp, then renamed over path: a crash leaves the old file or the new."""
     write_files_together({path: write})
 
 
 def write_files_together(writes: dict):
-    """path -> write(f), all or none: each fills path.tmp, synced to disk, and only when every one
-    is written are they renamed over their paths. On any failure the .tmp files go and the old
-    files stay; a full disk or a refused write (torch.save's RuntimeError too) names the file."""
+    """path -> write(f), all or none: each fills path.tmp, synced, renamed when all are written.
+    On failure the .tmp files go, the old files stay; a refused write raises OSError naming it."""
     path = ""
     try:
         for path, write in writes.items():
@@ -916,23 +891,18 @@ def write_files_together(writes: dict):
 
 
 def regular(path: str) -> str:
-    """path, unless it is there but neither a file nor a folder: a FIFO, a device or a socket,
-    whose read could block forever, is refused by name and never opened."""
+    """path, unless it is a FIFO, device or socket (a read could block forever): refused."""
     if os.path.exists(path) and not (os.path.isfile(path) or os.path.isdir(path)):
         sys.exit(f"error: '{path}' is not a regular file (a FIFO, device or socket); put the "
                  "file itself there")
     return path
 
 
-def save_checkpoint(path, model, optimizer, cfg, iter_num, best_val_loss, data_path,
-                    bridges=None):
-    """Atomic (see atomic_write). A checkpoint holds only tensors, dicts, lists, numbers, strings
-    and None, so that it loads with weights_only=True: keep it so, the config included."""
+def save_checkpoint(path, model, optimizer, cfg, iter_num, best_val_loss, data_path, bridges=None):
+    """Atomic. Only tensors, dicts, lists, numbers, strings, None: it loads weights_only=True."""
     ckpt = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "config": dict(cfg),
             "iter_num": iter_num, "best_val_loss": best_val_loss, "data_path": data_path,
-            "tokenizer_sha1": data_path and tokenizer_sha1(data_path)}
-    if bridges is not None:  # Bridged.checkpoint(): the bridges and the dense model's path, sha1
-        ckpt["bridges"] = bridges
+            "tokenizer_sha1": data_path and tokenizer_sha1(data_path), "bridges": bridges}
     atomic_write(path, lambda f: torch.save(ckpt, f))
 
 
@@ -950,22 +920,20 @@ def read_checkpoint(path: str) -> dict:
         sys.exit(f"error: cannot read checkpoint '{path}' ({why}); retrain or pick another")
     if not (isinstance(ckpt, dict) and "model" in ckpt and isinstance(ckpt.get("config"), dict)):
         sys.exit(f"error: '{path}' is not a sparse_gpt checkpoint (no model/config)")
-    wrong = [f"{k}={v!r}" for k, v in ckpt["config"].items()
-             if k not in DEFAULTS or not same_kind(v, DEFAULTS[k])]
-    if wrong:
+    if wrong := [f"{k}={v!r}" for k, v in ckpt["config"].items()
+                 if k not in DEFAULTS or not same_kind(v, DEFAULTS[k])]:
         sys.exit(f"error: '{path}' has config {wrong[0]}, a key this code does not know or a value "
                  "of the wrong type; retrain, or use the code that wrote it")
     return ckpt
 
 
-def nonfinite(model) -> str | None:
-    """The name of the first tensor of the model that holds a NaN or an infinity, or None."""
+def nonfinite(model) -> str | None:  # the first tensor with a NaN or an infinity, or None
     return next((n for n, t in model.state_dict().items() if not t.isfinite().all()), None)
 
 
 def check_memory(cfg, device: torch.device, training: bool):
-    """Refuses a model that cannot fit, before it is allocated. A lower bound: 4 bytes a weight,
-    twice while loading, 4 times in training (gradient, Adam's moments) plus a batch's logits."""
+    """Refuses a model that cannot fit, before allocating: 4 bytes a weight, twice to load, 4
+    times to train (gradient, Adam's moments) plus a batch's logits: a lower bound."""
     hd = (cfg.n_head or cfg.d_model // max(cfg.d_head, 1)) * cfg.d_head
     weights = (cfg.vocab_size * (2 * cfg.d_model + cfg.vocab_size * cfg.bigram_table) + cfg.n_layer
                * cfg.d_model * (4 * hd + 2 * cfg.d_mlp) + cfg.block_size * cfg.d_model)
@@ -979,16 +947,22 @@ def check_memory(cfg, device: torch.device, training: bool):
                  "d_mlp, n_layer, vocab_size, block_size or batch_size")
 
 
+def checkpoint_file(path: str) -> str:
+    """A run's folder (out/tiny) means its ckpt.pt, a released model's folder its final_model.pt."""
+    if not os.path.isdir(path):
+        return path
+    return os.path.join(path, "ckpt.pt" if os.path.exists(os.path.join(path, "ckpt.pt"))
+                        else "final_model.pt")
+
+
 def load_checkpoint(path: str, device="cpu") -> tuple[GPT, tiktoken.Encoding, Config]:
-    """Our ckpt.pt with tokenizer.tiktoken beside it, or a released model's folder (or its
-    final_model.pt) with tinypython's vocab.bpe and encoder.json. A run folder means its ckpt.pt."""
+    """A run folder or its ckpt.pt (tokenizer.tiktoken beside it), or a released model's folder
+    or its final_model.pt (tinypython's vocab.bpe and encoder.json beside it)."""
     pick_device(torch.device(device).type)  # one line, not torch's error, when it is missing
-    if os.path.exists(os.path.join(path, "ckpt.pt")):
-        path = os.path.join(path, "ckpt.pt")
-    folder = path if os.path.isdir(path) else os.path.dirname(path) or "."
-    if os.path.isdir(path) or os.path.basename(path) == "final_model.pt":
-        model, cfg = load_release(folder)
-        tokenizer = load_data_gym_tokenizer(folder)
+    path = checkpoint_file(path)
+    folder = os.path.dirname(path) or "."
+    if os.path.basename(path) == "final_model.pt":
+        (model, cfg), tokenizer = load_release(folder), load_data_gym_tokenizer(folder)
     else:
         ckpt = read_checkpoint(path)
         cfg = Config({**DEFAULTS, **ckpt["config"]}, data_path=ckpt.get("data_path", ""))
@@ -999,11 +973,11 @@ def load_checkpoint(path: str, device="cpu") -> tuple[GPT, tiktoken.Encoding, Co
         except (RuntimeError, TypeError, ValueError, AttributeError) as e:
             why = str(e) if isinstance(e, ValueError) else "retrain it"
             sys.exit(f"error: checkpoint '{path}' does not match this model code; {why}")
-        tok_path, fix = os.path.join(folder, "tokenizer.tiktoken"), "copy the run's own there"
-        tokenizer = load_tokenizer(tok_path, f"{fix} (its cache {cfg.data_path} has one)")
+        tok_path = os.path.join(folder, "tokenizer.tiktoken")
+        fix = f"copy the run's own there (its cache {cfg.data_path} has one)"
+        tokenizer = load_tokenizer(tok_path, fix)
         if ckpt.get("tokenizer_sha1") not in (None, "", tokenizer_sha1(folder)):  # older: none
-            sys.exit(f"error: {tok_path} is not the tokenizer {path} was trained with; {fix} "
-                     f"(its cache {cfg.data_path} has one)")
+            sys.exit(f"error: {tok_path} is not the tokenizer {path} was trained with; {fix}")
     if nonfinite(model):
         sys.exit(f"error: '{path}' holds NaN or infinite weights in {nonfinite(model)}: the run "
                  "diverged before it was saved; train it again with a lower --learning_rate")
@@ -1019,17 +993,16 @@ RESUME_MAY_CHANGE = ("out_dir cache_dir init_from overwrite device compile eval_
 
 
 def start_run(cfg, ckpt, model, optimizer, device, rank: int, world: int, bridged=None) -> tuple:
-    """train()'s setup, every check passed before anything is written to out_dir: the resumed
-    model, optimizer, bridges (ckpt: the run's checkpoint, read here if the caller has not) or a
-    refusal to overwrite a checkpoint, the token data (built once), the tokenizer copied beside
-    the checkpoint. Returns (iter_num, best_val_loss, data, tokenizer, data_path)."""
+    """train()'s setup, every check passed before out_dir is written: the resumed model and
+    optimizer (ckpt read here if the caller has not) or a refusal to overwrite, the token data,
+    the tokenizer copied beside the checkpoint. Returns (iter_num, best_val_loss, data,
+    tokenizer, data_path)."""
     ckpt_path = os.path.join(cfg.out_dir, "ckpt.pt")
     iter_num, best_val_loss, trained_on = 0, math.inf, None
     if cfg.init_from == "resume":
         ckpt = ckpt or read_checkpoint(ckpt_path)
         saved = absolute_paths(Config(DEFAULTS, **ckpt["config"]))  # older checkpoints: relative
-        changed = [k for k in DEFAULTS if k not in RESUME_MAY_CHANGE and saved[k] != cfg[k]]
-        if changed:
+        if changed := [k for k in DEFAULTS if k not in RESUME_MAY_CHANGE and saved[k] != cfg[k]]:
             sys.exit(f"error: --init_from=resume continues the run's own config; drop the flags "
                      f"that change it ({', '.join(changed)}), or start a new run elsewhere")
         try:
@@ -1060,7 +1033,7 @@ def start_run(cfg, ckpt, model, optimizer, device, rank: int, world: int, bridge
     if trained_on is not None and os.path.basename(trained_on) != os.path.basename(data_path):
         sys.exit(f"error: the corpus or vocabulary differs from the one {ckpt_path} was trained on "
                  f"({trained_on}); resume with the same corpus")
-    data = {s: np.memmap(os.path.join(data_path, f"{s}.bin"), dtype=np.uint16, mode="r")
+    data = {s: np.memmap(f"{data_path}/{s}.bin", dtype=np.uint16, mode="r")
             for s in ("train", "val")}
     for s, arr in data.items():
         if len(arr) <= cfg.block_size + 1:
@@ -1091,28 +1064,36 @@ def absolute_paths(cfg) -> Config:
 
 
 def claim_folder(folder: str) -> str:
-    """folder/run.lock holds the pid of the run writing there: a second run is refused while that
-    process lives, and the lock of one that has ended is taken over. Returns the lock's path."""
-    path = os.path.join(folder, "run.lock")
-    holder = Path(regular(path)).read_text() if os.path.isfile(path) else ""
-    if holder.isdigit() and 0 < int(holder) != os.getpid():
-        try:
-            os.kill(int(holder), 0)  # signal 0 only asks whether the process exists
-            sys.exit(f"error: {folder} is in use by another run (pid {holder}); wait for it to "
-                     f"end, or pass another --out_dir (or delete {path} if that is not a run)")
-        except ProcessLookupError:
-            print(f"{path}: its run (pid {holder}) has ended; taking the lock over")
-    atomic_write(path, lambda f: f.write(str(os.getpid()).encode()))
-    return path
+    """folder/run.lock holds the writing run's pid: a second run is refused while that process
+    lives; an ended one's lock is taken over. Returns the lock's path."""
+    path, mine = os.path.join(folder, "run.lock"), os.path.join(folder, f"run.lock.{os.getpid()}")
+    Path(mine).write_text(str(os.getpid()))
+    try:
+        for _ in range(2):
+            try:  # a hard link is made whole or not at all: of two runs at once, one gets it
+                os.link(mine, path)
+                return path
+            except FileExistsError:
+                holder = Path(regular(path)).read_text()
+            if holder.isdigit() and 0 < int(holder) != os.getpid():
+                try:
+                    os.kill(int(holder), 0)  # signal 0 only asks whether the process exists
+                    sys.exit(f"error: {folder} is in use by another run (pid {holder}); wait for "
+                             f"it to end, or pass another --out_dir (or delete {path} if that is "
+                             "not a run)")
+                except ProcessLookupError:
+                    print(f"{path}: its run (pid {holder}) has ended; taking the lock over")
+            os.unlink(path)
+        sys.exit(f"error: could not take {path}; another run is starting there")
+    finally:
+        os.unlink(mine)
 
 
 @contextmanager
 def ctrl_c_finishes_the_step(world: int, lock: str | None):
-    """The first Ctrl-C (SIGINT), or SIGTERM (a scheduler, docker stop, timeout), asks the
-    training loop to stop: it finishes the step, saves and exits with 130 or 143 (stop.requested:
-    the signal's number, read after every step). A second one aborts at once, with one process
-    (torchrun passes a Ctrl-C on: every rank sees two). However training ends, the old handlers
-    come back, the lock on out_dir goes and a DDP process leaves its group."""
+    """The first Ctrl-C or SIGTERM sets stop.requested (the signal's number): the loop finishes
+    the step, saves, exits 130 or 143. A second aborts at once, with one process (torchrun passes
+    a Ctrl-C on: every rank sees two). At the end the handlers, the lock and DDP group go."""
     stop = SimpleNamespace(requested=0)
 
     def on_signal(signum, frame):
@@ -1122,11 +1103,11 @@ def ctrl_c_finishes_the_step(world: int, lock: str | None):
         print(f"\n{signal.Signals(signum).name}: finishing this step, saving, exiting (send it "
               "again to abort)")
 
-    old_handlers = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+    old = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
         yield stop
     finally:
-        for s, handler in old_handlers.items():
+        for s, handler in old.items():
             signal.signal(s, handler)
         if lock:
             Path(lock).unlink(missing_ok=True)
@@ -1190,7 +1171,7 @@ def release_config(beeg: dict, where: str) -> Config:
 
 def load_release(folder: str) -> tuple[GPT, Config]:
     """A released model as our GPT, its logits equal to theirs (float32)."""
-    cfg_path, sd_path = (os.path.join(folder, f) for f in ("beeg_config.json", "final_model.pt"))
+    cfg_path, sd_path = os.path.join(folder, "beeg_config.json"), f"{folder}/final_model.pt"
     try:
         cfg = release_config(json.loads(Path(regular(cfg_path)).read_text()), cfg_path)
         check_memory(cfg, torch.device("cpu"), training=False)
@@ -1198,8 +1179,8 @@ def load_release(folder: str) -> tuple[GPT, Config]:
     except Exception as e:
         sys.exit(f"error: cannot read {cfg_path} and final_model.pt ({type(e).__name__}); download "
                  "them into one folder (README: Prune the paper's released models)")
-    if not (isinstance(sd, dict) and all(isinstance(t, torch.Tensor) for t in sd.values())
-            and all(isinstance(k, str) for k in sd)):
+    if not (isinstance(sd, dict) and all(isinstance(k, str) and isinstance(t, torch.Tensor)
+                                         for k, t in sd.items())):
         sys.exit(f"error: {sd_path} is not a flat dict of named tensors (a state_dict); download "
                  "it again (README: Prune the paper's released models)")
     rename = re.compile("|".join(map(re.escape, RELEASE_NAMES)))
@@ -1213,9 +1194,8 @@ def load_release(folder: str) -> tuple[GPT, Config]:
         sd["bigram.weight"] = sd.get("bigram.weight", torch.zeros(cfg.vocab_size, 1)) + bias
     model = GPT(cfg)
     want = model.state_dict()
-    bad = sorted(set(want) ^ set(sd))
-    bad += [k for k in sd if k in want and sd[k].shape != want[k].shape]
-    if bad:
+    if bad := sorted(set(want) ^ set(sd)) + [k for k in sd if k in want
+                                             and sd[k].shape != want[k].shape]:
         sys.exit(f"error: {sd_path} does not fit its beeg_config.json (tensor {bad[0]})")
     model.load_state_dict(sd)
     return model, cfg
@@ -1252,16 +1232,14 @@ def setup_ddp(device: torch.device, batch_size: int) -> tuple[int, int, torch.de
 
 
 def mean_over_ranks(loss: float, stop: bool, world: int, device) -> tuple[float, bool]:
-    """The global batch's loss (the mean of the ranks' losses) for the log, and whether any rank
-    saw Ctrl-C, so that all stop at the same step. Both travel in one tensor: one all_reduce, a
-    collective every rank must join, per step instead of two."""
+    """The global batch's loss and whether any rank saw Ctrl-C (so all stop at the same step), in
+    one tensor: one all_reduce, a collective every rank must join, per step instead of two."""
     both = torch.tensor([loss / world, stop], dtype=torch.float64, device=device)
     dist.all_reduce(both)
     return both[0].item(), both[1].item() > 0
 
 
-def bf16_autocast(device: torch.device):
-    """bfloat16 matmuls on CUDA (tensor cores), float32 elsewhere."""
+def bf16_autocast(device: torch.device):  # bfloat16 matmuls on CUDA (tensor cores)
     return torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
 
 
@@ -1290,11 +1268,10 @@ RULES = dict(
     density=FRACTION, embed_ratio=POSITIVE, anneal_frac=SHARE, warmup_frac=SHARE,
     min_per_neuron=(lambda v, c: 0 <= v <= c.density * c.d_model, "in [0, density * d_model]"),
     c_nmse=(lambda v, c: 0 <= v < math.inf, ">= 0"), c_kl=(lambda v, c: 0 <= v < math.inf, ">= 0"),
-    hybrid_frac=FRACTION,
     batch_size=COUNT, max_iters=up_to(10**9), learning_rate=POSITIVE, adam_eps=POSITIVE,
     weight_decay=(lambda v, c: 0 <= v < math.inf, ">= 0"), eval_interval=COUNT, device=DEVICE,
-    eval_iters=up_to(10**5),
-    log_interval=COUNT, activation=(lambda v, c: v in ("gelu", "relu"), "gelu or relu"),
+    eval_iters=up_to(10**5), log_interval=COUNT,
+    activation=(lambda v, c: v in ("gelu", "relu"), "gelu or relu"),
     afrac_nodes=(lambda v, c: v == "all" or set(v.split(",")) <= set(NODE_LOCATIONS),
                  "all or some of " + ",".join(NODE_LOCATIONS)))
 
@@ -1306,29 +1283,32 @@ def parse_value(text: str, default):
     return os.path.expanduser(text) if isinstance(default, str) else type(default)(text)
 
 
-def print_help(defaults, presets):
-    """Every key, its default and the comment beside it in its script's DEFAULTS."""
-    owner = [m for m in list(sys.modules.values())
-             if getattr(m, "__dict__", {}).get("DEFAULTS") is defaults]
-    text = open(owner[0].__file__).read().split("DEFAULTS = dict(")[1] if owner else ""
-    notes = dict(re.findall(r"^    (\w+)=.*?# (.*)$", text.split("\n)")[0], re.M))
-    print("\n".join([f"  {f'--{k}={v}':<26} {notes.get(k, '')}" for k, v in defaults.items()]
-                    + [f"presets (--preset=NAME): {' '.join(presets or ())}"] * bool(presets)))
+def initials(key: str) -> str:
+    """learning_rate -> lr: what a near-miss key often is."""
+    return "".join(word[:1] for word in key.split("_"))
 
 
 def parse_config(argv, defaults=DEFAULTS, presets=PRESETS, rules=RULES) -> Config:
-    """--key=value over --preset=NAME over defaults, then checked against the rules. Shared by
-    all three scripts. --help lists the keys; bad input exits with one clear line."""
-    if {"-h", "--help"} & set(argv):
-        print_help(defaults, presets)
+    """--key=value over --preset=NAME over defaults, checked against the rules; for all three
+    scripts. --help lists the keys; bad input exits with one clear line."""
+    if {"-h", "--help"} & set(argv):  # every key, its default and its comment in DEFAULTS
+        owner = [m for m in list(sys.modules.values())
+                 if getattr(m, "__dict__", {}).get("DEFAULTS") is defaults]
+        text = open(owner[0].__file__).read().split("DEFAULTS = dict(")[1] if owner else ""
+        notes = dict(re.findall(r"^    (\w+)=.*?# (.*)$", text.split("\n)")[0], re.M))
+        print("\n".join([f"  {f'--{k}={v}':<26} {notes.get(k, '')}" for k, v in defaults.items()]
+                        + [f"presets (--preset=NAME): {' '.join(presets or ())}"] * bool(presets)))
         sys.exit(0)
     pairs = {}
     for arg in argv:
         if not arg.startswith("--") or "=" not in arg:
             sys.exit(f"error: expected --key=value, got '{arg}'")
         key, text = arg[2:].split("=", 1)
-        if key not in defaults:
-            sys.exit(f"error: unknown config key '{key}'; valid keys: {' '.join(defaults)}")
+        if key not in defaults:  # did you mean: a near spelling, or initials (lr, learning_rate)
+            near = [k for k in defaults if key == initials(k) != k or initials(key) == k != key]
+            near = (near or difflib.get_close_matches(key, defaults, 1))[:1]
+            sys.exit(f"error: unknown config key '{key}';" + "".join(
+                f" did you mean --{k}?" for k in near) + f" valid keys: {' '.join(defaults)}")
         try:
             pairs[key] = parse_value(text, defaults[key])
         except (KeyError, ValueError):
@@ -1336,8 +1316,7 @@ def parse_config(argv, defaults=DEFAULTS, presets=PRESETS, rules=RULES) -> Confi
             sys.exit(f"error: --{key}={text} is not a valid {kind} (default {defaults[key]!r})")
     cfg = Config(defaults)
     if presets:
-        name = pairs.get("preset", cfg.preset)
-        if name == "auto":
+        if (name := pairs.get("preset", cfg.preset)) == "auto":
             name = "gpu" if torch.cuda.is_available() else "cpu"
         if name not in presets:
             sys.exit(f"error: unknown preset '{name}'; valid presets: {' '.join(presets)}")
@@ -1353,14 +1332,13 @@ def check_rules(cfg, rules, where=""):
             sys.exit(f"error: {where}{key}={cfg[key]} is invalid: it must be {rule}")
 
 
-def same_kind(value, default) -> bool:
-    """A config value of its default's type (an int where a float belongs too)."""
+def same_kind(value, default) -> bool:  # the default's type (an int where a float belongs too)
     return type(value) is type(default) or type(default) is float and type(value) is int
 
 
 def cli(main):
-    """A script's main(argv), run so that Ctrl-C exits with 130 and a file the system refuses (a
-    folder where a file belongs, no permission, a full disk) exits with one line naming it."""
+    """main(argv) run so that Ctrl-C exits with 130 and a file the system refuses (a folder, no
+    permission, a full disk) exits with one line naming it."""
     def run(argv=None):
         # SIGTERM (a scheduler, docker stop, timeout) unwinds like Ctrl-C: no half-written file
         signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(143))
@@ -1369,12 +1347,15 @@ def cli(main):
                 return main(sys.argv[1:] if argv is None else argv)
             except KeyboardInterrupt:
                 sys.exit(130)
+            except BrokenPipeError:  # python tasks.py | head: the reader has all it wants
+                os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no 2nd error
+                sys.exit(0)
             except OSError as e:
                 where = f": '{str(e.filename).removesuffix('.tmp')}'" if e.filename else ""
                 sys.exit(f"error: {e.strerror or e}{where}; fix that path or pass another")
         except SystemExit as e:  # under torchrun every rank fails alike: rank 0 alone says why
-            if isinstance(e.code, str) and TORCHRUN_VARS <= set(os.environ) and \
-                    os.environ["RANK"] != "0":
+            if isinstance(e.code, str) and TORCHRUN_VARS <= set(os.environ) \
+                    and os.environ["RANK"] != "0":
                 sys.exit(1)
             raise
     return run
@@ -1387,14 +1368,15 @@ PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12}  # bf16 dense, for
 
 
 def bench(cfg, warmup=3, rounds=10) -> dict:
-    """Times training steps of the model at its target density and of its dense twin (density=1,
-    afrac=1) on random tokens, interleaved step by step; on CUDA both eager and compiled."""
+    """Times training steps at the target density and of the dense twin (density=1, afrac=1) on
+    random tokens, interleaved step by step; on CUDA both eager and compiled."""
     device = pick_device(cfg.device)
     check_memory(cfg, device, training=True)
-    cuda = device.type == "cuda"
+    cuda, autocast = device.type == "cuda", bf16_autocast(device)
     sync = torch.cuda.synchronize if cuda else (lambda: None)
-    autocast = bf16_autocast(device)
     variants = {"sparse": Config(cfg), "dense": Config(cfg, density=1.0, afrac=1.0)}
+    if cfg.bridge_to:  # the sparse model again, with bridges to the dense model named
+        variants["bridged"] = Config(cfg)
     if cuda:
         variants = {f"{n} {mode}": Config(c, compile=mode == "compile")
                     for n, c in variants.items() for mode in ("eager", "compile")}
@@ -1404,14 +1386,10 @@ def bench(cfg, warmup=3, rounds=10) -> dict:
         model = GPT(vcfg).to(device)
         project_weights(model, vcfg.max_iters, vcfg)  # the target densities
         fmodel = torch.compile(model) if vcfg.compile else model
-        runs[name] = (model, fmodel, make_optimizer(model, vcfg, device.type), vcfg, [])
-        if cfg.bridge_to and name in ("sparse", "sparse eager"):  # the same model, bridged
-            torch.manual_seed(cfg.seed)
-            model = GPT(vcfg).to(device)
-            project_weights(model, vcfg.max_iters, vcfg)
-            optimizer = make_optimizer(model, vcfg, device.type)
-            bridged = bridge_to_dense(vcfg, model, optimizer, device)
-            runs[name.replace("sparse", "bridged")] = (model, bridged, optimizer, vcfg, [])
+        optimizer = make_optimizer(model, vcfg, device.type)
+        if name.startswith("bridged"):
+            fmodel = bridge_to_dense(vcfg, fmodel, optimizer, device)
+        runs[name] = (model, fmodel, optimizer, vcfg, [])
     x, y = torch.randint(cfg.vocab_size, (2, cfg.batch_size, cfg.block_size),
                          generator=torch.Generator().manual_seed(cfg.seed)).to(device)
     for _ in range(warmup + rounds):

@@ -4,14 +4,18 @@ and accuracy of a model on them. A datapoint is a pair of prompts that differ mi
 prompt_a the next token should be token_a rather than token_b, after prompt_b the reverse, so a
 model that ignores the context scores exactly 50%. prune.py finds the circuit of one task.
 
-    python tasks.py                                 # two example pairs of every task
+    python tasks.py                                 # two example pairs of every task, checked
+    python tasks.py --tasks=for_while               # one task's examples, checked
     python tasks.py --ckpt=out/ckpt.pt              # accuracy and task loss of a checkpoint
     python tasks.py --ckpt=out/ckpt.pt --tasks=bracket_counting,for_while --n=500
 """
 
+import difflib
 import hashlib
 import random
-from collections import namedtuple
+import sys
+from collections import Counter, namedtuple
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -19,16 +23,15 @@ import torch.nn.functional as F
 import sparse_gpt
 
 DEFAULTS = dict(
-    ckpt="",  # checkpoint to evaluate; empty = print two example pairs of every task
+    ckpt="",  # checkpoint (or run folder) to evaluate; empty = examples, checked (cache_dir)
     tasks="all",  # comma-separated names; all = the 20 tasks and the two bracket attacks
     n=200,  # pairs per task (2n prompts)
     seed=0,  # which pairs are drawn
     split="test",  # train | test: the two never share a prompt (prune.py fits on train)
     device="auto",  # auto | cpu | cuda | mps
+    cache_dir="data",  # without ckpt: the pairs are checked against every tokenizer cached here
 )
-RULES = dict(  # what each value must be (see sparse_gpt.RULES)
-    tasks=(lambda v, c: v == "all" or all(t in ALL for t in v.split(",")),
-           "all or comma-separated task names (python tasks.py shows every task)"),
+RULES = dict(  # what each value must be (see sparse_gpt.RULES); tasks: see task_names
     n=sparse_gpt.up_to(100_000), split=(lambda v, c: v in ("train", "test"), "train or test"),
     device=sparse_gpt.DEVICE)
 
@@ -65,8 +68,7 @@ def value(rng) -> str:
 
 
 def message(rng) -> str:
-    """An error message or a comment; it ends in a word, so a quote or brace after it stays a
-    token of its own."""
+    """An error message or a comment, ending in a word: a quote or brace after it is a token."""
     noun, other = rng.choice(NOUNS), rng.choice(NOUNS)
     return rng.choice([f"cannot {rng.choice(VERBS)} {noun}", f"invalid {noun}",
                        f"expected a {noun}", f"unknown {noun}", f"missing {noun} in {other}",
@@ -91,8 +93,7 @@ def statement(rng, ind: str, comments: bool = True) -> str:
 
 
 def preamble(rng, method: bool | None = None) -> tuple[str, str]:
-    """The start of a function or of a method, with a few body lines. Returns (text, indent) so
-    the task's own line can follow at that indent."""
+    """(text, indent): a function's or method's start and a few body lines; the task's line next."""
     method = rng.random() < 0.5 if method is None else method
     args = ", ".join(rng.sample(NOUNS, rng.randint(1, 2)))
     text = rng.choice(["", "", f"import {rng.choice(['os', 're', 'sys', 'io'])}\n\n\n"])
@@ -338,21 +339,22 @@ def split_of(prompt: str) -> str:
 
 
 def make_pairs(name: str, n: int, seed: int = 0, split: str = "train") -> list[Pair]:
-    """n pairs of task `name` whose prompts both belong to `split`; pairs that straddle the
-    splits are drawn again, so train and test never share a prompt."""
+    """n pairs of task `name` with both prompts in `split` (train and test never share one)."""
     if name not in ALL:
         raise ValueError(f"unknown task '{name}'; valid tasks: {' '.join(ALL)}")
     if type(n) is not int or n < 0:
         raise ValueError(f"n must be a whole number of pairs, got {n!r}")
     if split not in ("train", "test"):
         raise ValueError(f"split must be train or test, got '{split}'")
-    rng = random.Random(f"{name}/{seed}")
-    pairs = []
-    while len(pairs) < n:
+    rng, pairs, draws = random.Random(f"{name}/{seed}"), [], 20 * n + 100
+    for _ in range(draws):  # bounded: a new task whose prompts never vary would loop forever
         pair = ALL[name](rng)
         if split_of(pair.prompt_a) == split == split_of(pair.prompt_b):
             pairs.append(pair)
-    return pairs
+            if len(pairs) == n:
+                return pairs
+    raise ValueError(f"task {name}: {len(pairs)} of {n} {split} pairs in {draws} draws; its "
+                     "prompts must vary (a pair counts when both its prompts fall in the split)")
 
 
 def answer_id(tokenizer, token: str) -> int:
@@ -363,9 +365,8 @@ def answer_id(tokenizer, token: str) -> int:
 
 
 def check_pairs(tokenizer, name: str, pairs: list[Pair]):
-    """Raises ValueError naming the task and the token unless both answers are single tokens and
-    each would be produced as it is right after every prompt (paper A.7), i.e.
-    encode(prompt + answer) == encode(prompt) + [answer]."""
+    """A ValueError names the task and token unless each answer is one token, produced as it is
+    after every prompt (paper A.7): encode(prompt + answer) == encode(prompt) + [answer]."""
     encode = tokenizer.encode_ordinary
     for pair in pairs:
         for token in (pair.token_a, pair.token_b):
@@ -384,19 +385,17 @@ def check_pairs(tokenizer, name: str, pairs: list[Pair]):
 
 
 def encode_pairs(tokenizer, pairs: list[Pair], block_size: int, device="cpu") -> dict:
-    """Rows 2i / 2i+1 are prompt_a / prompt_b of pair i, right-padded (invisible to a causal model
-    at the positions we read); last = each row's answer position; sign is +1 where token_a is the
-    right answer, -1 where token_b is. Prompts longer than the context keep their last block_size
-    tokens, so the answer position survives. prune.py reuses this for every mask-training step."""
+    """Rows 2i / 2i+1: prompt_a / prompt_b of pair i, right-padded (a causal model never sees the
+    padding at `last`, each row's answer position), cut to their last block_size tokens; sign:
+    +1 where token_a is the right answer, -1 where token_b is. prune.py trains masks on it."""
     if not pairs:
         raise ValueError("no pairs to encode: pass at least one Pair")
-    rows, tok_a, tok_b = [], [], []
+    rows, answers = [], []
     for p in pairs:
-        a, b = answer_id(tokenizer, p.token_a), answer_id(tokenizer, p.token_b)
+        answers += [(answer_id(tokenizer, p.token_a), answer_id(tokenizer, p.token_b))] * 2
         rows += [tokenizer.encode_ordinary(p.prompt_a)[-block_size:],
                  tokenizer.encode_ordinary(p.prompt_b)[-block_size:]]
-        tok_a += [a, a]
-        tok_b += [b, b]
+    tok_a, tok_b = zip(*answers)
     idx = torch.zeros(len(rows), max(map(len, rows)), dtype=torch.long)
     for i, row in enumerate(rows):
         idx[i, : len(row)] = torch.tensor(row)
@@ -409,9 +408,8 @@ def answer_logits(model, tokenizer, pairs: list[Pair]) -> tuple[torch.Tensor, to
     """(logit of the correct answer, logit of the wrong one), each of shape (2n,): row 2i is
     prompt_a of pair i, row 2i+1 its prompt_b. One batched forward, differentiable."""
     data = encode_pairs(tokenizer, pairs, model.cfg.block_size, next(model.parameters()).device)
-    logits, _ = model(data["idx"])
-    rows = torch.arange(len(data["last"]), device=logits.device)
-    last = logits[rows, data["last"]].float()
+    rows = torch.arange(len(data["last"]), device=data["idx"].device)
+    last = model(data["idx"])[0][rows, data["last"]].float()
     a, b = last[rows, data["tok_a"]], last[rows, data["tok_b"]]
     first_right = data["sign"] > 0
     return torch.where(first_right, a, b), torch.where(first_right, b, a)
@@ -452,7 +450,38 @@ def evaluate(model, tokenizer, names, n: int = 200, seed: int = 0, split: str = 
 
 
 # -----------------------------------------------------------------------------
-# command line: examples, or an evaluation table
+# command line: examples checked against the cached tokenizers, or an evaluation table
+
+
+def task_names(text: str) -> list[str]:
+    """--tasks=a,b as a list; a name that is no task is an error that suggests the nearest."""
+    for t in text.split(","):
+        if t and t not in ALL:
+            near = "".join(f" did you mean {n}?" for n in difflib.get_close_matches(t, ALL, 1))
+            sys.exit(f"error: --tasks: unknown task '{t}';{near} (python tasks.py lists them all)")
+    return [t for t in text.split(",") if t]
+
+
+def check_cached(names, cfg) -> bool:
+    """Without a checkpoint: every task's train and test pairs checked against each tokenizer
+    cached in cache_dir, as an evaluation or prune.py would ask them. False if one fails."""
+    paths = sorted(Path(cfg.cache_dir).glob("*/tokenizer.tiktoken"))
+    if not paths:
+        print(f"no tokenizer cached in {cfg.cache_dir}/, so the answers are not checked (python "
+              "sparse_gpt.py builds one; --cache_dir=FOLDER names another cache)")
+    bad = []
+    for path in paths:
+        tokenizer = sparse_gpt.load_tokenizer(str(path))
+        for name in names:
+            try:
+                for split in ("train", "test"):
+                    for_tokenizer(tokenizer, name, make_pairs(name, cfg.n, cfg.seed, split))
+            except ValueError as e:
+                bad.append(print(f"error: {e} (tokenizer {path})"))
+        print(f"checked {len(names)} task(s) against {path}, {cfg.n} train and {cfg.n} test pairs "
+              "each: " + (f"{len(bad)} failed" if bad else "every answer is one token that "
+                          "follows its prompt as the corpus tokenization would produce it"))
+    return not bad
 
 
 def show_examples(names, seed: int):
@@ -468,9 +497,13 @@ def show_examples(names, seed: int):
 @sparse_gpt.cli
 def main(argv):
     cfg = sparse_gpt.parse_config(argv, DEFAULTS, presets=None, rules=RULES)
-    names = list(ALL) if cfg.tasks == "all" else cfg.tasks.split(",")
+    names = list(ALL) if cfg.tasks == "all" else task_names(cfg.tasks)
     if not cfg.ckpt:
-        return show_examples(names, cfg.seed)
+        try:
+            show_examples(names, cfg.seed)
+        except ValueError as e:  # a new task that cannot make its pairs
+            sys.exit(f"error: {e}")
+        return None if check_cached(names, cfg) else sys.exit(1)
     device = sparse_gpt.pick_device(cfg.device)
     model, tokenizer, _ = sparse_gpt.load_checkpoint(cfg.ckpt, device)
     print(f"{cfg.ckpt}: {cfg.n} {cfg.split} pairs per task (seed {cfg.seed})")
@@ -492,8 +525,8 @@ def main(argv):
     if scores:
         done, accs = solved(scores), [acc for _, acc, _ in scores.values()]
         print(f"{f'mean over {len(accs)} tasks':<30}{sum(accs) / len(accs):>7.1%}")
-        print(f"solved (accuracy >= {SOLVED_ACC:.0%}): {len(done)} of {len(accs)}: "
-              f"{' '.join(done) or '-'}")
+        print(f"solved (accuracy >= {SOLVED_ACC:.0%} on these {cfg.split} pairs; prune.py decides "
+              f"on its train pairs): {len(done)} of {len(accs)}: {' '.join(done) or '-'}")
 
 
 # -----------------------------------------------------------------------------
@@ -540,10 +573,27 @@ def as_tokenized(tokenizer, name: str, pair: Pair) -> Pair:
 
 
 def for_tokenizer(tokenizer, name: str, pairs: list[Pair]) -> list[Pair]:
-    """The pairs as this tokenizer asks them, checked; a ValueError names a task it cannot ask."""
-    pairs = [as_tokenized(tokenizer, name, p) for p in pairs]
+    """The pairs as this tokenizer asks them, checked; a ValueError names a task it cannot ask.
+    A tokenizer of ours asks them as written (an answer that is not a token is the task's bug,
+    to fix, not to adapt); another one (a released model's) may cut the code elsewhere, and
+    every rewrite it needs is printed."""
+    if tokenizer._pat_str != sparse_gpt.PRETOKEN_PATTERN:
+        asked = [as_tokenized(tokenizer, name, p) for p in pairs]
+        for how, count in Counter(rewrite(p, q) for p, q in zip(pairs, asked) if p != q).items():
+            print(f"{name}: {count} of {len(pairs)} pairs asked as {how}")
+        pairs = asked
     check_pairs(tokenizer, name, pairs)
     return pairs
+
+
+def rewrite(old: Pair, new: Pair) -> str:
+    """'")\\n' / "')\\n" instead of '")' / "')", and how the prompts changed."""
+    how = f"{new.token_a!r} / {new.token_b!r} instead of {old.token_a!r} / {old.token_b!r}"
+    if old.prompt_a.startswith(new.prompt_a) and new.prompt_a != old.prompt_a:
+        how += f", the prompts less their last {old.prompt_a[len(new.prompt_a):]!r}"
+    elif new.prompt_a.startswith(old.prompt_a) and new.prompt_a != old.prompt_a:
+        how += f", the prompts followed by {new.prompt_a[len(old.prompt_a):]!r}"
+    return how
 
 
 if __name__ == "__main__":

@@ -3,6 +3,7 @@
 import contextlib
 import copy
 import hashlib
+import itertools
 import json
 import math
 import os
@@ -26,6 +27,11 @@ import torch.nn.functional as F
 import prune
 import sparse_gpt as sg
 import tasks
+
+# torch's own torch/utils/mkldnn.py calls the deprecated torch.jit.script_method when the first
+# torch.compile imports it: not our code, and nothing we call is deprecated
+pytestmark = pytest.mark.filterwarnings(
+    "ignore:`torch.jit.script_method` is deprecated:DeprecationWarning")
 
 # -----------------------------------------------------------------------------
 # shared fixtures: a small corpus of real stdlib files and a tokenizer trained on it
@@ -368,6 +374,18 @@ def test_bad_keys_values_and_corpus_give_clear_errors(tmp_path):
     assert cfg.d_model == sg.PRESETS["tiny"]["d_model"]
 
 
+def test_a_near_miss_key_is_met_with_did_you_mean():
+    for argv, defaults, near in ((["--lr=1e-3"], sg.DEFAULTS, "learning_rate"),
+                                 (["--n_layers=3"], sg.DEFAULTS, "n_layer"),
+                                 (["--learning_rate=1e-3"], prune.DEFAULTS, "lr"),
+                                 (["--tasks=all", "--nn=3"], tasks.DEFAULTS, "n")):
+        with pytest.raises(SystemExit, match=rf"'{argv[-1][2:].split('=')[0]}'; did you mean "
+                                              rf"--{near}\? valid keys:"):
+            sg.parse_config(argv, defaults, presets=None)
+    with pytest.raises(SystemExit, match=r"unknown config key 'zzz'; valid keys:"):
+        sg.parse_config(["--zzz=1"])
+
+
 # -----------------------------------------------------------------------------
 # training loop
 
@@ -426,10 +444,11 @@ def test_resume_with_another_model_shape_is_a_clear_error(tmp_path, corpus_dir):
         sg.train(cfg)
 
 
-def test_tiny_preset_learns_well_below_the_unigram_baseline(tmp_path, corpus_dir):
+def test_tiny_preset_learns_well_below_the_unigram_baseline(tmp_path, corpus_dir, capsys):
     cfg = tiny_cfg(tmp_path, corpus_dir)
     sg.train(cfg)
-    model, tokenizer, saved = sg.load_checkpoint(os.path.join(cfg.out_dir, "ckpt.pt"))
+    assert "ckpt.pt holds the last step's weights, not the best's" in capsys.readouterr().out
+    model, tokenizer, saved = sg.load_checkpoint(cfg.out_dir)  # a run's folder: its ckpt.pt
     val = np.fromfile(os.path.join(saved.data_path, "val.bin"), dtype=np.uint16)
     train = np.fromfile(os.path.join(saved.data_path, "train.bin"), dtype=np.uint16)
     counts = np.bincount(train, minlength=cfg.vocab_size) + 1
@@ -705,7 +724,7 @@ def tiny_gpt(vocab_size: int, block_size: int) -> sg.GPT:
 
 
 def test_tasks_are_the_papers_20_and_attacks_are_apart():
-    assert list(tasks.TASKS) == PAPER_TASKS
+    assert list(tasks.TASKS)[:20] == PAPER_TASKS  # a learner's own tasks may follow
     assert list(tasks.ATTACKS) == ["bracket_counting_distractor", "bracket_counting_long"]
 
 
@@ -765,7 +784,7 @@ def official_pattern_tokenizer():
 
 def test_every_task_is_asked_in_a_variant_under_the_official_pattern(official_pattern_tokenizer):
     enc, asked = official_pattern_tokenizer, {}
-    for name in ALL_NAMES:
+    for name in tasks.FOLLOWS:  # the paper's; a task of one's own needs FOLLOWS for this
         pairs = tasks.make_pairs(name, 100, split="test")
         asked[name] = tasks.for_tokenizer(enc, name, pairs)  # raises for a task it cannot ask
         assert all(p.prompt_a.startswith(a.prompt_a) and p.prompt_b.startswith(a.prompt_b)
@@ -775,6 +794,76 @@ def test_every_task_is_asked_in_a_variant_under_the_official_pattern(official_pa
     assert all(p.token_a.endswith(")") and p.token_b == p.token_a + "\n" for p in asked["with_as"])
     assert all(p.prompt_a.endswith(":\n") and p.token_a.isspace() for p in asked["indent_for"])
     assert asked["class_init"] == tasks.make_pairs("class_init", 100, split="test")  # unchanged
+
+
+def loop_kind(rng) -> tasks.Pair:
+    """for x in vs while x: (a learner's own task, added in the tests)."""
+    head, ind = tasks.preamble(rng)
+    return tasks.Pair(f"{head}{ind}for {tasks.name(rng)}", f"{head}{ind}while {tasks.name(rng)}",
+                      " in", ":")
+
+
+def bad_quote(rng) -> tasks.Pair:
+    """'"' after print( merges into the token ("; the answer should be '")'."""
+    x = tasks.name(rng)
+    return tasks.Pair(f"    {x} = print(", f"    {x} = len(", '"', "1")
+
+
+def test_an_added_task_is_shown_and_checked_against_the_cached_tokenizer(tmp_path, task_ranks,
+                                                                          monkeypatch, capsys):
+    monkeypatch.setitem(tasks.TASKS, "loop_kind", loop_kind)
+    for f in (loop_kind, bad_quote):
+        monkeypatch.setitem(tasks.ALL, f.__name__, f)
+    cache = tmp_path / "cache"
+    (cache / "stdlib-123").mkdir(parents=True)
+    sg.save_tokenizer(task_ranks, str(cache / "stdlib-123" / "tokenizer.tiktoken"))
+    tasks.main(["--tasks=loop_kind", f"--cache_dir={cache}"])
+    out = capsys.readouterr().out
+    assert "=== loop_kind: for x in vs while x:" in out and "⟨' in' > ':'⟩" in out
+    assert "checked 1 task(s) against" in out and "every answer is one token" in out
+    with pytest.raises(SystemExit) as e:
+        tasks.main(["--tasks=loop_kind,bad_quote", f"--cache_dir={cache}"])
+    out = capsys.readouterr().out
+    assert e.value.code == 1 and "error: task bad_quote: answer '\"' merges with the end" in out
+    tasks.main(["--tasks=loop_kind", f"--cache_dir={tmp_path / 'none'}"])
+    assert "no tokenizer cached in" in capsys.readouterr().out
+    # a task whose prompts never vary cannot fill a split: a clear error, not an endless loop
+    assert tasks.split_of("a =") == "train" != tasks.split_of("b =")  # never both in one split
+    monkeypatch.setitem(tasks.ALL, "fixed", lambda rng: tasks.Pair("a =", "b =", " 1", " 2"))
+    with pytest.raises(SystemExit, match=r"error: task fixed: 0 of 2 train pairs in 140 draws"):
+        tasks.main(["--tasks=fixed"])
+
+
+def test_tasks_py_piped_into_head_ends_cleanly(tmp_path, task_ranks):
+    """python tasks.py | head: the reader closes the pipe while the check still runs and
+    prints; that is no error (it once ended with 'error: Broken pipe')."""
+    (tmp_path / "c").mkdir()
+    sg.save_tokenizer(task_ranks, str(tmp_path / "c" / "tokenizer.tiktoken"))
+    p = subprocess.Popen([sys.executable, "tasks.py", f"--cache_dir={tmp_path}"],
+                         cwd=os.path.dirname(os.path.abspath(tasks.__file__)),
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    assert p.stdout.readline().startswith(b"every prompt is followed by")
+    p.stdout.close()  # as head does after its lines
+    assert p.wait(timeout=300) == 0 and p.stderr.read() == b""
+
+
+def test_our_tokenizer_asks_a_task_as_written_and_another_prints_each_rewrite(
+        task_tokenizer, official_pattern_tokenizer, capsys):
+    """A bad answer is the task's bug, so our own tokenizer never adapts it (' enumerate' was
+    once asked as ' en' without a word); a released model's tokenizer prints every rewrite."""
+    too_long = tasks.Pair("    for i, x in", "    for i in", " enumerate_all", " range")
+    with pytest.raises(ValueError, match=r"task demo: answer ' enumerate_all' is \d+ tokens"):
+        tasks.for_tokenizer(task_tokenizer, "demo", [too_long])
+    pairs = tasks.make_pairs("single_double_quote", 30, split="test")
+    assert tasks.for_tokenizer(task_tokenizer, "single_double_quote", pairs) == pairs
+    assert capsys.readouterr().out == ""
+    assert tasks.for_tokenizer(official_pattern_tokenizer, "single_double_quote", pairs) != pairs
+    assert capsys.readouterr().out == ("single_double_quote: 30 of 30 pairs asked as '\")\\n' / "
+                                       "\"')\\n\" instead of '\")' / \"')\"\n")
+    tasks.for_tokenizer(official_pattern_tokenizer, "with_as", tasks.make_pairs("with_as", 30))
+    out = capsys.readouterr().out.splitlines()  # e.g. "with_as: 12 of 30 pairs asked as "')" /
+    assert sum(int(s.split()[1]) for s in out) == 30  # "')\n" instead of ' as' / '\n    ', the
+    assert all("the prompts less their last" in s for s in out)  # prompts less their last "')"
 
 
 def test_a_bad_answer_is_a_clear_error_naming_task_and_token(task_tokenizer):
@@ -979,7 +1068,7 @@ def test_cli_prints_examples_a_table_and_clear_errors(tmp_path, task_ranks, caps
     rows = table.splitlines()
     for name in ALL_NAMES:
         assert any(row.startswith(name + " ") and row.endswith(" 4") for row in rows)
-    assert "mean over 20 tasks" in table
+    assert f"mean over {len(tasks.TASKS)} tasks" in table
     # a tokenizer with only its first 300 merges lacks most answer tokens: each such task says so
     short = tmp_path / "short"
     short.mkdir()
@@ -990,9 +1079,10 @@ def test_cli_prints_examples_a_table_and_clear_errors(tmp_path, task_ranks, caps
     sg.save_tokenizer(dict(list(task_ranks.items())[:300]), str(short / "tokenizer.tiktoken"))
     tasks.main([f"--ckpt={ckpt}", "--n=4", "--device=cpu", "--tasks=if_ternary,bracket_counting"])
     table = capsys.readouterr().out
-    assert "not evaluated: task if_ternary: its answers are not two distinct tokens" in table
+    assert regex.search(r"not evaluated: task if_ternary: answer '.+' (is \d tokens|merges)", table)
     assert any(line.startswith("bracket_counting ") and "%" in line for line in table.splitlines())
-    for argv, message in ((["--tasks=for_while,nope"], "error: tasks=for_while,nope is invalid"),
+    for argv, message in ((["--tasks=for_while,for_whiel"],
+                           "error: --tasks: unknown task 'for_whiel'; did you mean for_while?"),
                           ([f"--ckpt={tmp_path / 'missing.pt'}"], "error: checkpoint"),
                           (["--split=val"], "error: split=val is invalid: it must be train or"),
                           (["--n=0"], "error: n=0 is invalid: it must be at least 1")):
@@ -1074,7 +1164,8 @@ def test_prune_recovers_planted_circuit():
     names = prune.node_names(model)
     assert sorted(names[i] for i in keep.nonzero()[:, 0].tolist()) == sorted(PLANTED), info
     assert info["loss_calibrated"] <= cfg.target_loss and info["n_nodes"] == 5
-    assert info["bisection_nodes"] == 5  # the mask order's first 5 are the planted nodes
+    # every seed's mask order has the planted nodes first: its bisection stops at 5
+    assert [s["bisection_nodes"] for s in info["seeds"].values()] == [5] * cfg.seeds
     edges = {(names[s], names[d]) for s, d, _ in prune.circuit_edges(model, keep)}
     assert edges == {("0.mlp.resid_in.0", "0.mlp.post_act.0"),
                      ("0.mlp.resid_in.0", "0.mlp.post_act.1"),
@@ -1088,12 +1179,76 @@ def test_long_drop_pass_reports_progress(monkeypatch, capsys):
     monkeypatch.setattr(prune, "LOG_EVERY", 2)
     model = planted_model()
     means = prune.compute_means(model, noise_tokens(), n_batches=8, batch_size=16)
-    cfg = sg.parse_config(["--steps=60", "--lr=3e-2"], prune.DEFAULTS, presets=None)
+    cfg = sg.parse_config(["--steps=60", "--lr=3e-2", "--seeds=1"], prune.DEFAULTS, presets=None)
     keep, info = prune.find_circuit(model, means, planted_data(), cfg)
     lines = capsys.readouterr().out.splitlines()
     drops = [l for l in lines if "drop pass" in l and "left" in l]
-    k = info["bisection_nodes"]
+    k = info["seeds"][0]["bisection_nodes"]
     assert len(drops) == k // 2 and drops[0].startswith(f"  drop pass 2/{k} | kept "), lines
+
+
+def backup_model() -> sg.GPT:
+    """The planted model with a backup route: channels 2 and 3 also carry X vs Y (+-0.5 each),
+    read by neurons 2 and 3, which write onto channel 1 as neurons 0 and 1 do. So the task has
+    several near-equivalent circuits, and different seeds of the search find different ones."""
+    model = planted_model()
+    mlp = model.blocks[0].mlp
+    with torch.no_grad():
+        model.wte.weight[:, 2:4] = 0.0
+        model.wte.weight[ord("X"), 2:4], model.wte.weight[ord("Y"), 2:4] = 0.5, -0.5
+        model.blocks[0].attn.c_proj.weight[2:4] = 0.0
+        mlp.c_fc.weight[2:4], mlp.c_proj.weight[:, 2:4] = 0.0, 0.0
+        mlp.c_fc.weight[2, 2:4], mlp.c_fc.weight[3, 2:4] = 10.0, -10.0
+        mlp.c_proj.weight[1, 2], mlp.c_proj.weight[1, 3] = 1.0, -1.0
+    return model
+
+
+def search_backup_model(*argv) -> tuple:
+    model = backup_model()
+    means = prune.compute_means(model, noise_tokens(), n_batches=8, batch_size=16)
+    cfg = sg.parse_config(["--steps=60", "--lr=3e-2", "--seeds=4", *argv], prune.DEFAULTS,
+                          presets=None)
+    return model, means, prune.find_circuit(model, means, planted_data(), cfg)
+
+
+def test_same_seed_same_circuit_and_the_smallest_seed_wins():
+    model, _, (keep, info) = search_backup_model()
+    again, info_again = search_backup_model()[2]
+    assert torch.equal(keep, again) and info == info_again
+    names, sets = prune.node_names(model), [s["nodes"] for s in info["seeds"].values()]
+    assert len({tuple(s) for s in sets}) > 1, info  # the seeds found different circuits
+    seed_keeps = [torch.tensor([float(n in s) for n in names]) for s in sets]
+    sizes = {(len(prune.circuit_edges(model, k)), int(k.sum())) for k in seed_keeps}
+    assert (info["n_edges"], info["n_nodes"]) == (len(prune.circuit_edges(model, keep)),
+                                                  int(keep.sum())) <= min(sizes)
+
+
+def test_core_is_the_intersection_of_the_seeds_circuits():
+    model, means, (keep, info) = search_backup_model()
+    data, sets = planted_data(), [set(s["nodes"]) for s in info["seeds"].values()]
+    spread = prune.seed_spread(model, means, info, data, data)
+    assert set(spread["core"]) == set.intersection(*sets) != set()
+    sizes = sorted(map(len, sets))
+    assert spread["n_nodes"] == [sizes[0], sizes[1], sizes[-1]]  # min, (low) median, max
+    jaccard = [len(a & b) / len(a | b) for a in sets for b in sets if a is not b]
+    assert spread["overlap"] == pytest.approx(sum(jaccard) / len(jaccard)) and spread["overlap"] < 1
+    core = torch.tensor([float(n in spread["core"]) for n in prune.node_names(model)])
+    z = prune.diff_with(model, means, core, data)
+    loss, acc = prune.pair_loss(z, data, *prune.fit_calibration(z, data))
+    assert spread["core_sufficiency"] == {"loss": loss.item(), "acc": acc}
+
+
+def test_a_looser_target_never_gives_a_larger_circuit(monkeypatch):
+    strict = search_backup_model()[2][1]
+    loose = search_backup_model("--target_loss=0.3")[2][1]
+    assert (loose["n_edges"], loose["n_nodes"]) <= (strict["n_edges"], strict["n_nodes"])
+    # even when the search at the looser target itself finds nothing, the stricter one's
+    # circuit (which reaches the looser target too) is the answer, after its own drop pass
+    search = prune.smallest_circuit
+    monkeypatch.setattr(prune, "smallest_circuit", lambda *a: None if a[4] == 0.3 else search(*a))
+    loose = search_backup_model("--target_loss=0.3")[2][1]
+    assert (loose["n_edges"], loose["n_nodes"]) <= (strict["n_edges"], strict["n_nodes"])
+    assert all(s["nodes"] is None for s in loose["seeds"].values())
 
 
 def test_calibration_scale_is_bounded_so_separation_alone_cannot_reach_zero_loss():
@@ -1386,7 +1541,7 @@ def test_the_search_can_return_the_empty_circuit():
     model = bigram_answered_model()
     means = planted_means(model)
     keep, info = prune.find_circuit(model, means, planted_data(), mask_cfg())
-    assert info["bisection_nodes"] == 0 and int(keep.sum()) == 0
+    assert all(s["bisection_nodes"] == 0 for s in info["seeds"].values()) and int(keep.sum()) == 0
     checks = prune.run_checks(model, means, keep, planted_data(), (1.0, 0.0), 0)
     assert checks["empty_circuit"]["acc"] == 1.0
     assert checks["empty_circuit"]["loss"] == pytest.approx(math.log1p(math.exp(-5)), rel=1e-3)
@@ -1522,12 +1677,12 @@ def planted_ckpt(tmp_path, monkeypatch):
     return save_hand_model(planted_model(), tmp_path / "out", tmp_path / "data")
 
 
-def test_main_writes_json_txt_and_svg(planted_ckpt, capsys):
+def test_main_writes_json_txt_and_svg(planted_ckpt, capsys, tmp_path):
     prune.main([f"--ckpt={planted_ckpt}", "--steps=60", "--lr=3e-2", "--n_pairs=32",
                 "--mean_batches=4"])
     out = capsys.readouterr().out
     # 72 nodes: one layer of d_model 8, d_mlp 8, q/k/v 8 each: 8 locations of 8 + final 8
-    assert "node means: 72 nodes" in out and "tasks solved at accuracy >= 90%: planted" in out
+    assert "node means: 72 nodes" in out and "accuracy >= 90% on 32 train pairs (tasks.py's table: test pairs): planted" in out
     assert "geometric mean of edges over 1 tasks: 4.0" in out  # the 4 planted edges
     circuits = planted_ckpt.parent / "circuits"
     result = json.loads((circuits / "planted.json").read_text())
@@ -1548,9 +1703,20 @@ def test_main_writes_json_txt_and_svg(planted_ckpt, capsys):
     assert unembed == {("final.resid_in.1", "A"), ("final.resid_in.1", "B")}
     text = (circuits / "planted.txt").read_text()
     assert "[0.mlp.post_act]" in text and "-> 0.mlp.resid_delta.1 (+1.000)" in text
+    # the planted circuit's calibration sits at its bound (its logit difference is small)
+    assert "CALIBRATION AT ITS BOUND (scale 4.00" in text and "full model acc 100.0%" in text
+    assert "0.mlp.post_act.0: on 'X' +17.319, on 'Y' +0.000, on other tokens +0.000" in text
     svg = ET.parse(circuits / "planted.svg").getroot()
-    labels = [t.text for t in svg.iter("{http://www.w3.org/2000/svg}text")]
-    assert {"r0", "n0", "n1", "w1", "r1", "'A'", "'B'"} <= set(labels)
+    labels = ["".join(t.itertext()) for t in svg.iter("{http://www.w3.org/2000/svg}text")]
+    assert {"read ch0", "neuron 0", "neuron 1", "write ch1", "read ch1", "A", "B",
+            "+10.00", "-10.00", "+1.00", "-1.00", "X +17 Y +0.00 else +0.00", "top X"} <= set(labels)
+    assert any(s.startswith("CALIBRATION AT ITS BOUND") for s in labels)
+    assert any(s.startswith("test pairs: full model acc 100.0% | circuit alone acc") for s in labels)
+    result["full_train_acc"] = 0.5  # as if the model did not solve it: every output says so
+    prune.write_txt(str(tmp_path / "u.txt"), result)
+    prune.write_svg(str(tmp_path / "u.svg"), result)
+    for path in (tmp_path / "u.txt", tmp_path / "u.svg"):
+        assert "UNSOLVED: the full model scores 50.0% on the train pairs" in path.read_text()
     # a search that finds nothing marks the circuit found before as stale
     prune.main([f"--ckpt={planted_ckpt}", "--tasks=planted", "--steps=2", "--control=False",
                 "--target_loss=1e-9", "--n_pairs=8", "--mean_batches=4"])
@@ -1575,6 +1741,82 @@ def test_compare_prints_b_over_a_for_two_different_models(planted_ckpt, capsys):
         assert "control" not in json.loads((ckpt.parent / "circuits" / "planted.json").read_text())
 
 
+def coin_task(rng) -> tasks.Pair:
+    """planted_task with its answers swapped by a coin: the model cannot solve it."""
+    p = planted_task(rng)
+    return p if rng.random() < 0.5 else tasks.Pair(p.prompt_a, p.prompt_b, "B", "A")
+
+
+def test_a_task_the_model_does_not_solve_is_refused_unless_asked_and_then_marked(
+        planted_ckpt, monkeypatch, capsys):
+    monkeypatch.setitem(tasks.ALL, "coin", coin_task)
+    argv = [f"--ckpt={planted_ckpt.parent}", "--tasks=coin", "--steps=5", "--n_pairs=16",
+            "--mean_batches=4", "--control=False"]
+    prune.main(argv)
+    out = capsys.readouterr().out
+    assert "coin: refused: the full model scores" in out and "--unsolved=True prunes" in out
+    assert not (planted_ckpt.parent / "circuits" / "coin.json").exists()
+    prune.main(argv + ["--unsolved=True"])
+    row = [line for line in capsys.readouterr().out.splitlines() if line.startswith("coin ")]
+    assert row and row[0].endswith("UNSOLVED")
+
+
+def test_svg_layout_wraps_a_large_circuit_in_forward_order_without_overlaps():
+    nodes = ([f"0.attn.resid_in.{i}" for i in range(30)] + [f"0.attn.{x}.head{h}.ch{c}"
+             for h in range(4) for x in "kv" for c in range(3)] + [f"0.attn.q.head0.ch1"] +
+             [f"0.mlp.post_act.{i}" for i in range(16)] + [f"final.resid_in.{i}" for i in range(4)])
+    pos, rows, height = prune.svg_layout(nodes, [])
+    assert len(pos) == len(nodes) + 3  # a placeholder query for each head without a kept one
+    assert max(x for x, _ in pos.values()) + prune.BOX_W / 2 <= prune.WIDTH
+    assert max(y for _, y in pos.values()) + prune.BOX_H / 2 <= height
+    for (x1, y1), (x2, y2) in itertools.combinations(pos.values(), 2):
+        assert abs(x1 - x2) >= prune.BOX_W or abs(y1 - y2) >= prune.BOX_H
+    spans = [[y for n, (_, y) in pos.items() if prune.row_of(n) == row] for row, _ in rows]
+    assert all(max(a) < min(b) for a, b in zip(spans, spans[1:]))  # rows never interleave
+
+
+def test_answers_that_differ_in_a_quote_are_spelled_out():
+    assert prune.spoken('")') == "double quote + )" and prune.spoken("')") == "single quote + )"
+    assert prune.spoken("\n        ") == "newline + 8 spaces" and prune.spoken(" in") == "space + in"
+    assert prune.shown(" x\n") == "␣x↵"
+
+
+def test_key_tokens_are_where_the_two_prompts_of_a_pair_differ():
+    pairs = [tasks.Pair('f("ab', "f('ab", "1", "2"), tasks.Pair("xAy", "xBBy", "1", "2")]
+    data = tasks.encode_pairs(byte_tokenizer(), pairs, 8)
+    key = prune.key_positions(data)
+    assert [row.nonzero()[:, 0].tolist() for row in key] == [[2], [2], [1], [1, 2]]
+
+
+def test_head_attention_in_the_outputs_is_the_models_own_softmax():
+    """read_circuit recomputes a head's attention from the recorded q and k; with one-hot values
+    the model's own attend_with_sink returns the weights themselves, so the two must agree."""
+    model = hand_gpt(d_head=8, afrac=1.0).requires_grad_(False)  # one head of 8 channels
+    with torch.no_grad():
+        model.blocks[0].attn.sink.fill_(0.5)
+    data, keep = planted_data(8), torch.ones(len(prune.node_names(model)))
+    means = prune.compute_means(model, noise_tokens(), n_batches=2, batch_size=4)
+    head = prune.read_circuit(model, means, keep, data, byte_tokenizer())["heads"]["0.attn.head0"]
+    record = {}
+    with prune.ablated(model, means, keep, record):
+        model(data["idx"])
+    B, T = data["idx"].shape
+    q, k = (record[f"0.attn.{x}"].view(B, T, 1, 8).transpose(1, 2) for x in "qk")
+    eye = torch.eye(T, 8).expand(B, 1, T, 8)
+    w = sg.attend_with_sink(q, k, eye, model.blocks[0].attn.sink)[:, 0, :, :T]  # (B, query, key)
+    w = w[torch.arange(B), data["last"]]  # from each answer position
+    assert head["sink"] == pytest.approx(1 - w.sum(1).mean().item(), abs=1e-3)
+    for side, rows in (("a", slice(0, None, 2)), ("b", slice(1, None, 2))):
+        share = {}
+        for r in range(B)[rows]:
+            for t in range(data["last"][r] + 1):
+                tok = chr(data["idx"][r, t].item())
+                share[tok] = share.get(tok, 0) + w[r, t].item() / (B // 2)
+        for tok, v in head[f"attends_{side}"]:
+            assert v == pytest.approx(share[tok], abs=1e-3)
+        assert [t for t, _ in head[f"attends_{side}"]] == sorted(share, key=share.get)[::-1][:2]
+
+
 def test_means_are_cached_and_keyed_to_the_checkpoint(planted_ckpt, capsys):
     model, _, cfg_model = sg.load_checkpoint(str(planted_ckpt))
     first = prune.load_means(model, cfg_model, str(planted_ckpt), 4, torch.device("cpu"))
@@ -1595,7 +1837,7 @@ def test_bad_checkpoint_or_task_is_a_clear_one_line_error(tmp_path, planted_ckpt
     cases = {f"--ckpt={tmp_path / 'missing.pt'}": "not found",
              f"--ckpt={tmp_path / 'junk.pt'}": "cannot read checkpoint",
              f"--ckpt={tmp_path / 'other.pt'}": "does not match this model code",
-             f"--ckpt={planted_ckpt} --tasks=planted,no_such_task": "tasks=planted,no_such_task is",
+             f"--ckpt={planted_ckpt} --tasks=planted,no_such_task": "unknown task 'no_such_task'",
              "--no_such_key=1": "unknown config key"}
     for argv, message in cases.items():
         with pytest.raises(SystemExit) as e:
@@ -1609,7 +1851,7 @@ def test_bad_checkpoint_or_task_is_a_clear_one_line_error(tmp_path, planted_ckpt
 
 # a quick search that always finds a circuit: any node set reaches a loss of 50
 CIRCUIT_RUN = ["--tasks=for_while", "--steps=2", "--n_pairs=4", "--control=False",
-               "--mean_batches=1", "--target_loss=50", "--device=cpu"]
+               "--mean_batches=1", "--target_loss=50", "--device=cpu", "--unsolved=True"]
 WORLD_RUN = ["--vocab_size=300", "--n_layer=1", "--d_model=16", "--d_head=8", "--d_mlp=32",
              "--block_size=16", "--batch_size=2", "--max_iters=2", "--eval_interval=2",
              "--eval_iters=1", "--log_interval=1", "--density=0.25", "--device=cpu"]
@@ -2592,7 +2834,7 @@ def swapped_tokenizer(folder):
     ("layers", "--n_layer=1", "its n_layer is 2, this run's 1: pass --n_layer=2"),
     ("vocab", "--vocab_size=600", "its vocab_size is 512, this run's 600: pass --vocab_size=512"),
     ("context", "--block_size=128", "its block_size is 64, this run's 128: pass --block_size=64"),
-    ("tokenizer", "", "has another tokenizer")])
+    ("tokenizer", "", "is not the tokenizer")])  # load_checkpoint's refusal
 def test_each_bridge_refusal_is_one_line_before_any_work(case, flag, expected, tmp_path,
                                                          corpus_dir, dense_run):
     dense = copy_run(os.path.dirname(dense_run), tmp_path / "dense")
@@ -2605,8 +2847,8 @@ def test_each_bridge_refusal_is_one_line_before_any_work(case, flag, expected, t
             f"--out_dir={tmp_path / 'out'}", f"--bridge_to={dense}"] + [flag] * bool(flag)
     with pytest.raises(SystemExit) as e:
         sg.main(argv)
-    assert str(e.value).startswith(f"error: cannot bridge to {dense}: ")
-    assert expected in str(e.value)
+    assert str(e.value).startswith(f"error: cannot bridge to {dense}: " * (case != "tokenizer"))
+    assert str(e.value).startswith("error: ") and expected in str(e.value)
     assert "\n" not in str(e.value) and not (tmp_path / "out").exists()
 
 
@@ -2614,7 +2856,8 @@ def test_steering_writes_its_curves_and_strength_zero_changes_nothing(bridged_ru
                                                                      tmp_path):
     run = shutil.copytree(os.path.dirname(bridged_run[0]), tmp_path / "run")
     argv = [f"--ckpt={run / 'ckpt.pt'}", "--tasks=single_double_quote", "--steer=True",
-            "--steps=2", "--n_pairs=6", "--control=False", "--target_loss=10", "--mean_batches=1"]
+            "--steps=2", "--n_pairs=6", "--control=False", "--target_loss=10", "--mean_batches=1",
+            "--unsolved=True"]
     prune.main(argv)
     r = json.loads((run / "circuits" / "single_double_quote.steer.json").read_text())
     assert r["node"].startswith("1.attn.resid_in.") and r["strength"][0] == 0 and r["n_pairs"] == 6
