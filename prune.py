@@ -858,53 +858,48 @@ def write_svg(path: str, r: dict):
     Path(path).write_text("\n".join(out + ["</svg>"]) + "\n")
 
 
+# -----------------------------------------------------------------------------
 # steering (paper A.4; README: Bridges): one residual read of the sparse model's circuit, pushed
 # through its bridge into the dense model it was trained beside (a --bridge_to checkpoint)
 
 STRENGTHS = [i / 10 for i in range(11)]
-STEER_AT = {"while_return_true": "mlp"}  # which read of the last block the paper steers
 
 
 @torch.no_grad()
 def steer(model, bridged, tokenizer, keep, test: dict, task: str, cfg) -> dict:
     """Per test prompt: the channel's counterfactual delta at every token (its value under the
-    pair's other prompt minus under this one; the two prompts differ in a few tokens, not in
-    length, so position t meets position t: pairs of two lengths are left out), times its decoder
-    row, times RMS(sparse) / RMS(dense) of the site's residual stream over val text (the delta is
-    read after RMSNorm, the bridge acts before it), times a strength, added to the dense model's
-    read there. Returns its mean probability of the other prompt's answer per direction: steered,
-    along random directions of the same norm (mean of 5), and not steered."""
-    last, dense, rows = test["last"], bridged.dense, torch.arange(len(test["last"]))
-    loc = f"{model.cfg.n_layer - 1}.{STEER_AT.get(task, 'attn')}.resid_in"
-    record = {}
+    pair's other prompt minus under this one; pairs of two lengths are left out), times its
+    decoder row, times RMS(sparse) / RMS(dense) of the site's stream over val text (the read is
+    after RMSNorm, the bridge before it), times a strength, added to the dense model's read there.
+    -> the dense model's mean probability of the other prompt's answer, per direction: steered,
+    along random directions of the same norm (mean of 5), not steered."""
+    last, rows, record = test["last"], torch.arange(len(test["last"])), {}
     with hooked(model, lambda name, x: record.setdefault(name, x)):  # stores x, returns it
         model(test["idx"])
-
-    def separation(name: str) -> float:  # at the answer: |mean on prompt_a - on prompt_b| / std
-        v = record[loc][rows, last, int(name.rsplit(".", 1)[1])]
-        return ((v[0::2].mean() - v[1::2].mean()).abs() / (v.std() + 1e-6)).item()
-
-    names = [n for i, n in enumerate(node_names(model)) if n.startswith(loc + ".")
-             and (keep is None or keep[i] > 0)] or [f"{loc}.{c}" for c in range(model.cfg.d_model)]
-    node = cfg.steer_node or max(names, key=separation)  # no circuit node there: any channel
-    loc, c = node.rsplit(".", 1)
-    site = 2 * int(loc.split(".")[0]) + loc.endswith("mlp.resid_in")
-    x = record[loc][..., int(c)]
+    # by default: at the last block's read the paper steers, the channel (of the circuit's, if
+    # any) that best separates the two prompts at the answer: |mean on a - mean on b| / std
+    loc = f"{model.cfg.n_layer - 1}.{'mlp' if task == 'while_return_true' else 'attn'}.resid_in"
+    v, (a, b) = record[loc][rows, last], node_spans(model)[loc]
+    score = (v[0::2].mean(0) - v[1::2].mean(0)).abs() / (v.std(0) + 1e-6)
+    if keep is not None and (keep[a:b] > 0).any():
+        score[keep[a:b] <= 0] = -1.0
+    loc, c = (cfg.steer_node or f"{loc}.{score.argmax().item()}").rsplit(".", 1)
+    site, x = 2 * int(loc.split(".")[0]) + loc.endswith("mlp.resid_in"), record[loc][..., int(c)]
     delta = x.view(-1, 2, x.shape[1]).flip(1).reshape(x.shape) - x
     same = (last.view(-1, 2)[:, 0] == last.view(-1, 2)[:, 1]).repeat_interleave(2).float()
     gen, h_s, h_d = torch.Generator().manual_seed(cfg.seed), [], []
     val = np.fromfile(os.path.join(bridged.cfg.data_path, "val.bin"), np.uint16)
-    text = sparse_gpt.get_batch(val, model.cfg.block_size, 32, gen, x.device)[0]
-    model(text, resids=h_s)
-    dense(text, resids=h_d)
+    batch = sparse_gpt.get_batch(val, model.cfg.block_size, 32, gen, x.device)[0]
+    model(batch, resids=h_s)
+    bridged.dense(batch, resids=h_d)
     ratio = (h_s[site].pow(2).mean() / h_d[site].pow(2).mean()).sqrt().item()
     row = bridged.dec[site].weight[:, int(c)] * ratio
     other = torch.where(test["sign"] > 0, test["tok_b"], test["tok_a"])
 
     def p_other(direction, strength) -> list[float]:  # means over prompt_a rows, prompt_b rows
-        with hooked(dense, lambda name, h: h + strength * delta[..., None] * direction
+        with hooked(bridged.dense, lambda name, h: h + strength * delta[..., None] * direction
                     if name == loc else h):
-            p = dense(test["idx"])[0][rows, last].float().softmax(-1)[rows, other] * same
+            p = bridged.dense(test["idx"])[0][rows, last].float().softmax(-1)[rows, other] * same
         return [(p[i::2].sum() / same[i::2].sum()).item() for i in (0, 1)]
 
     randoms = [torch.randn(len(row), generator=gen).to(row) for _ in range(5)]
@@ -912,13 +907,14 @@ def steer(model, bridged, tokenizer, keep, test: dict, task: str, cfg) -> dict:
               "random": [np.mean([p_other(r * row.norm() / r.norm(), s) for r in randoms], 0)
                          .tolist() for s in STRENGTHS]}
     a, b = (tokenizer.decode([test[k][0].item()]) for k in ("tok_a", "tok_b"))
-    return {"task": task, "node": node, "site": site, "rms_ratio": ratio, "strength": STRENGTHS,
-            "n_pairs": int(same.sum().item()) // 2, "directions": {
+    return {"task": task, "node": f"{loc}.{c}", "site": site, "rms_ratio": ratio,
+            "strength": STRENGTHS, "n_pairs": int(same.sum().item()) // 2, "directions": {
                 f"{x} -> {y}": {k: v[i] if k == "none" else [p[i] for p in v]
                                 for k, v in curves.items()} for i, x, y in ((0, a, b), (1, b, a))}}
 
 
-def print_steering(r: dict):
+def write_steering(base: str, r: dict):
+    """Prints steer()'s table; writes it to base.json and its curves to base.svg (log axis)."""
     print(f"{r['task']}: the dense model steered through {r['node']} (site {r['site']}, RMS ratio "
           f"{r['rms_ratio']:.3f}, {r['n_pairs']} test pairs): mean P(the other answer)\n"
           f"{'strength':>8}" + "".join(f"{d:>16}{'random':>10}" for d in r["directions"]))
@@ -928,10 +924,7 @@ def print_steering(r: dict):
     for d, v in r["directions"].items():
         print(f"{d}: none {v['none']:.4f}; at strength 1, x{v['steered'][-1] / v['none']:.1f} "
               f"over none, x{v['steered'][-1] / v['random'][-1]:.1f} over random")
-
-
-def write_steer_svg(path: str, r: dict):
-    """The curves of <task>.steer.json against strength, log axis, as plain SVG text."""
+    Path(base + ".json").write_text(json.dumps(r, indent=1))
     curves = [(f"{d} {k}", v[k] if k != "none" else [v[k]] * len(r["strength"]), colour, dash)
               for (d, v), colour in zip(r["directions"].items(), ("#2b6cb0", "#c53030"))
               for k, dash in (("steered", ""), ("random", "6 3"), ("none", "2 3"))]
@@ -940,22 +933,21 @@ def write_steer_svg(path: str, r: dict):
     px = lambda s: 70 + 370 * s  # pixels
     py = lambda p: 60 + 260 * (hi - math.log10(max(p, 1e-12))) / (hi - lo)
     out = ['<svg xmlns="http://www.w3.org/2000/svg" width="640" height="360" font-family='
-           '"sans-serif" font-size="11"><rect width="100%" height="100%" fill="white"/>',
-           f'<text x="10" y="22" font-size="15" font-weight="bold">{html.escape(r["task"])}: '
-           f'the dense model steered through {html.escape(r["node"])}</text><text x="10" y="42" '
-           'fill="#555">mean P(the other answer) against strength (0 = none, 1 = fully patched)'
-           f', {r["n_pairs"]} test pairs</text>']
-    out += [f'<line x1="70" y1="{py(10**e):.0f}" x2="440" y2="{py(10**e):.0f}" stroke="#e4e4e4"/>'
-            f'<text x="64" y="{py(10**e) + 4:.0f}" text-anchor="end" fill="#888">1e{e}</text>'
-            for e in range(lo, hi + 1)]
-    out += [f'<text x="{px(s):.0f}" y="340" text-anchor="middle" fill="#888">{s:g}</text>'
-            for s in (0, 0.5, 1)]
+           '"sans-serif"><rect width="100%" height="100%" fill="white"/>',
+           text(10, 22, html.escape(f"{r['task']}: the dense model steered through {r['node']}"),
+                15, extra='font-weight="bold"'),
+           text(10, 42, "mean P(the other answer) against strength (0 = none, 1 = fully patched), "
+                f"{r['n_pairs']} test pairs", colour="#555")]
+    for e in range(lo, hi + 1):
+        out += [line(70, py(10**e), 440, py(10**e), 'stroke="#e4e4e4"/>'),
+                text(64, py(10**e) + 4, f"1e{e}", colour="#888", extra='text-anchor="end"')]
+    out += [text(px(s), 340, s, colour="#888", extra='text-anchor="middle"') for s in (0, 0.5, 1)]
     for i, (label, ps, colour, dash) in enumerate(curves):
         points = " ".join(f"{px(s):.0f},{py(p):.1f}" for s, p in zip(r["strength"], ps))
-        out.append(f'<polyline points="{points}" fill="none" stroke="{colour}" stroke-width="2" '
-                   f'stroke-dasharray="{dash}"/><text x="450" y="{60 + 16 * i}" '
-                   f'fill="{colour}">{html.escape(label)}</text>')
-    Path(path).write_text("\n".join(out + ["</svg>"]) + "\n")
+        out += [text(450, 60 + 16 * i, html.escape(label), colour=colour),
+                f'<polyline points="{points}" fill="none" stroke="{colour}" stroke-width="2" '
+                f'stroke-dasharray="{dash}"/>']
+    Path(base + ".svg").write_text("\n".join(out + ["</svg>"]) + "\n")
 
 
 # -----------------------------------------------------------------------------
@@ -1006,10 +998,7 @@ def prune_checkpoint(path: str, model, tokenizer, means, names: list[str], cfg,
             r["control"] = control(model, means, train, test, cfg)
         if bridged is not None:  # steered through the circuit, or the best channel without one
             r["steering"] = steer(model, bridged, tokenizer, keep, test, name, cfg)
-            print_steering(r["steering"])
-            steer_base = os.path.join(out_dir, name + ".steer")
-            Path(steer_base + ".json").write_text(json.dumps(r["steering"], indent=1))
-            write_steer_svg(steer_base + ".svg", r["steering"])
+            write_steering(os.path.join(out_dir, name + ".steer"), r["steering"])
         base = os.path.join(out_dir, name)
         if keep is None:
             print(f"{name}: no circuit reaches target loss {cfg.target_loss}, nor does the model")

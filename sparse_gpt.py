@@ -602,8 +602,8 @@ class Bridged(nn.Module):
 
 def bridge_to_dense(cfg, model: GPT, optimizer, device) -> Bridged:
     """The dense model, checked to fit (load_checkpoint checks its tokenizer), and new bridges,
-    which the optimizer steps with the sparse model (matrices decayed, biases not; never
-    projected). The run trains on the dense run's token cache and tokenizer: .dense_data."""
+    stepped with the sparse model (matrices decayed, biases not; never projected). The run
+    trains on the dense run's token cache and tokenizer: .dense_data."""
     dense, tokenizer, dcfg = load_checkpoint(cfg.bridge_to, device)
     why = [f"its {k} is {dcfg[k]}, this run's {cfg[k]}: pass --{k}={dcfg[k]}"
            for k in ("n_layer", "vocab_size", "block_size")  # a longer dense context is fine
@@ -635,8 +635,8 @@ def load_bridged(path: str, device="cpu") -> Bridged:
 
 @torch.no_grad()
 def evaluate_bridges(bridged: Bridged, val, cfg, device, autocast) -> str:
-    """The eval line, on estimate_loss's val batches: both models' CE, each site's NMSE both
-    ways, the CE of every hybrid path (d->s: dense to site i, then sparse; s->d: the reverse)."""
+    """On estimate_loss's val batches: both models' CE, each site's NMSE both ways, the CE of
+    every hybrid path (d->s: dense to site i, then sparse; s->d: the reverse)."""
     gen = torch.Generator().manual_seed(cfg.seed)
     bridged.eval()
     with autocast:
@@ -1375,8 +1375,6 @@ def bench(cfg, warmup=3, rounds=10) -> dict:
     cuda, autocast = device.type == "cuda", bf16_autocast(device)
     sync = torch.cuda.synchronize if cuda else (lambda: None)
     variants = {"sparse": Config(cfg), "dense": Config(cfg, density=1.0, afrac=1.0)}
-    if cfg.bridge_to:  # the sparse model again, with bridges to the dense model named
-        variants["bridged"] = Config(cfg)
     if cuda:
         variants = {f"{n} {mode}": Config(c, compile=mode == "compile")
                     for n, c in variants.items() for mode in ("eager", "compile")}
@@ -1386,10 +1384,7 @@ def bench(cfg, warmup=3, rounds=10) -> dict:
         model = GPT(vcfg).to(device)
         project_weights(model, vcfg.max_iters, vcfg)  # the target densities
         fmodel = torch.compile(model) if vcfg.compile else model
-        optimizer = make_optimizer(model, vcfg, device.type)
-        if name.startswith("bridged"):
-            fmodel = bridge_to_dense(vcfg, fmodel, optimizer, device)
-        runs[name] = (model, fmodel, optimizer, vcfg, [])
+        runs[name] = (model, fmodel, make_optimizer(model, vcfg, device.type), vcfg, [])
     x, y = torch.randint(cfg.vocab_size, (2, cfg.batch_size, cfg.block_size),
                          generator=torch.Generator().manual_seed(cfg.seed)).to(device)
     for _ in range(warmup + rounds):
@@ -1420,9 +1415,8 @@ def bench(cfg, warmup=3, rounds=10) -> dict:
         if cuda:
             line += f" | MFU {flops / step / peak_flops:5.1%} | peak {peak / 2**30:.2f} GiB"
         print(line)
-    for name in [n for n in step_ms if n.startswith(("sparse", "bridged"))]:
-        base = name.replace("sparse", "dense").replace("bridged", "sparse")
-        print(f"ratio {name} / {base}: {step_ms[name] / step_ms[base]:.2f}")
+    for name, dense in [(n, n.replace("sparse", "dense")) for n in step_ms if "sparse" in n]:
+        print(f"ratio {name} / {dense}: {step_ms[name] / step_ms[dense]:.2f}")
     return step_ms
 
 
