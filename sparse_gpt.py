@@ -1,9 +1,10 @@
 """
 A weight-sparse GPT trained on Python code, after Gao et al. 2025, "Weight-sparse transformers
 have interpretable circuits". Read top to bottom: config values -> the model (paper section 1)
--> weight sparsity (section 2) -> the optimizer -> the training loop. One marked line then
-starts the machinery, read when you need it: corpus, BPE and token cache; checkpoints and
-resume; the paper's released models; devices and DDP; the command line; --bench; main.
+-> weight sparsity (section 2) -> the optimizer -> the training loop -> bridges to a dense model
+(section 2.3). One marked line then starts the machinery, read when you need it: corpus, BPE and
+token cache; checkpoints and resume; the paper's released models; devices and DDP; the command
+line; --bench; main.
 
     python sparse_gpt.py                      # cpu preset without a GPU, gpu preset with one
     python sparse_gpt.py --preset=tiny        # a one-minute smoke run
@@ -80,6 +81,7 @@ DEFAULTS = dict(
     bridge_to="",  # a dense run's ckpt.pt; its tokenizer and token cache are used
     c_nmse=1.0,  # weight of the bridges' reconstruction losses
     c_kl=1.0,  # weight of the hybrid paths' KL to the dense model
+    hybrid_frac=0.25,  # share of each batch the hybrid paths see in training (eval: all): cost
     # loop and system
     eval_interval=250,  # steps between evaluations (each saves the checkpoint)
     eval_iters=20,  # batches per evaluation
@@ -569,8 +571,7 @@ class Bridged(nn.Module):
 
     def forward(self, idx, targets):
         h_dense, h_sparse, rows = [], [], []
-        # the 4L hybrid passes cost most: in training they see a quarter of the batch, in eval all
-        n = max(1, round(len(idx) / 4)) if self.training else len(idx)
+        n = max(1, round(self.cfg.hybrid_frac * len(idx))) if self.training else len(idx)
         with torch.no_grad():  # the dense model's own pass needs no gradient; the hybrids' do
             logits, dense_ce = self.dense(idx, targets, resids=h_dense)
             log_p = F.log_softmax(logits[:n].float(), -1).flatten(0, 1)  # per token, as q below
@@ -1268,6 +1269,7 @@ RULES = dict(
     density=FRACTION, embed_ratio=POSITIVE, anneal_frac=SHARE, warmup_frac=SHARE,
     min_per_neuron=(lambda v, c: 0 <= v <= c.density * c.d_model, "in [0, density * d_model]"),
     c_nmse=(lambda v, c: 0 <= v < math.inf, ">= 0"), c_kl=(lambda v, c: 0 <= v < math.inf, ">= 0"),
+    hybrid_frac=FRACTION,
     batch_size=COUNT, max_iters=up_to(10**9), learning_rate=POSITIVE, adam_eps=POSITIVE,
     weight_decay=(lambda v, c: 0 <= v < math.inf, ">= 0"), eval_interval=COUNT, device=DEVICE,
     eval_iters=up_to(10**5), log_interval=COUNT,
