@@ -510,7 +510,9 @@ def train(cfg, ckpt: dict | None = None) -> list[tuple[int, float]]:
 # ======================= below: machinery, read when you need it =======================
 
 # -----------------------------------------------------------------------------
-# corpus: every .py file under a folder, split into train/val by a hash of its path
+# corpus, BPE and token cache: every .py file under a folder, split into train/val by a hash of
+# its path; a byte-level BPE trained here, used through tiktoken; uint16 train.bin / val.bin
+# cached per corpus and vocab size
 
 MAX_FILE_BYTES = 8 * 2**20  # a bigger .py file is data, skipped (the stdlib's largest: 0.8 MB)
 
@@ -555,9 +557,6 @@ def read_corpus(root: str) -> tuple[list[str], list[str]]:
           f"({len(paths) - len(docs)} skipped: unreadable, not UTF-8, not a file or too big)")
     return [t for p, t in docs.items() if p not in val_names], [docs[p] for p in val_names]
 
-
-# -----------------------------------------------------------------------------
-# tokenizer: byte-level BPE, trained here, used through tiktoken for speed
 
 # Pre-tokenizer: newline+indentation, words with an optional leading space, and runs of
 # punctuation kept together (paper 2), so ("  ')  ]]  ], are single chunks. Newlines are never
@@ -654,9 +653,6 @@ def load_data_gym_tokenizer(folder: str) -> tiktoken.Encoding:
     return make_encoding(ranks, "tinypython_2k", TINYPYTHON_PATTERN)
 
 
-# -----------------------------------------------------------------------------
-# token data: uint16 train.bin / val.bin, cached per corpus and vocab size
-
 CACHE_FILES = ("tokenizer.tiktoken", "train.bin", "val.bin")  # sha1.txt, written last: their sha1
 
 
@@ -709,7 +705,8 @@ def prepare_data(cfg) -> tuple[str, tiktoken.Encoding]:
 
 
 # -----------------------------------------------------------------------------
-# files: atomic writes, checkpoints, and loading a trained model
+# checkpoints and resume: atomic writes, loading a trained model, a run's start (resume or not)
+# and its stop (Ctrl-C)
 
 
 def atomic_write(path: str, write):  # write(f) fills path.tmp, renamed over path: old or new
@@ -746,8 +743,7 @@ def regular(path: str) -> str:
 
 
 def save_checkpoint(path, model, optimizer, cfg, iter_num, best_val_loss, data_path):
-    """Atomic. Only tensors, dicts, lists, numbers, strings, None: it loads weights_only=True.
-    tokenizer_sha1: a model is never read with a foreign tokenizer."""
+    """Atomic. Only tensors, dicts, lists, numbers, strings, None: it loads weights_only=True."""
     ckpt = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "config": dict(cfg),
             "iter_num": iter_num, "best_val_loss": best_val_loss, "data_path": data_path,
             "tokenizer_sha1": data_path and sha1_of(data_path, "tokenizer.tiktoken")}
@@ -771,12 +767,13 @@ def read_checkpoint(path: str) -> dict:
     return ckpt
 
 
-def nonfinite(model) -> str | None:  # the first tensor with a NaN or an infinity, or None
-    return next((n for n, t in model.state_dict().items() if not t.isfinite().all()), None)
+def refuse_nonfinite(model, path: str, fix: str):  # names the first tensor with a NaN or an inf
+    if bad := next((n for n, t in model.state_dict().items() if not t.isfinite().all()), None):
+        sys.exit(f"error: '{path}' holds NaN or infinite weights in {bad}; {fix}")
 
 
 def check_memory(cfg, device: torch.device, training: bool):
-    """Refuses a model that cannot fit, before allocating: 4 bytes a weight, twice to load, 4
+    """Refuses, before allocating, a model that cannot fit: 4 bytes a weight, twice to load, 4
     times to train (gradient, Adam's moments) plus a batch's logits: a lower bound."""
     hd = (cfg.n_head or cfg.d_model // max(cfg.d_head, 1)) * cfg.d_head
     weights = (cfg.vocab_size * (2 * cfg.d_model + cfg.vocab_size * cfg.bigram_table) + cfg.n_layer
@@ -800,8 +797,7 @@ def checkpoint_file(path: str) -> str:
 
 
 def load_checkpoint(path: str, device="cpu") -> tuple[GPT, tiktoken.Encoding, Config]:
-    """A run folder or its ckpt.pt (tokenizer.tiktoken beside it), or a released model's folder
-    or its final_model.pt (tinypython's vocab.bpe and encoder.json beside it)."""
+    """A run (its folder or ckpt.pt) or a released model (its folder or final_model.pt)."""
     pick_device(torch.device(device).type)  # one line, not torch's error, when it is missing
     path = checkpoint_file(path)
     folder = os.path.dirname(path) or "."
@@ -822,17 +818,13 @@ def load_checkpoint(path: str, device="cpu") -> tuple[GPT, tiktoken.Encoding, Co
         if ckpt.get("tokenizer_sha1") not in (None, "", sha1_of(folder, "tokenizer.tiktoken")):
             sys.exit(f"error: {folder}/tokenizer.tiktoken is not the tokenizer {path} was trained "
                      f"with; {fix}")
-    if nonfinite(model):
-        sys.exit(f"error: '{path}' holds NaN or infinite weights in {nonfinite(model)}: the run "
-                 "diverged before it was saved; train it again with a lower --learning_rate")
+    refuse_nonfinite(model, path, "the run diverged before it was saved: train it again with "
+                     "a lower --learning_rate")
     if tokenizer.n_vocab != cfg.vocab_size:
         sys.exit(f"error: the tokenizer beside '{path}' has {tokenizer.n_vocab} tokens, the model "
                  f"{cfg.vocab_size}; put the model's own tokenizer there")
     return model.to(device).eval(), tokenizer, cfg
 
-
-# -----------------------------------------------------------------------------
-# a run's start (resume or not) and stop (Ctrl-C)
 
 # what --init_from=resume may change: none of it touches the model, the data or the schedule
 RESUME_MAY_CHANGE = ("out_dir cache_dir init_from overwrite device compile eval_interval "
@@ -840,9 +832,8 @@ RESUME_MAY_CHANGE = ("out_dir cache_dir init_from overwrite device compile eval_
 
 
 def start_run(cfg, ckpt, model, optimizer, device, rank: int, world: int) -> tuple:
-    """train()'s setup, all checked before out_dir is written: the resumed state (ckpt read here
-    if not given) or a refusal to overwrite, the token data, the tokenizer copied beside the
-    checkpoint. -> (iter_num, best_val_loss, data, tokenizer, data_path)"""
+    """train()'s setup, all checked before out_dir is written: the resumed state or a refusal to
+    overwrite, the token data, the tokenizer copied beside the checkpoint."""
     ckpt_path = os.path.join(cfg.out_dir, "ckpt.pt")
     iter_num, best_val_loss, trained_on = 0, math.inf, None
     if cfg.init_from == "resume":
@@ -858,10 +849,9 @@ def start_run(cfg, ckpt, model, optimizer, device, rank: int, world: int) -> tup
             trained_on = ckpt.get("data_path", "")
         except (KeyError, RuntimeError, ValueError, TypeError) as e:
             sys.exit(f"error: cannot resume {ckpt_path} ({type(e).__name__}); start a new run")
-        if nonfinite(model):  # resume would repeat the divergence: same batches, same schedule
-            sys.exit(f"error: {ckpt_path} holds NaN or infinite weights in {nonfinite(model)}; "
-                     "start a new run (--overwrite=True, or another --out_dir) with a lower "
-                     "--learning_rate")
+        # resume would repeat the divergence: the same batches, the same schedule
+        refuse_nonfinite(model, ckpt_path, "start a new run (--overwrite=True, or another "
+                         "--out_dir) with a lower --learning_rate")
         print(f"resuming from {ckpt_path} at step {iter_num}")
         ckpt.clear()  # loaded: free its tensors now, not when the caller's reference goes
     elif os.path.exists(ckpt_path) and not cfg.overwrite:
@@ -904,8 +894,7 @@ def absolute_paths(cfg) -> Config:  # so that a checkpoint resumes from any work
 
 
 def claim_folder(folder: str):
-    """folder/run.lock holds the writing run's pid: a second run is refused while that process
-    lives; an ended one's lock is taken over."""
+    """folder/run.lock holds the writing run's pid: refused while it lives, taken over after."""
     path, mine = os.path.join(folder, "run.lock"), os.path.join(folder, f"run.lock.{os.getpid()}")
     Path(mine).write_text(str(os.getpid()))
     try:
@@ -930,9 +919,8 @@ def claim_folder(folder: str):
 
 @contextmanager
 def ctrl_c_finishes_the_step(world: int, lock: str | None):
-    """The first Ctrl-C or SIGTERM sets stop.requested (the signal's number): the loop finishes
-    the step, saves, exits 130 or 143. A second aborts at once, with one process (torchrun passes
-    a Ctrl-C on: every rank sees two). At the end the handlers, the lock and DDP group go."""
+    """The first Ctrl-C or SIGTERM sets stop.requested to its number: finish the step, save, exit
+    130 or 143. A second aborts at once (one process only: under torchrun every rank sees two)."""
     stop = SimpleNamespace(requested=0)
 
     def on_signal(signum, frame):
@@ -1124,8 +1112,7 @@ def initials(key: str) -> str:  # learning_rate -> lr: what a near-miss key ofte
 
 
 def parse_config(argv, defaults=DEFAULTS, presets=PRESETS, rules=RULES) -> Config:
-    """--key=value over --preset=NAME over defaults, checked against the rules; for all three
-    scripts. --help lists the keys; bad input exits with one clear line."""
+    """--key=value over --preset=NAME over defaults, checked against the rules (all scripts)."""
     if {"-h", "--help"} & set(argv):  # every key, its default and its comment in DEFAULTS
         owner = [m for m in list(sys.modules.values())
                  if getattr(m, "__dict__", {}).get("DEFAULTS") is defaults]
