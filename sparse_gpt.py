@@ -314,7 +314,7 @@ def sparse_matrices(model: GPT) -> list[tuple[str, nn.Parameter, int | None]]:
 
 
 def target_densities(cfg) -> tuple[float, float]:
-    """(hidden, embedding) at the end of annealing: embeddings embed_ratio times denser (official)."""
+    """Final (hidden, embedding) densities: embeddings embed_ratio times denser (official)."""
     return cfg.density, min(1.0, cfg.density * cfg.embed_ratio)
 
 
@@ -849,9 +849,8 @@ def start_run(cfg, ckpt, model, optimizer, device, rank: int, world: int) -> tup
             trained_on = ckpt.get("data_path", "")
         except (KeyError, RuntimeError, ValueError, TypeError) as e:
             sys.exit(f"error: cannot resume {ckpt_path} ({type(e).__name__}); start a new run")
-        # resume would repeat the divergence: the same batches, the same schedule
         refuse_nonfinite(model, ckpt_path, "start a new run (--overwrite=True, or another "
-                         "--out_dir) with a lower --learning_rate")
+                         "--out_dir) with a lower --learning_rate")  # resume would diverge again
         print(f"resuming from {ckpt_path} at step {iter_num}")
         ckpt.clear()  # loaded: free its tensors now, not when the caller's reference goes
     elif os.path.exists(ckpt_path) and not cfg.overwrite:
