@@ -119,7 +119,7 @@ NODE_LOCATIONS = ("attn.resid_in", "attn.q", "attn.k", "attn.v", "attn.resid_del
 
 
 def abstopk(x: torch.Tensor, k: int) -> torch.Tensor:
-    """Keeps the k largest-magnitude entries of the last dimension (and ties: exact zeros)."""
+    """Keeps the k largest-magnitude entries of the last dimension (and ties, in practice zeros)."""
     a = x.abs()
     return x * (a >= kth_largest(a, k))
 
