@@ -50,10 +50,7 @@ PLURALS = ("items lines names values paths entries records nodes tokens fields p
 VERBS = "get load read parse make build check update handle process find format split add".split()
 CLASSES = ("Parser Reader Writer Handler Cache Record Config Node Entry Client Server Request "
            "Loader Builder Buffer Token Table Queue Session Archive").split()
-# Names that answers copy (class_init, var_swap): common nouns that are one token after a space
-# in a stdlib tokenizer (checked for the 2048-token one), so the copied name is one answer token.
-ONE_TOKEN_NAMES = ("name value path data key item line text size index result node message "
-                   "header source mode state module block code type").split()
+ONE_TOKEN_NAMES = NOUNS[:21]  # one token after a space in our stdlib BPE: answers that copy a name
 
 
 def name(rng) -> str:
@@ -100,10 +97,9 @@ def preamble(rng, method: bool | None = None) -> tuple[str, str]:
     fname = f"{rng.choice(VERBS)}_{rng.choice(NOUNS)}"
     if method:
         text += f"class {rng.choice(CLASSES)}:\n\n    def {fname}(self, {args}):\n"
-        ind = " " * 8
     else:
         text += f"def {fname}({args}):\n"
-        ind = " " * 4
+    ind = " " * (8 if method else 4)
     if rng.random() < 0.3:
         text += f'{ind}"""{message(rng).capitalize()}."""\n'
     return text + "".join(statement(rng, ind) for _ in range(rng.randint(0, 3))), ind
@@ -283,8 +279,7 @@ def if_equals(rng) -> Pair:
 
 def enumerate_range(rng) -> Pair:
     """Two loop variables need an iterable of pairs (zip), one loop variable takes range."""
-    # The paper answers ' enumerate', but that is four tokens in our 2048-token stdlib tokenizer;
-    # ' zip' is one, and separates the same two contexts.
+    # the paper's ' enumerate' is four tokens in our stdlib BPE; ' zip' is one, same contexts
     head, ind = preamble(rng)
     i = rng.choice(["i", "n", "idx", "index", "pos", "a", "k"])
     return Pair(f"{head}{ind}for {i}, {name(rng)} in", f"{head}{ind}for {i} in", " zip", " range")
@@ -390,17 +385,14 @@ def encode_pairs(tokenizer, pairs: list[Pair], block_size: int, device="cpu") ->
     +1 where token_a is the right answer, -1 where token_b is. prune.py trains masks on it."""
     if not pairs:
         raise ValueError("no pairs to encode: pass at least one Pair")
-    rows, answers = [], []
-    for p in pairs:
-        answers += [(answer_id(tokenizer, p.token_a), answer_id(tokenizer, p.token_b))] * 2
-        rows += [tokenizer.encode_ordinary(p.prompt_a)[-block_size:],
-                 tokenizer.encode_ordinary(p.prompt_b)[-block_size:]]
-    tok_a, tok_b = zip(*answers)
+    answers = [(answer_id(tokenizer, p.token_a), answer_id(tokenizer, p.token_b)) for p in pairs]
+    tok_a, tok_b = torch.tensor(answers).T.repeat_interleave(2, dim=1)  # one per prompt
+    rows = [tokenizer.encode_ordinary(prompt)[-block_size:] for p in pairs for prompt in p[:2]]
     idx = torch.zeros(len(rows), max(map(len, rows)), dtype=torch.long)
     for i, row in enumerate(rows):
         idx[i, : len(row)] = torch.tensor(row)
-    data = dict(idx=idx, last=torch.tensor([len(r) - 1 for r in rows]), tok_a=torch.tensor(tok_a),
-                tok_b=torch.tensor(tok_b), sign=torch.tensor([1.0, -1.0] * len(pairs)))
+    data = dict(idx=idx, last=torch.tensor([len(r) - 1 for r in rows]), tok_a=tok_a, tok_b=tok_b,
+                sign=torch.tensor([1.0, -1.0] * len(pairs)))
     return {k: v.to(device) for k, v in data.items()}
 
 
@@ -426,16 +418,11 @@ def solved(scores: dict, min_acc: float = SOLVED_ACC) -> list[str]:
     return [name for name, (_, acc, _) in scores.items() if acc >= min_acc]
 
 
-def task_loss(model, tokenizer, pairs: list[Pair]) -> tuple[torch.Tensor, float]:
-    """(task loss as a differentiable scalar, accuracy) on these pairs."""
-    return score(torch.sub(*answer_logits(model, tokenizer, pairs)))
-
-
 @torch.no_grad()
 def evaluate(model, tokenizer, names, n: int = 200, seed: int = 0, split: str = "test",
              batch_pairs: int = 32) -> dict[str, tuple[float, float, int]]:
-    """name -> (task loss, accuracy, pairs) on n fresh pairs of each task. Raises ValueError if
-    a task's answers do not tokenize as single tokens under this tokenizer."""
+    """name -> (task loss, accuracy, pairs) on n fresh pairs of each task; ValueError for a task
+    whose answers this tokenizer cannot produce as single tokens."""
     for key, count in (("n", n), ("batch_pairs", batch_pairs)):
         if count < 1:
             raise ValueError(f"{key} must be at least 1, got {count}")
