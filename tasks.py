@@ -305,8 +305,7 @@ TASKS = {f.__name__: f for f in [
     while_return_true]}
 
 
-# Attacks on the paper's bracket-counting circuit: it averages an open-bracket detector over
-# the context, so an unmatched [ in a comment fakes depth, and a long list dilutes the average.
+# Attacks on bracket_counting's circuit, an averaged open-[ detector: fake depth, dilute the mean
 def bracket_counting_distractor(rng) -> Pair:
     """bracket_counting after a comment with an unmatched [."""
     comment = rng.choice([f"# {message(rng)} [{name(rng)}", f"# TODO: [{message(rng)}",
@@ -363,16 +362,16 @@ def check_pairs(tokenizer, name: str, pairs: list[Pair]):
     """A ValueError names the task and token unless each answer is one token, produced as it is
     after every prompt (paper A.7): encode(prompt + answer) == encode(prompt) + [answer]."""
     encode = tokenizer.encode_ordinary
-    for pair in pairs:
-        for token in (pair.token_a, pair.token_b):
-            try:
+    try:
+        for pair in pairs:
+            for token in (pair.token_a, pair.token_b):
                 tid = answer_id(tokenizer, token)
-            except ValueError as e:
-                raise ValueError(f"task {name}: {e}") from None
-            for prompt in (pair.prompt_a, pair.prompt_b):
-                if encode(prompt + token) != encode(prompt) + [tid]:
-                    raise ValueError(f"task {name}: answer {token!r} merges with the end of the "
-                                     f"prompt ...{prompt[-40:]!r} instead of following it")
+                for prompt in (pair.prompt_a, pair.prompt_b):
+                    if encode(prompt + token) != encode(prompt) + [tid]:
+                        raise ValueError(f"answer {token!r} merges with the end of the prompt "
+                                         f"...{prompt[-40:]!r} instead of following it")
+    except ValueError as e:
+        raise ValueError(f"task {name}: {e}") from None
 
 
 # -----------------------------------------------------------------------------
@@ -456,7 +455,7 @@ def check_cached(names, cfg) -> bool:
     if not paths:
         print(f"no tokenizer cached in {cfg.cache_dir}/, so the answers are not checked (python "
               "sparse_gpt.py builds one; --cache_dir=FOLDER names another cache)")
-    bad = []
+    failed = 0
     for path in paths:
         tokenizer = sparse_gpt.load_tokenizer(str(path))
         for name in names:
@@ -464,21 +463,21 @@ def check_cached(names, cfg) -> bool:
                 for split in ("train", "test"):
                     for_tokenizer(tokenizer, name, make_pairs(name, cfg.n, cfg.seed, split))
             except ValueError as e:
-                bad.append(print(f"error: {e} (tokenizer {path})"))
+                print(f"error: {e} (tokenizer {path})")
+                failed += 1
         print(f"checked {len(names)} task(s) against {path}, {cfg.n} train and {cfg.n} test pairs "
-              "each: " + (f"{len(bad)} failed" if bad else "every answer is one token that "
+              "each: " + (f"{failed} failed" if failed else "every answer is one token that "
                           "follows its prompt as the corpus tokenization would produce it"))
-    return not bad
+    return not failed
 
 
 def show_examples(names, seed: int):
     print("every prompt is followed by ⟨correct answer > wrong answer⟩\n")
     for name in names:
         print(f"=== {name}: {ALL[name].__doc__}")
-        for pair in make_pairs(name, 2, seed, "train"):
-            for prompt, right, wrong in ((pair.prompt_a, pair.token_a, pair.token_b),
-                                         (pair.prompt_b, pair.token_b, pair.token_a)):
-                print(f"{prompt}⟨{right!r} > {wrong!r}⟩\n")
+        for p in make_pairs(name, 2, seed, "train"):
+            print(f"{p.prompt_a}⟨{p.token_a!r} > {p.token_b!r}⟩\n")
+            print(f"{p.prompt_b}⟨{p.token_b!r} > {p.token_a!r}⟩\n")
 
 
 @sparse_gpt.cli
@@ -491,8 +490,7 @@ def main(argv):
         except ValueError as e:  # a new task that cannot make its pairs
             sys.exit(f"error: {e}")
         return None if check_cached(names, cfg) else sys.exit(1)
-    device = sparse_gpt.pick_device(cfg.device)
-    model, tokenizer, _ = sparse_gpt.load_checkpoint(cfg.ckpt, device)
+    model, tokenizer, _ = sparse_gpt.load_checkpoint(cfg.ckpt, sparse_gpt.pick_device(cfg.device))
     print(f"{cfg.ckpt}: {cfg.n} {cfg.split} pairs per task (seed {cfg.seed})")
     print(f"{'task':<30}{'acc':>7}{'loss':>8}{'n':>6}")
     scores = {}
@@ -560,10 +558,8 @@ def as_tokenized(tokenizer, name: str, pair: Pair) -> Pair:
 
 
 def for_tokenizer(tokenizer, name: str, pairs: list[Pair]) -> list[Pair]:
-    """The pairs as this tokenizer asks them, checked; a ValueError names a task it cannot ask.
-    A tokenizer of ours asks them as written (an answer that is not a token is the task's bug,
-    to fix, not to adapt); another one (a released model's) may cut the code elsewhere, and
-    every rewrite it needs is printed."""
+    """The pairs as this tokenizer asks them, checked (ValueError: it cannot). Ours asks them as
+    written (a bad answer is the task's bug); a released model's rewrites them, printed."""
     if tokenizer._pat_str != sparse_gpt.PRETOKEN_PATTERN:
         asked = [as_tokenized(tokenizer, name, p) for p in pairs]
         for how, count in Counter(rewrite(p, q) for p, q in zip(pairs, asked) if p != q).items():
