@@ -37,7 +37,7 @@ DEFAULTS = dict(
     solved_acc=tasks.SOLVED_ACC,  # accuracy (train pairs) at which a task counts as solved
     unsolved=False,  # prune a task the full model does not solve too (marked UNSOLVED)
     target_loss=0.15,  # task loss (nats) the circuit must reach on the train pairs (paper 5)
-    k_coef=1e-4,  # penalty per kept node (paper 5)
+    k_coef=1e-4,  # penalty per kept node at the start (paper 5); then it follows the target
     heaviside_temp=1.0,  # temperature of the sigmoid whose derivative is the mask's gradient
     lr=1e-2,  # AdamW on the masks: beta2 0.95, weight decay 1e-3 (paper 5; its lr: 3e-3)
     steps=200,  # mask-training steps, each on all n_pairs train pairs (README: the search)
@@ -63,6 +63,8 @@ RULES = dict(  # what each value must be (see sparse_gpt.RULES); tasks: see task
                 "empty or a residual read such as 1.attn.resid_in.37"))
 LOG_EVERY = 100  # mask-training steps (or drop-pass nodes) between progress lines
 MAX_SCALE = 4.0  # the calibration may scale the logit difference by at most this much
+K_AIM = 0.5  # mask training aims k_coef at this fraction of the target loss (see train_masks)
+K_RATE = 0.05  # k_coef moves by a factor e^K_RATE per mask step: up to e^10 over 200 steps
 AT_BOUND = 0.95  # a scale above this fraction of MAX_SCALE is flagged: the signal is weak
 
 
@@ -251,23 +253,31 @@ def train_masks(model, means, train: dict, cfg) -> torch.Tensor:
     # every node starts kept: a bias of 0.1 plus noise of 0.01 breaks ties (paper 5)
     tau = (0.1 + 0.01 * torch.randn(len(means), generator=gen)).to(means.device).requires_grad_()
     opt = torch.optim.AdamW([tau], lr=cfg.lr, betas=(0.9, 0.95), weight_decay=1e-3)
-    t0 = time.time()
+    t0, k_coef = time.time(), cfg.k_coef
+    # the paper's target, or a stricter one: masks that do not depend on a looser target let
+    # search() reuse them at 0.15 (a looser target never gives a larger circuit)
+    aim = K_AIM * min(cfg.target_loss, DEFAULTS["target_loss"])
     for step in range(cfg.steps):
         # warmup over the first 5% of steps, then linear decay to zero (paper 5)
         opt.param_groups[0]["lr"] = lr = cfg.lr * sparse_gpt.warmup_decay(step, cfg.steps, 0.05)
         keep = HeavisideSTE.apply(tau, cfg.heaviside_temp)
         with ablated(model, means, keep):  # every step sees all train pairs (paper: 64)
             task, _ = pair_loss(answer_diff(model, train), train)
-        (task + cfg.k_coef * keep.sum()).backward()
+        (task + k_coef * keep.sum()).backward()
         torch.nn.utils.clip_grad_norm_([tau], 1.0)
         opt.step()
         opt.zero_grad(set_to_none=True)
         with torch.no_grad():
             tau.clamp_(-1, 1)
+        # The penalty follows the target: it grows while the masked model is under the aim (nodes
+        # can still go) and shrinks above it, leaving the calibration and the drop pass the rest.
+        # One fixed k_coef balances at a size that depends on the model: on the quick start's,
+        # 1e-4 kept 256 nodes and the circuit had 115 (README: the search).
+        k_coef *= math.exp(K_RATE if task.item() < aim else -K_RATE)
         if (step + 1) % LOG_EVERY == 0 or step + 1 == cfg.steps:
             left = (time.time() - t0) / (step + 1) * (cfg.steps - step - 1)
-            print(f"  seed {cfg.seed} step {step + 1}/{cfg.steps} | task loss {task.item():.3f}"
-                  f" | kept {int(keep.sum())} | lr {lr:.1e} | {left:.0f}s left")
+            print(f"  seed {cfg.seed} step {step + 1}/{cfg.steps} | task loss {task.item():.3f} | "
+                  f"kept {int(keep.sum())} | k_coef {k_coef:.0e} | lr {lr:.1e} | {left:.0f}s left")
     return tau.detach()
 
 

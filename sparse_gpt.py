@@ -125,15 +125,14 @@ NODE_LOCATIONS = ("attn.resid_in", "attn.q", "attn.k", "attn.v", "attn.resid_del
 
 
 def abstopk(x: torch.Tensor, k: int) -> torch.Tensor:
-    """Keeps the k largest-magnitude entries of the last dimension, zeroes the rest (ties at the
-    threshold are kept; they only happen for exact zeros in practice)."""
+    """Keeps the k largest-magnitude entries of the last dimension (and ties, in practice zeros)."""
     a = x.abs()
     return x * (a >= kth_largest(a, k))
 
 
 def kth_largest(a: torch.Tensor, k: int, dim: int = -1) -> torch.Tensor:
-    """The k-th largest entry of `a` (>= 0) along dim, kept as a size-1 dim: a selection, not a
-    sort (paper B). Outside autograd: with no gradient, autograd keeps no topk indices (memory)."""
+    """The k-th largest of `a` (>= 0) along dim, kept as a size-1 dim: a selection, not a sort
+    (paper B); detached, so that autograd keeps no topk indices (memory)."""
     a = a.detach()
     if a.device.type == "cpu" and a.dtype == torch.float32:
         return kth_largest_numpy(a, k, dim)
@@ -141,9 +140,8 @@ def kth_largest(a: torch.Tensor, k: int, dim: int = -1) -> torch.Tensor:
 
 
 def kth_largest_numpy(a: torch.Tensor, k: int, dim: int) -> torch.Tensor:
-    """kth_largest on CPU in float32, several times faster than torch.topk: numpy's introselect
-    on the float bits read as int32 (the same order for non-negative floats). Only there: numpy
-    would break a compiled graph, so GPU and bf16 select in torch (README: The GPU path)."""
+    """CPU float32: numpy's introselect on the float bits as int32 (same order for floats >= 0),
+    several times faster than torch.topk; it would break a compiled graph (README: The GPU path)."""
     n = a.shape[dim]
     part = np.partition(a.numpy().view(np.int32), n - k, axis=dim)
     return torch.from_numpy(np.take(part, [n - k], axis=dim).view(np.float32))
@@ -293,10 +291,8 @@ class GPT(nn.Module):
         return logits, F.cross_entropy(logits.float().flatten(0, 1), targets.flatten())
 
     def answer_diff(self, idx, last, tok_a, tok_b) -> torch.Tensor:
-        """forward's logit(tok_a) - logit(tok_b) at position `last` of each row, for prune.py's
-        mask training: after the last attention only that position goes on, and the unembedding
-        runs for the two answers alone. The full vocabulary at every position would be a third
-        of a mask-training step; the last MLP everywhere, 28% (`cpu` preset)."""
+        """forward's logit(tok_a) - logit(tok_b) at position `last`, for prune.py: after the last
+        attention only that position, unembedded for the two answers alone (a third faster)."""
         rows = torch.arange(len(last), device=idx.device)
         x = self.embed(idx)
         for block in self.blocks:
@@ -333,8 +329,7 @@ def sparse_matrices(model: GPT) -> list[tuple[str, nn.Parameter, int | None]]:
 
 
 def target_densities(cfg) -> tuple[float, float]:
-    """(hidden, embedding) density at the end of annealing. The official script keeps embed_ratio
-    times more of the embeddings (at most all): the hidden weights are the circuits' edges."""
+    """Final (hidden, embedding) densities: embeddings embed_ratio times denser (official)."""
     return cfg.density, min(1.0, cfg.density * cfg.embed_ratio)
 
 
@@ -348,8 +343,7 @@ def density_at(it: int, cfg, embed: bool = False) -> float:
 
 @torch.no_grad()
 def project_weights(model: GPT, it: int, cfg):
-    """After step `it`: every sparse matrix keeps its ceil(density * numel) largest entries, at
-    the density of that step (embeddings their own), each neuron at least min_per_neuron."""
+    """After step `it`: each sparse matrix keeps its ceil(density_at(it) * numel) largest."""
     for name, w, floor_dim in sparse_matrices(model):
         d = density_at(it, cfg, embed=name in EMBEDDINGS)
         if d < 1.0:
@@ -369,13 +363,11 @@ def topk_mask(w: torch.Tensor, k: int, floor_dim: int | None, min_per_neuron: in
     return score >= kth_largest(score.view(-1), k, 0)
 
 
-def n_weights(model: GPT) -> int:
-    """Weights of the sparse matrices, zero or not."""
+def n_weights(model: GPT) -> int:  # in the sparse matrices, zero or not
     return sum(p.numel() for _, p, _ in sparse_matrices(model))
 
 
-def n_kept(model: GPT, cfg) -> int:
-    """How many of them stay nonzero at the target densities (the paper's L0, floors aside)."""
+def n_kept(model: GPT, cfg) -> int:  # nonzero at the target densities: the paper's L0
     hidden, embed = target_densities(cfg)
     return sum(math.ceil((embed if n in EMBEDDINGS else hidden) * p.numel())
                for n, p, _ in sparse_matrices(model))
@@ -653,7 +645,11 @@ def evaluate_bridges(bridged: Bridged, val, cfg, device, autocast) -> str:
 # ======================= below: machinery, read when you need it =======================
 
 # -----------------------------------------------------------------------------
-# corpus: every .py file under a folder, split into train/val by a hash of its path
+# corpus, BPE and token cache: every .py file under a folder, split into train/val by a hash of
+# its path; a byte-level BPE trained here, used through tiktoken; uint16 train.bin / val.bin
+# cached per corpus and vocab size
+
+MAX_FILE_BYTES = 8 * 2**20  # a bigger .py file is data, skipped (the stdlib's largest: 0.8 MB)
 
 
 def stdlib_dir() -> str:
@@ -672,42 +668,30 @@ def list_py_files(root: str) -> list[str]:
     return found
 
 
-# corpus files are code: a bigger one is data, skipped (the standard library's largest is 0.8 MB)
-MAX_FILE_BYTES = 8 * 2**20
-
-
 def path_hash(relpath: str) -> int:
     return int(hashlib.sha1(os.fsencode(relpath)).hexdigest(), 16)  # a name may not be UTF-8
 
 
-def is_val_file(relpath: str) -> bool:
-    """About 1 file in 20 goes to val, decided by its path alone (stable across machines)."""
+def is_val_file(relpath: str) -> bool:  # about 1 file in 20, by its path alone: the same anywhere
     return path_hash(relpath) % 20 == 0
 
 
 def read_corpus(root: str) -> tuple[list[str], list[str]]:
     """(train_docs, val_docs); skipped: unreadable, non-UTF-8, not a file (a FIFO), too big."""
-    docs, skipped = {}, 0
-    for path in list_py_files(root):
+    docs, paths = {}, list_py_files(root)
+    for path in paths:
         try:
             if os.path.isfile(path) and os.path.getsize(path) <= MAX_FILE_BYTES:
                 docs[os.path.relpath(path, root)] = Path(path).read_text(encoding="utf-8")
-                continue
         except (OSError, UnicodeDecodeError):
             pass
-        skipped += 1
     if len(docs) < 2:
         sys.exit(f"error: corpus '{root}' has {len(docs)} readable .py file(s), fewer than 2")
     val_names = [p for p in docs if is_val_file(p)] or [min(docs, key=path_hash)]  # small corpora
-    train = [text for p, text in docs.items() if p not in val_names]
-    val = [docs[p] for p in val_names]
-    print(f"corpus: {len(train)} train + {len(val)} val files from {root} ({skipped} skipped: "
-          "unreadable, not UTF-8, not a file or too big)")
-    return train, val
+    print(f"corpus: {len(docs) - len(val_names)} train + {len(val_names)} val files from {root} "
+          f"({len(paths) - len(docs)} skipped: unreadable, not UTF-8, not a file or too big)")
+    return [t for p, t in docs.items() if p not in val_names], [docs[p] for p in val_names]
 
-
-# -----------------------------------------------------------------------------
-# tokenizer: byte-level BPE, trained here, used through tiktoken for speed
 
 # Pre-tokenizer: newline+indentation, words with an optional leading space, and runs of
 # punctuation kept together (paper 2), so ("  ')  ]]  ], are single chunks. Newlines are never
@@ -766,11 +750,10 @@ def train_bpe(docs: list[str], vocab_size: int, pattern=PRETOKEN_PATTERN) -> dic
     heapq.heapify(heap)
     while len(token_bytes) < vocab_size - 1 and heap:
         neg, pair = heapq.heappop(heap)
-        if pair_count.get(pair, 0) != -neg:
-            continue
-        for p in merge(pair):
-            if pair_count.get(p, 0) > 0:
-                heapq.heappush(heap, (-pair_count[p], p))
+        if pair_count.get(pair, 0) == -neg:
+            for p in merge(pair):
+                if pair_count.get(p, 0) > 0:
+                    heapq.heappush(heap, (-pair_count[p], p))
     return {b: rank for rank, b in enumerate(token_bytes)}
 
 
@@ -779,8 +762,7 @@ def make_encoding(ranks: dict[bytes, int], name="sparse_gpt", pattern=PRETOKEN_P
                              special_tokens={EOT: len(ranks)})
 
 
-def save_tokenizer(ranks: dict[bytes, int], path: str):
-    """tiktoken's rank-file format: one 'base64(token) rank' per line."""
+def save_tokenizer(ranks: dict[bytes, int], path: str):  # tiktoken's format: 'base64 rank' lines
     lines = [f"{base64.b64encode(b).decode()} {ranks[b]}\n" for b in sorted(ranks, key=ranks.get)]
     atomic_write(path, lambda f: f.write("".join(lines).encode()))
 
@@ -806,15 +788,12 @@ def load_data_gym_tokenizer(folder: str) -> tiktoken.Encoding:
     return make_encoding(ranks, "tinypython_2k", TINYPYTHON_PATTERN)
 
 
-# -----------------------------------------------------------------------------
-# token data: uint16 train.bin / val.bin, cached per corpus and vocab size
+CACHE_FILES = ("tokenizer.tiktoken", "train.bin", "val.bin")  # sha1.txt, written last: their sha1
 
 
-def cache_digest(folder: str) -> bytes:
-    """sha1 of the cache's files; sha1.txt, written last, records it: a mismatch is rebuilt."""
-    names = ("tokenizer.tiktoken", "train.bin", "val.bin")
+def sha1_of(folder: str, *names: str) -> str:
     data = b"".join(Path(regular(os.path.join(folder, n))).read_bytes() for n in names)
-    return hashlib.sha1(data).hexdigest().encode()
+    return hashlib.sha1(data).hexdigest()
 
 
 def cache_folder(cache_dir: str, root: str, *made_with) -> str:
@@ -822,8 +801,7 @@ def cache_folder(cache_dir: str, root: str, *made_with) -> str:
     key = hashlib.sha1("|".join(map(str, (root, *made_with))).encode())
     for path in list_py_files(root):
         key.update(os.fsencode(f"{os.path.relpath(path, root)}:{os.path.getsize(path)}"))
-    name = f"{os.path.basename(root)}-{key.hexdigest()[:10]}"
-    return os.path.abspath(os.path.join(cache_dir, name))
+    return os.path.abspath(f"{cache_dir}/{os.path.basename(root)}-{key.hexdigest()[:10]}")
 
 
 def write_tokens(path: str, docs: list[str], enc: tiktoken.Encoding) -> int:
@@ -839,10 +817,10 @@ def prepare_data(cfg) -> tuple[str, tiktoken.Encoding]:
     folder = cache_folder(cfg.cache_dir, root, cfg.vocab_size, PRETOKEN_PATTERN, REQUIRED_TOKENS)
     tok_path = os.path.join(folder, "tokenizer.tiktoken")
     try:  # a cache that is missing or does not match its sha1.txt is rebuilt
-        if Path(regular(os.path.join(folder, "sha1.txt"))).read_bytes() == cache_digest(folder):
+        if Path(regular(f"{folder}/sha1.txt")).read_text() == sha1_of(folder, *CACHE_FILES):
             print(f"data: using cached tokens in {folder}")
             return folder, load_tokenizer(tok_path, f"delete the folder {folder} to rebuild it")
-    except OSError:
+    except (OSError, ValueError):  # ValueError: not UTF-8
         pass
     t0 = time.time()
     train_docs, val_docs = read_corpus(root)
@@ -856,22 +834,22 @@ def prepare_data(cfg) -> tuple[str, tiktoken.Encoding]:
     for split, docs in (("train", train_docs), ("val", val_docs)):
         n = write_tokens(os.path.join(folder, f"{split}.bin"), docs, enc)
         print(f"data: {split}.bin holds {n:,} tokens")
-    atomic_write(os.path.join(folder, "sha1.txt"), lambda f: f.write(cache_digest(folder)))
+    atomic_write(f"{folder}/sha1.txt", lambda f: f.write(sha1_of(folder, *CACHE_FILES).encode()))
     print(f"data: encoded in {time.time() - t1:.1f}s, cached in {folder}")
     return folder, enc
 
 
 # -----------------------------------------------------------------------------
-# checkpoints, and a run's start (resume or not) and stop (Ctrl-C)
+# checkpoints and resume: atomic writes, loading a trained model, a run's start (resume or not)
+# and its stop (Ctrl-C)
 
 
-def atomic_write(path: str, write):
-    """write(f) fills path.tmp, then renamed over path: a crash leaves the old file or the new."""
+def atomic_write(path: str, write):  # write(f) fills path.tmp, renamed over path: old or new
     write_files_together({path: write})
 
 
 def write_files_together(writes: dict):
-    """path -> write(f), all or none: each fills path.tmp, synced, renamed when all are written.
+    """path -> write(f), all or none: each fills path.tmp, synced, renamed once all are written.
     On failure the .tmp files go, the old files stay; a refused write raises OSError naming it."""
     path = ""
     try:
@@ -903,12 +881,9 @@ def save_checkpoint(path, model, optimizer, cfg, iter_num, best_val_loss, data_p
     """Atomic. Only tensors, dicts, lists, numbers, strings, None: it loads weights_only=True."""
     ckpt = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "config": dict(cfg),
             "iter_num": iter_num, "best_val_loss": best_val_loss, "data_path": data_path,
-            "tokenizer_sha1": data_path and tokenizer_sha1(data_path), "bridges": bridges}
+            "tokenizer_sha1": data_path and sha1_of(data_path, "tokenizer.tiktoken"),
+            "bridges": bridges}
     atomic_write(path, lambda f: torch.save(ckpt, f))
-
-
-def tokenizer_sha1(folder: str) -> str:  # a checkpoint records it: a foreign one is refused
-    return hashlib.sha1(Path(folder, "tokenizer.tiktoken").read_bytes()).hexdigest()
 
 
 def read_checkpoint(path: str) -> dict:
@@ -928,12 +903,13 @@ def read_checkpoint(path: str) -> dict:
     return ckpt
 
 
-def nonfinite(model) -> str | None:  # the first tensor with a NaN or an infinity, or None
-    return next((n for n, t in model.state_dict().items() if not t.isfinite().all()), None)
+def refuse_nonfinite(model, path: str, fix: str):  # names the first tensor with a NaN or an inf
+    if bad := next((n for n, t in model.state_dict().items() if not t.isfinite().all()), None):
+        sys.exit(f"error: '{path}' holds NaN or infinite weights in {bad}; {fix}")
 
 
 def check_memory(cfg, device: torch.device, training: bool):
-    """Refuses a model that cannot fit, before allocating: 4 bytes a weight, twice to load, 4
+    """Refuses, before allocating, a model that cannot fit: 4 bytes a weight, twice to load, 4
     times to train (gradient, Adam's moments) plus a batch's logits: a lower bound."""
     hd = (cfg.n_head or cfg.d_model // max(cfg.d_head, 1)) * cfg.d_head
     weights = (cfg.vocab_size * (2 * cfg.d_model + cfg.vocab_size * cfg.bigram_table) + cfg.n_layer
@@ -957,8 +933,7 @@ def checkpoint_file(path: str) -> str:
 
 
 def load_checkpoint(path: str, device="cpu") -> tuple[GPT, tiktoken.Encoding, Config]:
-    """A run folder or its ckpt.pt (tokenizer.tiktoken beside it), or a released model's folder
-    or its final_model.pt (tinypython's vocab.bpe and encoder.json beside it)."""
+    """A run (its folder or ckpt.pt) or a released model (its folder or final_model.pt)."""
     pick_device(torch.device(device).type)  # one line, not torch's error, when it is missing
     path = checkpoint_file(path)
     folder = os.path.dirname(path) or "."
@@ -974,14 +949,13 @@ def load_checkpoint(path: str, device="cpu") -> tuple[GPT, tiktoken.Encoding, Co
         except (RuntimeError, TypeError, ValueError, AttributeError) as e:
             why = str(e) if isinstance(e, ValueError) else "retrain it"
             sys.exit(f"error: checkpoint '{path}' does not match this model code; {why}")
-        tok_path = os.path.join(folder, "tokenizer.tiktoken")
         fix = f"copy the run's own there (its cache {cfg.data_path} has one)"
-        tokenizer = load_tokenizer(tok_path, fix)
-        if ckpt.get("tokenizer_sha1") not in (None, "", tokenizer_sha1(folder)):  # older: none
-            sys.exit(f"error: {tok_path} is not the tokenizer {path} was trained with; {fix}")
-    if nonfinite(model):
-        sys.exit(f"error: '{path}' holds NaN or infinite weights in {nonfinite(model)}: the run "
-                 "diverged before it was saved; train it again with a lower --learning_rate")
+        tokenizer = load_tokenizer(os.path.join(folder, "tokenizer.tiktoken"), fix)
+        if ckpt.get("tokenizer_sha1") not in (None, "", sha1_of(folder, "tokenizer.tiktoken")):
+            sys.exit(f"error: {folder}/tokenizer.tiktoken is not the tokenizer {path} was trained "
+                     f"with; {fix}")
+    refuse_nonfinite(model, path, "the run diverged before it was saved: train it again with "
+                     "a lower --learning_rate")
     if tokenizer.n_vocab != cfg.vocab_size:
         sys.exit(f"error: the tokenizer beside '{path}' has {tokenizer.n_vocab} tokens, the model "
                  f"{cfg.vocab_size}; put the model's own tokenizer there")
@@ -994,10 +968,8 @@ RESUME_MAY_CHANGE = ("out_dir cache_dir init_from overwrite device compile eval_
 
 
 def start_run(cfg, ckpt, model, optimizer, device, rank: int, world: int, bridged=None) -> tuple:
-    """train()'s setup, every check passed before out_dir is written: the resumed model and
-    optimizer (ckpt read here if the caller has not) or a refusal to overwrite, the token data,
-    the tokenizer copied beside the checkpoint. Returns (iter_num, best_val_loss, data,
-    tokenizer, data_path)."""
+    """train()'s setup, all checked before out_dir is written: the resumed state or a refusal to
+    overwrite, the token data, the tokenizer copied beside the checkpoint."""
     ckpt_path = os.path.join(cfg.out_dir, "ckpt.pt")
     iter_num, best_val_loss, trained_on = 0, math.inf, None
     if cfg.init_from == "resume":
@@ -1015,18 +987,14 @@ def start_run(cfg, ckpt, model, optimizer, device, rank: int, world: int, bridge
             trained_on = ckpt.get("data_path", "")
         except (KeyError, RuntimeError, ValueError, TypeError) as e:
             sys.exit(f"error: cannot resume {ckpt_path} ({type(e).__name__}); start a new run")
-        if nonfinite(model):  # resume would repeat the divergence: same batches, same schedule
-            sys.exit(f"error: {ckpt_path} holds NaN or infinite weights in {nonfinite(model)}; "
-                     "start a new run (--overwrite=True, or another --out_dir) with a lower "
-                     "--learning_rate")
+        refuse_nonfinite(model, ckpt_path, "start a new run (--overwrite=True, or another "
+                         "--out_dir) with a lower --learning_rate")  # resume would diverge again
         print(f"resuming from {ckpt_path} at step {iter_num}")
         ckpt.clear()  # loaded: free its tensors now, not when the caller's reference goes
     elif os.path.exists(ckpt_path) and not cfg.overwrite:
         sys.exit(f"error: {ckpt_path} already holds a model; continue it with --init_from=resume, "
                  "or pass another --out_dir, or --overwrite=True to replace it")
-    # Under DDP rank 0 builds the token cache and the others read it: they wait at a barrier,
-    # which rank 0 joins once the cache is built.
-    if rank > 0:
+    if rank > 0:  # DDP: rank 0 builds the token cache while the others wait, then they read it
         dist.barrier()
     data_path, tokenizer = bridged.dense_data if bridged else prepare_data(cfg)
     if rank == 0 and world > 1:
@@ -1034,8 +1002,7 @@ def start_run(cfg, ckpt, model, optimizer, device, rank: int, world: int, bridge
     if trained_on is not None and os.path.basename(trained_on) != os.path.basename(data_path):
         sys.exit(f"error: the corpus or vocabulary differs from the one {ckpt_path} was trained on "
                  f"({trained_on}); resume with the same corpus")
-    data = {s: np.memmap(f"{data_path}/{s}.bin", dtype=np.uint16, mode="r")
-            for s in ("train", "val")}
+    data = {s: np.memmap(f"{data_path}/{s}.bin", np.uint16, "r") for s in ("train", "val")}
     for s, arr in data.items():
         if len(arr) <= cfg.block_size + 1:
             sys.exit(f"error: {s} split has {len(arr)} tokens, fewer than block_size+1; "
@@ -1058,22 +1025,19 @@ def start_run(cfg, ckpt, model, optimizer, device, rank: int, world: int, bridge
     return iter_num, best_val_loss, data, tokenizer, data_path
 
 
-def absolute_paths(cfg) -> Config:
-    """data_dir and cache_dir made absolute, so that a checkpoint resumes from any folder."""
+def absolute_paths(cfg) -> Config:  # so that a checkpoint resumes from any working folder
     return Config(cfg, data_dir=cfg.data_dir and os.path.abspath(cfg.data_dir),
                   cache_dir=os.path.abspath(cfg.cache_dir))
 
 
-def claim_folder(folder: str) -> str:
-    """folder/run.lock holds the writing run's pid: a second run is refused while that process
-    lives; an ended one's lock is taken over. Returns the lock's path."""
+def claim_folder(folder: str):
+    """folder/run.lock holds the writing run's pid: refused while it lives, taken over after."""
     path, mine = os.path.join(folder, "run.lock"), os.path.join(folder, f"run.lock.{os.getpid()}")
     Path(mine).write_text(str(os.getpid()))
     try:
         for _ in range(2):
             try:  # a hard link is made whole or not at all: of two runs at once, one gets it
-                os.link(mine, path)
-                return path
+                return os.link(mine, path)
             except FileExistsError:
                 holder = Path(regular(path)).read_text()
             if holder.isdigit() and 0 < int(holder) != os.getpid():
@@ -1092,9 +1056,8 @@ def claim_folder(folder: str) -> str:
 
 @contextmanager
 def ctrl_c_finishes_the_step(world: int, lock: str | None):
-    """The first Ctrl-C or SIGTERM sets stop.requested (the signal's number): the loop finishes
-    the step, saves, exits 130 or 143. A second aborts at once, with one process (torchrun passes
-    a Ctrl-C on: every rank sees two). At the end the handlers, the lock and DDP group go."""
+    """The first Ctrl-C or SIGTERM sets stop.requested to its number: finish the step, save, exit
+    130 or 143. A second aborts at once (one process only: under torchrun every rank sees two)."""
     stop = SimpleNamespace(requested=0)
 
     def on_signal(signum, frame):
@@ -1205,6 +1168,8 @@ def load_release(folder: str) -> tuple[GPT, Config]:
 # -----------------------------------------------------------------------------
 # devices and DDP (torchrun)
 
+TORCHRUN_VARS = {"RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"}
+
 
 def pick_device(name: str) -> torch.device:
     seen = dict(cuda=torch.cuda.is_available(), mps=torch.backends.mps.is_available(), cpu=True)
@@ -1213,9 +1178,6 @@ def pick_device(name: str) -> torch.device:
     if not seen.get(name):
         sys.exit(f"error: --device={name} but no such device is visible; use --device=cpu")
     return torch.device(name)
-
-
-TORCHRUN_VARS = {"RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"}
 
 
 def setup_ddp(device: torch.device, batch_size: int) -> tuple[int, int, torch.device]:
@@ -1247,16 +1209,15 @@ def bf16_autocast(device: torch.device):  # bfloat16 matmuls on CUDA (tensor cor
 # -----------------------------------------------------------------------------
 # command line
 
-# What each value must be, checked after presets and flags: key -> (test(value, cfg), rule).
-COUNT, POSITIVE = (lambda v, c: v >= 1, "at least 1"), (lambda v, c: 0 < v < math.inf, "> 0")
-SEED = (lambda v, c: 0 <= v < 2**32, "in [0, 2**32)")
-
 
 def up_to(most: int) -> tuple:  # a count with a cap, so that no typo runs for days
     return (lambda v, c: 1 <= v <= most, f"at least 1 and at most {most:,}")
 
 
+# What each value must be, checked after presets and flags: key -> (test(value, cfg), rule).
+COUNT, POSITIVE = (lambda v, c: v >= 1, "at least 1"), (lambda v, c: 0 < v < math.inf, "> 0")
 FRACTION, SHARE = (lambda v, c: 0 < v <= 1, "in (0, 1]"), (lambda v, c: 0 <= v <= 1, "in [0, 1]")
+SEED = (lambda v, c: 0 <= v < 2**32, "in [0, 2**32)")
 DEVICE = (lambda v, c: v in ("auto", "cpu", "cuda", "mps"), "auto, cpu, cuda or mps")
 RULES = dict(
     out_dir=(lambda v, c: v != "", "a folder"),
@@ -1285,14 +1246,12 @@ def parse_value(text: str, default):
     return os.path.expanduser(text) if isinstance(default, str) else type(default)(text)
 
 
-def initials(key: str) -> str:
-    """learning_rate -> lr: what a near-miss key often is."""
+def initials(key: str) -> str:  # learning_rate -> lr: what a near-miss key often is
     return "".join(word[:1] for word in key.split("_"))
 
 
 def parse_config(argv, defaults=DEFAULTS, presets=PRESETS, rules=RULES) -> Config:
-    """--key=value over --preset=NAME over defaults, checked against the rules; for all three
-    scripts. --help lists the keys; bad input exits with one clear line."""
+    """--key=value over --preset=NAME over defaults, checked against the rules (all scripts)."""
     if {"-h", "--help"} & set(argv):  # every key, its default and its comment in DEFAULTS
         owner = [m for m in list(sys.modules.values())
                  if getattr(m, "__dict__", {}).get("DEFAULTS") is defaults]
@@ -1339,10 +1298,9 @@ def same_kind(value, default) -> bool:  # the default's type (an int where a flo
 
 
 def cli(main):
-    """main(argv) run so that Ctrl-C exits with 130 and a file the system refuses (a folder, no
-    permission, a full disk) exits with one line naming it."""
+    """main(argv) run so that Ctrl-C exits 130, SIGTERM (a scheduler, docker stop) 143, both
+    unwinding (no half-written file), and a file the system refuses is one line naming it."""
     def run(argv=None):
-        # SIGTERM (a scheduler, docker stop, timeout) unwinds like Ctrl-C: no half-written file
         signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(143))
         try:
             try:

@@ -50,10 +50,7 @@ PLURALS = ("items lines names values paths entries records nodes tokens fields p
 VERBS = "get load read parse make build check update handle process find format split add".split()
 CLASSES = ("Parser Reader Writer Handler Cache Record Config Node Entry Client Server Request "
            "Loader Builder Buffer Token Table Queue Session Archive").split()
-# Names that answers copy (class_init, var_swap): common nouns that are one token after a space
-# in a stdlib tokenizer (checked for the 2048-token one), so the copied name is one answer token.
-ONE_TOKEN_NAMES = ("name value path data key item line text size index result node message "
-                   "header source mode state module block code type").split()
+ONE_TOKEN_NAMES = NOUNS[:21]  # one token after a space in our stdlib BPE: answers that copy a name
 
 
 def name(rng) -> str:
@@ -100,10 +97,9 @@ def preamble(rng, method: bool | None = None) -> tuple[str, str]:
     fname = f"{rng.choice(VERBS)}_{rng.choice(NOUNS)}"
     if method:
         text += f"class {rng.choice(CLASSES)}:\n\n    def {fname}(self, {args}):\n"
-        ind = " " * 8
     else:
         text += f"def {fname}({args}):\n"
-        ind = " " * 4
+    ind = " " * (8 if method else 4)
     if rng.random() < 0.3:
         text += f'{ind}"""{message(rng).capitalize()}."""\n'
     return text + "".join(statement(rng, ind) for _ in range(rng.randint(0, 3))), ind
@@ -283,8 +279,7 @@ def if_equals(rng) -> Pair:
 
 def enumerate_range(rng) -> Pair:
     """Two loop variables need an iterable of pairs (zip), one loop variable takes range."""
-    # The paper answers ' enumerate', but that is four tokens in our 2048-token stdlib tokenizer;
-    # ' zip' is one, and separates the same two contexts.
+    # the paper's ' enumerate' is four tokens in our stdlib BPE; ' zip' is one, same contexts
     head, ind = preamble(rng)
     i = rng.choice(["i", "n", "idx", "index", "pos", "a", "k"])
     return Pair(f"{head}{ind}for {i}, {name(rng)} in", f"{head}{ind}for {i} in", " zip", " range")
@@ -310,8 +305,7 @@ TASKS = {f.__name__: f for f in [
     while_return_true]}
 
 
-# Attacks on the paper's bracket-counting circuit: it averages an open-bracket detector over
-# the context, so an unmatched [ in a comment fakes depth, and a long list dilutes the average.
+# Attacks on bracket_counting's circuit, an averaged open-[ detector: fake depth, dilute the mean
 def bracket_counting_distractor(rng) -> Pair:
     """bracket_counting after a comment with an unmatched [."""
     comment = rng.choice([f"# {message(rng)} [{name(rng)}", f"# TODO: [{message(rng)}",
@@ -368,16 +362,16 @@ def check_pairs(tokenizer, name: str, pairs: list[Pair]):
     """A ValueError names the task and token unless each answer is one token, produced as it is
     after every prompt (paper A.7): encode(prompt + answer) == encode(prompt) + [answer]."""
     encode = tokenizer.encode_ordinary
-    for pair in pairs:
-        for token in (pair.token_a, pair.token_b):
-            try:
+    try:
+        for pair in pairs:
+            for token in (pair.token_a, pair.token_b):
                 tid = answer_id(tokenizer, token)
-            except ValueError as e:
-                raise ValueError(f"task {name}: {e}") from None
-            for prompt in (pair.prompt_a, pair.prompt_b):
-                if encode(prompt + token) != encode(prompt) + [tid]:
-                    raise ValueError(f"task {name}: answer {token!r} merges with the end of the "
-                                     f"prompt ...{prompt[-40:]!r} instead of following it")
+                for prompt in (pair.prompt_a, pair.prompt_b):
+                    if encode(prompt + token) != encode(prompt) + [tid]:
+                        raise ValueError(f"answer {token!r} merges with the end of the prompt "
+                                         f"...{prompt[-40:]!r} instead of following it")
+    except ValueError as e:
+        raise ValueError(f"task {name}: {e}") from None
 
 
 # -----------------------------------------------------------------------------
@@ -390,17 +384,14 @@ def encode_pairs(tokenizer, pairs: list[Pair], block_size: int, device="cpu") ->
     +1 where token_a is the right answer, -1 where token_b is. prune.py trains masks on it."""
     if not pairs:
         raise ValueError("no pairs to encode: pass at least one Pair")
-    rows, answers = [], []
-    for p in pairs:
-        answers += [(answer_id(tokenizer, p.token_a), answer_id(tokenizer, p.token_b))] * 2
-        rows += [tokenizer.encode_ordinary(p.prompt_a)[-block_size:],
-                 tokenizer.encode_ordinary(p.prompt_b)[-block_size:]]
-    tok_a, tok_b = zip(*answers)
+    answers = [(answer_id(tokenizer, p.token_a), answer_id(tokenizer, p.token_b)) for p in pairs]
+    tok_a, tok_b = torch.tensor(answers).T.repeat_interleave(2, dim=1)  # one per prompt
+    rows = [tokenizer.encode_ordinary(prompt)[-block_size:] for p in pairs for prompt in p[:2]]
     idx = torch.zeros(len(rows), max(map(len, rows)), dtype=torch.long)
     for i, row in enumerate(rows):
         idx[i, : len(row)] = torch.tensor(row)
-    data = dict(idx=idx, last=torch.tensor([len(r) - 1 for r in rows]), tok_a=torch.tensor(tok_a),
-                tok_b=torch.tensor(tok_b), sign=torch.tensor([1.0, -1.0] * len(pairs)))
+    data = dict(idx=idx, last=torch.tensor([len(r) - 1 for r in rows]), tok_a=tok_a, tok_b=tok_b,
+                sign=torch.tensor([1.0, -1.0] * len(pairs)))
     return {k: v.to(device) for k, v in data.items()}
 
 
@@ -426,16 +417,11 @@ def solved(scores: dict, min_acc: float = SOLVED_ACC) -> list[str]:
     return [name for name, (_, acc, _) in scores.items() if acc >= min_acc]
 
 
-def task_loss(model, tokenizer, pairs: list[Pair]) -> tuple[torch.Tensor, float]:
-    """(task loss as a differentiable scalar, accuracy) on these pairs."""
-    return score(torch.sub(*answer_logits(model, tokenizer, pairs)))
-
-
 @torch.no_grad()
 def evaluate(model, tokenizer, names, n: int = 200, seed: int = 0, split: str = "test",
              batch_pairs: int = 32) -> dict[str, tuple[float, float, int]]:
-    """name -> (task loss, accuracy, pairs) on n fresh pairs of each task. Raises ValueError if
-    a task's answers do not tokenize as single tokens under this tokenizer."""
+    """name -> (task loss, accuracy, pairs) on n fresh pairs of each task; ValueError for a task
+    whose answers this tokenizer cannot produce as single tokens."""
     for key, count in (("n", n), ("batch_pairs", batch_pairs)):
         if count < 1:
             raise ValueError(f"{key} must be at least 1, got {count}")
@@ -469,7 +455,7 @@ def check_cached(names, cfg) -> bool:
     if not paths:
         print(f"no tokenizer cached in {cfg.cache_dir}/, so the answers are not checked (python "
               "sparse_gpt.py builds one; --cache_dir=FOLDER names another cache)")
-    bad = []
+    failed = 0
     for path in paths:
         tokenizer = sparse_gpt.load_tokenizer(str(path))
         for name in names:
@@ -477,21 +463,21 @@ def check_cached(names, cfg) -> bool:
                 for split in ("train", "test"):
                     for_tokenizer(tokenizer, name, make_pairs(name, cfg.n, cfg.seed, split))
             except ValueError as e:
-                bad.append(print(f"error: {e} (tokenizer {path})"))
+                print(f"error: {e} (tokenizer {path})")
+                failed += 1
         print(f"checked {len(names)} task(s) against {path}, {cfg.n} train and {cfg.n} test pairs "
-              "each: " + (f"{len(bad)} failed" if bad else "every answer is one token that "
+              "each: " + (f"{failed} failed" if failed else "every answer is one token that "
                           "follows its prompt as the corpus tokenization would produce it"))
-    return not bad
+    return not failed
 
 
 def show_examples(names, seed: int):
     print("every prompt is followed by ⟨correct answer > wrong answer⟩\n")
     for name in names:
         print(f"=== {name}: {ALL[name].__doc__}")
-        for pair in make_pairs(name, 2, seed, "train"):
-            for prompt, right, wrong in ((pair.prompt_a, pair.token_a, pair.token_b),
-                                         (pair.prompt_b, pair.token_b, pair.token_a)):
-                print(f"{prompt}⟨{right!r} > {wrong!r}⟩\n")
+        for p in make_pairs(name, 2, seed, "train"):
+            print(f"{p.prompt_a}⟨{p.token_a!r} > {p.token_b!r}⟩\n")
+            print(f"{p.prompt_b}⟨{p.token_b!r} > {p.token_a!r}⟩\n")
 
 
 @sparse_gpt.cli
@@ -504,8 +490,7 @@ def main(argv):
         except ValueError as e:  # a new task that cannot make its pairs
             sys.exit(f"error: {e}")
         return None if check_cached(names, cfg) else sys.exit(1)
-    device = sparse_gpt.pick_device(cfg.device)
-    model, tokenizer, _ = sparse_gpt.load_checkpoint(cfg.ckpt, device)
+    model, tokenizer, _ = sparse_gpt.load_checkpoint(cfg.ckpt, sparse_gpt.pick_device(cfg.device))
     print(f"{cfg.ckpt}: {cfg.n} {cfg.split} pairs per task (seed {cfg.seed})")
     print(f"{'task':<30}{'acc':>7}{'loss':>8}{'n':>6}")
     scores = {}
@@ -573,10 +558,8 @@ def as_tokenized(tokenizer, name: str, pair: Pair) -> Pair:
 
 
 def for_tokenizer(tokenizer, name: str, pairs: list[Pair]) -> list[Pair]:
-    """The pairs as this tokenizer asks them, checked; a ValueError names a task it cannot ask.
-    A tokenizer of ours asks them as written (an answer that is not a token is the task's bug,
-    to fix, not to adapt); another one (a released model's) may cut the code elsewhere, and
-    every rewrite it needs is printed."""
+    """The pairs as this tokenizer asks them, checked (ValueError: it cannot). Ours asks them as
+    written (a bad answer is the task's bug); a released model's rewrites them, printed."""
     if tokenizer._pat_str != sparse_gpt.PRETOKEN_PATTERN:
         asked = [as_tokenized(tokenizer, name, p) for p in pairs]
         for how, count in Counter(rewrite(p, q) for p, q in zip(pairs, asked) if p != q).items():

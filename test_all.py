@@ -702,6 +702,11 @@ def task_tokenizer(task_ranks):
     return sg.make_encoding(task_ranks)
 
 
+def task_loss(model, tokenizer, pairs) -> tuple[torch.Tensor, float]:
+    """(task loss as a differentiable scalar, accuracy) on these pairs, as evaluate scores them."""
+    return tasks.score(torch.sub(*tasks.answer_logits(model, tokenizer, pairs)))
+
+
 class ContextBlind(torch.nn.Module):
     """A model whose logits ignore the input: one fixed vector over the vocabulary."""
 
@@ -882,7 +887,7 @@ def test_a_context_blind_model_scores_exactly_half(name, task_tokenizer):
     pairs = tasks.make_pairs(name, 20, split="test")
     logits = torch.randn(task_tokenizer.n_vocab, generator=torch.Generator().manual_seed(0))
     logits[task_tokenizer.encode_ordinary(pairs[0].token_a)[0]] = 10.0  # always prefers token_a
-    loss, acc = tasks.task_loss(ContextBlind(logits), task_tokenizer, pairs)
+    loss, acc = task_loss(ContextBlind(logits), task_tokenizer, pairs)
     assert acc == 0.5
     # by hand: a pair whose answers' logits differ by d costs log(1 + e^-d) on one prompt and
     # log(1 + e^d) on the other, whichever way round
@@ -914,7 +919,7 @@ def test_left_truncation_keeps_the_answer_position(task_tokenizer):
 def test_task_loss_is_the_differentiable_two_way_cross_entropy(task_tokenizer):
     model = tiny_gpt(task_tokenizer.n_vocab, 64)
     pairs = tasks.make_pairs("single_double_quote", 4)
-    loss, acc = tasks.task_loss(model, task_tokenizer, pairs)
+    loss, acc = task_loss(model, task_tokenizer, pairs)
     right, wrong = tasks.answer_logits(model, task_tokenizer, pairs)
     two_way = torch.stack([right, wrong], dim=1)
     expected = F.cross_entropy(two_way, torch.zeros(len(right), dtype=torch.long))
@@ -1048,7 +1053,7 @@ def test_a_tie_between_the_two_answers_is_not_a_right_answer(task_tokenizer):
     """All logits equal: no prompt's right answer is strictly higher (accuracy 0) and the
     two-way cross-entropy is exactly log 2."""
     pairs = tasks.make_pairs("if_equals", 10, split="test")
-    loss, acc = tasks.task_loss(ContextBlind(torch.zeros(task_tokenizer.n_vocab)), task_tokenizer,
+    loss, acc = task_loss(ContextBlind(torch.zeros(task_tokenizer.n_vocab)), task_tokenizer,
                                 pairs)
     assert acc == 0.0 and loss.item() == pytest.approx(math.log(2), abs=1e-7)
 
@@ -1322,7 +1327,7 @@ def test_answer_diff_matches_tasks_scoring():
     # 80 prompts of 4 to 8 tokens: answer_diff's chunks of 32, each of similar lengths
     torch.testing.assert_close(data["sign"] * prune.answer_diff(model, data), right - wrong)
     loss, acc = prune.pair_loss(prune.answer_diff(model, data), data)
-    ref_loss, ref_acc = tasks.task_loss(model, tokenizer, pairs)
+    ref_loss, ref_acc = task_loss(model, tokenizer, pairs)
     torch.testing.assert_close(loss, ref_loss)
     assert acc == ref_acc
 
@@ -2111,7 +2116,7 @@ def bad_function_calls(w):
             (lambda: tasks.evaluate(*loaded(run / "ckpt.pt")[:2], ["for_while"], batch_pairs=0),
              ValueError, "batch_pairs must be at least 1"),
             (lambda: tasks.make_pairs("for_while", "3"), ValueError, "n must be a whole number"),
-            (lambda: tasks.task_loss(*loaded(run / "ckpt.pt")[:2], []), ValueError, "no pairs"),
+            (lambda: tasks.answer_logits(*loaded(run / "ckpt.pt")[:2], []), ValueError, "no pairs"),
             (lambda: sg.GPT(sg.Config(sg.DEFAULTS, d_head=0)), ValueError, "d_head"),
             (lambda: sg.load_checkpoint(str(run / "ckpt.pt"), device=absent), SystemExit, absent)]
 
