@@ -12,6 +12,7 @@ checks -> edges -> writers -> main.
 
 import hashlib
 import html
+import itertools
 import json
 import math
 import os
@@ -101,22 +102,15 @@ def pair_loss(z, data: dict, scale=1.0, shift=0.0) -> tuple[torch.Tensor, float]
 
 def node_spans(model) -> dict[str, tuple[int, int]]:
     """Each node location's slice of the flat vector of all nodes, in forward order."""
-    spans, start = {}, 0
-    for node in model.nodes():
-        spans[node.name] = (start, start + node.width)
-        start += node.width
-    return spans
+    ends = itertools.accumulate(node.width for node in model.nodes())
+    return {node.name: (end - node.width, end) for node, end in zip(model.nodes(), ends)}
 
 
 def node_names(model) -> list[str]:
     """Paper-style names: 0.mlp.post_act.460, 1.attn.q.head3.ch1, final.resid_in.12."""
-    d_head, names = model.cfg.d_head, []
-    for node in model.nodes():
-        if node.name.split(".")[-1] in ("q", "k", "v"):
-            names += [f"{node.name}.head{i // d_head}.ch{i % d_head}" for i in range(node.width)]
-        else:
-            names += [f"{node.name}.{i}" for i in range(node.width)]
-    return names
+    d = model.cfg.d_head
+    return [f"{node.name}.head{i // d}.ch{i % d}" if node.name.split(".")[-1] in ("q", "k", "v")
+            else f"{node.name}.{i}" for node in model.nodes() for i in range(node.width)]
 
 
 @contextmanager
@@ -309,19 +303,17 @@ def fit_calibration(z: torch.Tensor, data: dict) -> tuple[float, float]:
     params = torch.zeros(2, device=z.device, requires_grad=True)
     opt = torch.optim.LBFGS([params], max_iter=16, line_search_fn="strong_wolfe")
 
+    def scale_shift():  # the scale in (0, MAX_SCALE) by a sigmoid; zeros give (1, 0)
+        return MAX_SCALE * torch.sigmoid(params[0] - math.log(MAX_SCALE - 1)), params[1]
+
     def closure():
         opt.zero_grad()
-        loss = pair_loss(z.detach(), data, *bounded(params))[0]
+        loss = pair_loss(z.detach(), data, *scale_shift())[0]
         loss.backward()
         return loss
 
     opt.step(closure)
-    return tuple(v.item() for v in bounded(params))
-
-
-def bounded(params: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(scale, shift) from two free parameters, the scale in (0, MAX_SCALE); zeros give (1, 0)."""
-    return MAX_SCALE * torch.sigmoid(params[0] - math.log(MAX_SCALE - 1)), params[1]
+    return tuple(v.item() for v in scale_shift())
 
 
 # -----------------------------------------------------------------------------
@@ -362,31 +354,24 @@ def attribution_order(model, means, data: dict, chunk=32) -> torch.Tensor:
 # edges: nonzero weights between two kept nodes inside a block (paper 3)
 
 
-def weight_links(model) -> list[tuple[torch.Tensor, str, str]]:
-    """(weight of shape (targets, sources), source location, target location) for every matrix
-    between node locations. A write reaches later reads of its residual channel directly: the
-    SVG draws that as a line, and it is not an edge."""
-    links = []
-    for l, block in enumerate(model.blocks):
-        w, hd = block.attn.c_attn.weight, block.attn.c_proj.weight.shape[1]  # hd: q, k or v width
-        links += [(w[i * hd : (i + 1) * hd], f"{l}.attn.resid_in", f"{l}.attn.{kind}")
-                  for i, kind in enumerate("qkv")]
-        # attention output channel i is a mixture of v channel i, so c_proj's columns are v nodes
-        links += [(block.attn.c_proj.weight, f"{l}.attn.v", f"{l}.attn.resid_delta"),
-                  (block.mlp.c_fc.weight, f"{l}.mlp.resid_in", f"{l}.mlp.post_act"),
-                  (block.mlp.c_proj.weight, f"{l}.mlp.post_act", f"{l}.mlp.resid_delta")]
-    return links
-
-
 @torch.no_grad()
 def circuit_edges(model, keep: torch.Tensor) -> list[tuple[int, int, float]]:
-    """(source node, target node, weight) for every nonzero weight between two kept nodes."""
+    """(source node, target node, weight) for every nonzero weight between two kept nodes of a
+    block. A write reaches later reads of its residual channel directly: the SVG draws that as a
+    line, and it is not an edge."""
     spans, keep, edges = node_spans(model), keep.cpu().bool(), []
-    for w, src, dst in weight_links(model):
-        (s0, s1), (d0, d1) = spans[src], spans[dst]
-        w = w.cpu()
-        live = (w != 0) & keep[d0:d1, None] & keep[None, s0:s1]
-        edges += [(s0 + j, d0 + i, w[i, j].item()) for i, j in live.nonzero().tolist()]
+    for l, block in enumerate(model.blocks):
+        q, k, v = block.attn.c_attn.weight.chunk(3)  # rows: q, k, v channels
+        # attention output channel i is a mixture of v channel i, so c_proj's columns are v nodes
+        links = [(q, "attn.resid_in", "attn.q"), (k, "attn.resid_in", "attn.k"),
+                 (v, "attn.resid_in", "attn.v"),
+                 (block.attn.c_proj.weight, "attn.v", "attn.resid_delta"),
+                 (block.mlp.c_fc.weight, "mlp.resid_in", "mlp.post_act"),
+                 (block.mlp.c_proj.weight, "mlp.post_act", "mlp.resid_delta")]
+        for w, src, dst in links:  # w: (targets, sources)
+            (s0, s1), (d0, d1), w = spans[f"{l}.{src}"], spans[f"{l}.{dst}"], w.cpu()
+            live = (w != 0) & keep[d0:d1, None] & keep[None, s0:s1]
+            edges += [(s0 + j, d0 + i, w[i, j].item()) for i, j in live.nonzero().tolist()]
     return edges
 
 
@@ -408,7 +393,7 @@ def token_edges(model, keep: torch.Tensor, prompt_tokens, answer_tokens) -> tupl
 # the search: masks, then the fewest nodes that reach the target, then a control
 
 
-def find_circuit(model, means, train: dict, cfg, ) -> tuple:
+def find_circuit(model, means, train: dict, cfg) -> tuple:
     """The search from cfg.seeds seeds, each training its own masks (the seed draws their init
     noise). Returns (the 0/1 keep vector or None, a dict of what each stage found)."""
     taus = {s: train_masks(model, means, train, sparse_gpt.Config({**cfg, "seed": s}))
@@ -425,32 +410,29 @@ def find_circuit(model, means, train: dict, cfg, ) -> tuple:
 
 
 def search(model, means, train: dict, taus: dict, target: float) -> tuple:
-    """Each seed's circuit (discretize); the smallest by edges wins. At a target looser than the
-    paper's, the circuit found at the paper's target reaches this one too: after a drop pass at
-    this target it is one more candidate, so a looser target never ends at a larger circuit."""
-    names, mean_tau, found, info = node_names(model), sum(taus.values()) / len(taus), {}, {}
+    """Each seed's circuit: the fewest nodes in order of tau that reach the target calibrated
+    loss (from the count with tau > 0), then the drop pass; the smallest by edges wins. At a
+    target looser than the paper's, the circuit found at the paper's target reaches this one too:
+    after a drop pass at this target it is one more candidate, so a looser target never ends at
+    a larger circuit."""
+    names, found, info = node_names(model), {}, {}
     for s, tau in taus.items():
-        k, found[s] = discretize(model, means, train, tau, target)
+        order = tau.argsort(descending=True)
+        k = smallest_circuit(model, means, train, order, target, int((tau > 0).sum()))
+        found[s] = None if k is None else drop_pass(model, means, train, keep_first(order, k),
+                                                   order, target)
         info[s] = {"masks_kept": int((tau > 0).sum()), "bisection_nodes": k, "nodes": None if
                    found[s] is None else [names[i] for i in found[s].nonzero()[:, 0].tolist()]}
         print(f"  seed {s}: masks keep {info[s]['masks_kept']} nodes, bisection {k}, after the "
               f"drop pass {None if found[s] is None else int(found[s].sum())}")
     if target > DEFAULTS["target_loss"]:
         strict = search(model, means, train, taus, DEFAULTS["target_loss"])[0]
-        found["strict"] = None if strict is None else drop_pass(
-            model, means, train, strict, mean_tau.argsort(descending=True), target)
+        order = (sum(taus.values()) / len(taus)).argsort(descending=True)  # the seeds' mean tau
+        found["strict"] = None if strict is None else drop_pass(model, means, train, strict,
+                                                                order, target)
     sizes = {k: (len(circuit_edges(model, c)), int(c.sum())) for k, c in found.items()
              if c is not None}
     return found[min(sizes, key=sizes.get)] if sizes else None, {"seeds": info}
-
-
-def discretize(model, means, data: dict, tau, target: float) -> tuple:
-    """(k, circuit): the fewest nodes in order of tau that reach the target calibrated loss
-    (from the count with tau > 0), then the drop pass; (None, None) if no node set does."""
-    order = tau.argsort(descending=True)
-    k = smallest_circuit(model, means, data, order, target, int((tau > 0).sum()))
-    return k, None if k is None else drop_pass(model, means, data, keep_first(order, k), order,
-                                               target)
 
 
 def drop_pass(model, means, data: dict, keep, order, target: float) -> torch.Tensor:
@@ -487,8 +469,7 @@ def control(model, means, train: dict, test: dict, cfg) -> dict:
     if keep is None:
         return {"n_nodes": None, "n_edges": None, "test_acc": None, **info}
     calib = fit_calibration(diff_with(model, means, keep, train_c), train_c)
-    return {**info, "n_edges": len(circuit_edges(model, keep)),
-            "test_acc": pair_loss(diff_with(model, means, keep, test_c), test_c, *calib)[1]}
+    return {**info, "test_acc": pair_loss(diff_with(model, means, keep, test_c), test_c, *calib)[1]}
 
 
 def key_positions(data: dict) -> torch.Tensor:
