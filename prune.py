@@ -724,6 +724,10 @@ def text(x, y, body, size=11, colour="#222", extra="") -> str:
     return f'<text x="{x:.0f}" y="{y:.0f}" font-size="{size}" fill="{colour}" {extra}>{body}</text>'
 
 
+def rect(x, y, width, height, extra) -> str:
+    return f'<rect x="{x:.0f}" y="{y:.0f}" width="{width:.0f}" height="{height:.0f}" {extra}/>'
+
+
 def line(x1, y1, x2, y2, extra) -> str:
     return f'<line x1="{x1:.0f}" y1="{y1:.0f}" x2="{x2:.0f}" y2="{y2:.0f}" {extra}'
 
@@ -794,10 +798,10 @@ def circuit_svg(r: dict) -> str:
         members = [n for n in pos if "heads" in row_of(n) and head_of(n) == h]
         (x0, y), x1 = min(pos[n] for n in members), max(pos[n][0] for n in members)
         qx = min(pos[n][0] for n in members if is_query(n)) - BOX_W / 2
-        out += [f'<rect x="{x0 - BOX_W / 2 - 8:.0f}" y="{y - BOX_H / 2 - 44:.0f}" width="'
-                f'{x1 - x0 + BOX_W + 16:.0f}" height="{BOX_H + 52}" rx="8" fill="#f5fbf6" '
-                'stroke="#5a9"/>', line(qx - ARROW - GAP + 4, y, qx - 4, y, 'stroke="#444" '
-                                        'stroke-width="2" marker-end="url(#tip)"/>')]
+        out += [rect(x0 - BOX_W / 2 - 8, y - BOX_H / 2 - 44, x1 - x0 + BOX_W + 16, BOX_H + 52,
+                     'rx="8" fill="#f5fbf6" stroke="#5a9"'),
+                line(qx - ARROW - GAP + 4, y, qx - 4, y,
+                     'stroke="#444" stroke-width="2" marker-end="url(#tip)"/>')]
         att = " | ".join(f"after prompt_{x}: " + ", ".join(f"{mono(shown(t), COLOUR[x])} {v:.2f}"
                                                             for t, v in seen[f"attends_{x}"])
                          for x in "ab") + f" | the sink {seen['sink']:.2f}"
@@ -820,10 +824,10 @@ def circuit_svg(r: dict) -> str:
         title, lines = box_lines(n, c, r["answers"])
         kind = "logit" if "logit" in n else location(n).split(".")[-1]
         x, y = x - BOX_W / 2, y - BOX_H / 2
-        out += [f'<g><title>{esc(n)}</title><rect x="{x:.0f}" y="{y:.0f}" width="{BOX_W}" height'
-                f'="{BOX_H}" rx="5" fill="{FILL[kind]}" stroke="#444" stroke-dasharray="'
-                f'{"4 3" * n.endswith(".mean")}"/>', text(x + 6, y + 14, title, 12,
-                                                          extra='font-weight="bold"'),
+        frame = "4 3" if n.endswith(".mean") else ""  # a placeholder's frame is dashed
+        style = f'rx="5" fill="{FILL[kind]}" stroke="#444" stroke-dasharray="{frame}"'
+        out += [f"<g><title>{esc(n)}</title>" + rect(x, y, BOX_W, BOX_H, style),
+                text(x + 6, y + 14, title, 12, extra='font-weight="bold"'),
                 *(text(x + 6, y + 28 + 13 * i, s, 10.5) for i, s in enumerate(lines)), "</g>"]
     return "\n".join(out + on_top + ["</svg>"]) + "\n"
 
@@ -858,8 +862,9 @@ def prune_checkpoint(path: str, model, tokenizer, means, names: list[str], cfg) 
         except ValueError as e:
             print(f"{name}: skipped: {e}")
             continue
+        test_pairs = pairs[cfg.n_pairs :]
         train, test = (tasks.encode_pairs(tokenizer, p, model.cfg.block_size, means.device)
-                       for p in (pairs[: cfg.n_pairs], pairs[cfg.n_pairs :]))
+                       for p in (pairs[: cfg.n_pairs], test_pairs))
         full_acc = pair_loss(diff_with(model, means, torch.ones_like(means), train), train)[1]
         if full_acc < cfg.solved_acc and not cfg.unsolved:
             print(f"{name}: refused: the full model scores {full_acc:.1%} on the train pairs, "
@@ -869,8 +874,8 @@ def prune_checkpoint(path: str, model, tokenizer, means, names: list[str], cfg) 
         keep, search = find_circuit(model, means, train, cfg)
         results[name] = r = {"task": name, "ckpt": path, "target_loss": cfg.target_loss,
                              "k_coef": cfg.k_coef, "search": search, "config": dict(cfg),
-                             "full_train_acc": full_acc, "example": pairs[cfg.n_pairs],
-                             "answers": [sorted({p[i] for p in pairs[cfg.n_pairs :]}) for i in (2, 3)]}
+                             "full_train_acc": full_acc, "example": test_pairs[0],
+                             "answers": [sorted({p[i] for p in test_pairs}) for i in (2, 3)]}
         if cfg.control:
             r["control"] = control(model, means, train, test, cfg)
         if keep is None:
