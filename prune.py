@@ -355,8 +355,8 @@ def attribution_order(model, means, data: dict, chunk=32) -> torch.Tensor:
 
 @torch.no_grad()
 def circuit_edges(model, keep: torch.Tensor) -> list[tuple[int, int, float]]:
-    """(source node, target node, weight) for every nonzero weight between two kept nodes of a
-    block; a write that later reads of its residual channel see is drawn, but is not an edge."""
+    """(source node, target node, weight) for every nonzero weight between two kept nodes of one
+    block. A write reaching later reads of its residual channel is no edge (the SVG draws it)."""
     spans, keep, edges = node_spans(model), keep.cpu().bool(), []
     for l, block in enumerate(model.blocks):
         q, k, v = block.attn.c_attn.weight.chunk(3)  # rows: q, k, v channels
@@ -409,8 +409,8 @@ def find_circuit(model, means, train: dict, cfg) -> tuple:
 
 def search(model, means, train: dict, taus: dict, target: float) -> tuple:
     """Each seed's circuit (the fewest nodes in order of tau that reach the target, then the drop
-    pass); the smallest by edges wins. Above the paper's target, the paper-target circuit after
-    a drop pass is one more candidate, so a looser target never ends at a larger circuit."""
+    pass); the smallest by edges wins. Above the paper's target, the circuit found at the paper's
+    (which reaches this one too) is a candidate after its own drop pass: never a larger circuit."""
     names, found, info = node_names(model), {}, {}
     for s, tau in taus.items():
         order = tau.argsort(descending=True)
@@ -751,8 +751,8 @@ def box_lines(n: str, c: dict, answers) -> tuple[str, list[str]]:
         return "-" if v is None else f"{v:+.2f}" if abs(v) < 9.995 else f"{v:+.0f}"
 
     p, parts = c["profiles"][n], n.split(".")
-    (ka, kb), (a, b) = ([mono(t, COLOUR[x]) for t, x in zip(ts, "ab")]
-                        for ts in (map(shown, c["key_tokens"]), "ab"))
+    ka, kb = (mono(shown(t), COLOUR[x]) for t, x in zip(c["key_tokens"], "ab"))
+    a, b = (mono(x, COLOUR[x]) for x in "ab")
     title = f"{parts[2]} ch{parts[4][2:]}" if parts[2] in "qkv" else KIND[parts[-2]] + parts[-1]
     return title, [f"{ka} {f(p['key_a'])} {kb} {f(p['key_b'])} else {f(p['other'])}",
                    f"answer {a} {f(p['mean_a'])} {b} {f(p['mean_b'])}",
