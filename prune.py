@@ -12,6 +12,7 @@ checks -> edges -> writers -> steering a dense model through a bridged one (--st
 
 import hashlib
 import html
+import itertools
 import json
 import math
 import os
@@ -86,9 +87,8 @@ def subset(data: dict, rows) -> dict:
 
 
 def answer_diff(model, data: dict) -> torch.Tensor:
-    """logit(token_a) - logit(token_b) at the answer position of every prompt (GPT.answer_diff),
-    in chunks of prompts of similar length, each padded only to its own longest: about 40% fewer
-    positions than one padded batch."""
+    """logit(token_a) - logit(token_b) at each prompt's answer (GPT.answer_diff), in chunks of
+    prompts of similar length: about 40% fewer padded positions than one batch."""
     chunks = data["last"].argsort().split(32)
     z = torch.cat([model.answer_diff(d["idx"], d["last"], d["tok_a"], d["tok_b"])
                    for d in (subset(data, rows) for rows in chunks)])
@@ -107,22 +107,15 @@ def pair_loss(z, data: dict, scale=1.0, shift=0.0) -> tuple[torch.Tensor, float]
 
 def node_spans(model) -> dict[str, tuple[int, int]]:
     """Each node location's slice of the flat vector of all nodes, in forward order."""
-    spans, start = {}, 0
-    for node in model.nodes():
-        spans[node.name] = (start, start + node.width)
-        start += node.width
-    return spans
+    ends = itertools.accumulate(node.width for node in model.nodes())
+    return {node.name: (end - node.width, end) for node, end in zip(model.nodes(), ends)}
 
 
 def node_names(model) -> list[str]:
     """Paper-style names: 0.mlp.post_act.460, 1.attn.q.head3.ch1, final.resid_in.12."""
-    d_head, names = model.cfg.d_head, []
-    for node in model.nodes():
-        if node.name.split(".")[-1] in ("q", "k", "v"):
-            names += [f"{node.name}.head{i // d_head}.ch{i % d_head}" for i in range(node.width)]
-        else:
-            names += [f"{node.name}.{i}" for i in range(node.width)]
-    return names
+    d = model.cfg.d_head
+    return [f"{node.name}.head{i // d}.ch{i % d}" if node.name.split(".")[-1] in ("q", "k", "v")
+            else f"{node.name}.{i}" for node in model.nodes() for i in range(node.width)]
 
 
 @contextmanager
@@ -323,19 +316,17 @@ def fit_calibration(z: torch.Tensor, data: dict) -> tuple[float, float]:
     params = torch.zeros(2, device=z.device, requires_grad=True)
     opt = torch.optim.LBFGS([params], max_iter=16, line_search_fn="strong_wolfe")
 
+    def scale_shift():  # the scale in (0, MAX_SCALE) by a sigmoid; zeros give (1, 0)
+        return MAX_SCALE * torch.sigmoid(params[0] - math.log(MAX_SCALE - 1)), params[1]
+
     def closure():
         opt.zero_grad()
-        loss = pair_loss(z.detach(), data, *bounded(params))[0]
+        loss = pair_loss(z.detach(), data, *scale_shift())[0]
         loss.backward()
         return loss
 
     opt.step(closure)
-    return tuple(v.item() for v in bounded(params))
-
-
-def bounded(params: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(scale, shift) from two free parameters, the scale in (0, MAX_SCALE); zeros give (1, 0)."""
-    return MAX_SCALE * torch.sigmoid(params[0] - math.log(MAX_SCALE - 1)), params[1]
+    return tuple(v.item() for v in scale_shift())
 
 
 # -----------------------------------------------------------------------------
@@ -376,31 +367,23 @@ def attribution_order(model, means, data: dict, chunk=32) -> torch.Tensor:
 # edges: nonzero weights between two kept nodes inside a block (paper 3)
 
 
-def weight_links(model) -> list[tuple[torch.Tensor, str, str]]:
-    """(weight of shape (targets, sources), source location, target location) for every matrix
-    between node locations. A write reaches later reads of its residual channel directly: the
-    SVG draws that as a line, and it is not an edge."""
-    links = []
-    for l, block in enumerate(model.blocks):
-        w, hd = block.attn.c_attn.weight, block.attn.c_proj.weight.shape[1]  # hd: q, k or v width
-        links += [(w[i * hd : (i + 1) * hd], f"{l}.attn.resid_in", f"{l}.attn.{kind}")
-                  for i, kind in enumerate("qkv")]
-        # attention output channel i is a mixture of v channel i, so c_proj's columns are v nodes
-        links += [(block.attn.c_proj.weight, f"{l}.attn.v", f"{l}.attn.resid_delta"),
-                  (block.mlp.c_fc.weight, f"{l}.mlp.resid_in", f"{l}.mlp.post_act"),
-                  (block.mlp.c_proj.weight, f"{l}.mlp.post_act", f"{l}.mlp.resid_delta")]
-    return links
-
-
 @torch.no_grad()
 def circuit_edges(model, keep: torch.Tensor) -> list[tuple[int, int, float]]:
-    """(source node, target node, weight) for every nonzero weight between two kept nodes."""
+    """(source node, target node, weight) for every nonzero weight between two kept nodes of one
+    block. A write reaching later reads of its residual channel is no edge (the SVG draws it)."""
     spans, keep, edges = node_spans(model), keep.cpu().bool(), []
-    for w, src, dst in weight_links(model):
-        (s0, s1), (d0, d1) = spans[src], spans[dst]
-        w = w.cpu()
-        live = (w != 0) & keep[d0:d1, None] & keep[None, s0:s1]
-        edges += [(s0 + j, d0 + i, w[i, j].item()) for i, j in live.nonzero().tolist()]
+    for l, block in enumerate(model.blocks):
+        q, k, v = block.attn.c_attn.weight.chunk(3)  # rows: q, k, v channels
+        # attention output channel i is a mixture of v channel i, so c_proj's columns are v nodes
+        links = [(q, "attn.resid_in", "attn.q"), (k, "attn.resid_in", "attn.k"),
+                 (v, "attn.resid_in", "attn.v"),
+                 (block.attn.c_proj.weight, "attn.v", "attn.resid_delta"),
+                 (block.mlp.c_fc.weight, "mlp.resid_in", "mlp.post_act"),
+                 (block.mlp.c_proj.weight, "mlp.post_act", "mlp.resid_delta")]
+        for w, src, dst in links:  # w: (targets, sources)
+            (s0, s1), (d0, d1), w = spans[f"{l}.{src}"], spans[f"{l}.{dst}"], w.cpu()
+            live = (w != 0) & keep[d0:d1, None] & keep[None, s0:s1]
+            edges += [(s0 + j, d0 + i, w[i, j].item()) for i, j in live.nonzero().tolist()]
     return edges
 
 
@@ -422,7 +405,7 @@ def token_edges(model, keep: torch.Tensor, prompt_tokens, answer_tokens) -> tupl
 # the search: masks, then the fewest nodes that reach the target, then a control
 
 
-def find_circuit(model, means, train: dict, cfg, ) -> tuple:
+def find_circuit(model, means, train: dict, cfg) -> tuple:
     """The search from cfg.seeds seeds, each training its own masks (the seed draws their init
     noise). Returns (the 0/1 keep vector or None, a dict of what each stage found)."""
     taus = {s: train_masks(model, means, train, sparse_gpt.Config({**cfg, "seed": s}))
@@ -439,32 +422,27 @@ def find_circuit(model, means, train: dict, cfg, ) -> tuple:
 
 
 def search(model, means, train: dict, taus: dict, target: float) -> tuple:
-    """Each seed's circuit (discretize); the smallest by edges wins. At a target looser than the
-    paper's, the circuit found at the paper's target reaches this one too: after a drop pass at
-    this target it is one more candidate, so a looser target never ends at a larger circuit."""
-    names, mean_tau, found, info = node_names(model), sum(taus.values()) / len(taus), {}, {}
+    """Each seed's circuit (the fewest nodes in order of tau that reach the target, then the drop
+    pass); the smallest by edges wins. Above the paper's target, the circuit found at the paper's
+    (which reaches this one too) is a candidate after its own drop pass: never a larger circuit."""
+    names, found, info = node_names(model), {}, {}
     for s, tau in taus.items():
-        k, found[s] = discretize(model, means, train, tau, target)
+        order = tau.argsort(descending=True)
+        k = smallest_circuit(model, means, train, order, target, int((tau > 0).sum()))
+        found[s] = None if k is None else drop_pass(model, means, train, keep_first(order, k),
+                                                   order, target)
         info[s] = {"masks_kept": int((tau > 0).sum()), "bisection_nodes": k, "nodes": None if
                    found[s] is None else [names[i] for i in found[s].nonzero()[:, 0].tolist()]}
         print(f"  seed {s}: masks keep {info[s]['masks_kept']} nodes, bisection {k}, after the "
               f"drop pass {None if found[s] is None else int(found[s].sum())}")
     if target > DEFAULTS["target_loss"]:
         strict = search(model, means, train, taus, DEFAULTS["target_loss"])[0]
-        found["strict"] = None if strict is None else drop_pass(
-            model, means, train, strict, mean_tau.argsort(descending=True), target)
+        order = (sum(taus.values()) / len(taus)).argsort(descending=True)  # the seeds' mean tau
+        found["strict"] = None if strict is None else drop_pass(model, means, train, strict,
+                                                                order, target)
     sizes = {k: (len(circuit_edges(model, c)), int(c.sum())) for k, c in found.items()
              if c is not None}
     return found[min(sizes, key=sizes.get)] if sizes else None, {"seeds": info}
-
-
-def discretize(model, means, data: dict, tau, target: float) -> tuple:
-    """(k, circuit): the fewest nodes in order of tau that reach the target calibrated loss
-    (from the count with tau > 0), then the drop pass; (None, None) if no node set does."""
-    order = tau.argsort(descending=True)
-    k = smallest_circuit(model, means, data, order, target, int((tau > 0).sum()))
-    return k, None if k is None else drop_pass(model, means, data, keep_first(order, k), order,
-                                               target)
 
 
 def drop_pass(model, means, data: dict, keep, order, target: float) -> torch.Tensor:
@@ -501,8 +479,7 @@ def control(model, means, train: dict, test: dict, cfg) -> dict:
     if keep is None:
         return {"n_nodes": None, "n_edges": None, "test_acc": None, **info}
     calib = fit_calibration(diff_with(model, means, keep, train_c), train_c)
-    return {**info, "n_edges": len(circuit_edges(model, keep)),
-            "test_acc": pair_loss(diff_with(model, means, keep, test_c), test_c, *calib)[1]}
+    return {**info, "test_acc": pair_loss(diff_with(model, means, keep, test_c), test_c, *calib)[1]}
 
 
 def key_positions(data: dict) -> torch.Tensor:
@@ -521,10 +498,9 @@ def key_positions(data: dict) -> torch.Tensor:
 @torch.no_grad()
 def read_circuit(model, means, keep, data: dict, tokenizer, n_top=3) -> dict:
     """What the circuit alone (all else mean-ablated) does on `data`. Per kept node: its mean on
-    the key tokens of prompt_a and of prompt_b (see key_positions), on every other token and at
-    the answer position, and the tokens where it is largest in magnitude. Per head with a kept
-    channel: where its query at the answer position attends (the softmax attend_with_sink
-    computes, from the recorded q and k), by token, apart for prompt_a and prompt_b."""
+    each prompt's key tokens, on other tokens and at the answer, and its largest tokens. Per head
+    with a kept channel: where its query at the answer attends (attend_with_sink's softmax,
+    from the recorded q and k), by token, for prompt_a and prompt_b apart."""
     record, nodes, heads = {}, {}, {}
     with ablated(model, means, keep, record):
         model(data["idx"])
@@ -595,22 +571,21 @@ def describe(model, tokenizer, means, keep, train: dict, test: dict, cfg) -> dic
 
 def seed_spread(model, means, info: dict, train: dict, test: dict) -> dict:
     """Over the seeds' circuits: min / median / max nodes and edges; the core (the nodes every
-    seed keeps) with its calibrated loss and accuracy on the test pairs, everything else
-    ablated; and the mean Jaccard overlap of two seeds' node sets."""
-    names, sets = node_names(model), [set(s["nodes"]) for s in info["seeds"].values() if s["nodes"]
-                                      is not None]
+    seed keeps) alone on the test pairs; the mean Jaccard overlap of two seeds' node sets."""
+    names = node_names(model)
+    sets = [set(s["nodes"]) for s in info["seeds"].values() if s["nodes"] is not None]
     core = set.intersection(*sets) if sets else set()
-    keeps = [torch.tensor([float(n in s) for n in names], device=means.device) for s in sets]
-    sizes = [[len(s) for s in sets], [len(circuit_edges(model, k)) for k in keeps]]
-    core_keep = torch.tensor([float(n in core) for n in names], device=means.device)
-    loss, acc = pair_loss(diff_with(model, means, core_keep, test), test,
-                          *fit_calibration(diff_with(model, means, core_keep, train), train))
+    *keeps, core_keep = [torch.tensor([float(n in s) for n in names], device=means.device)
+                         for s in sets + [core]]
+    sizes = {"n_nodes": [len(s) for s in sets],
+             "n_edges": [len(circuit_edges(model, k)) for k in keeps]}
+    calib = fit_calibration(diff_with(model, means, core_keep, train), train)
+    loss, acc = pair_loss(diff_with(model, means, core_keep, test), test, *calib)
     pairs = [len(a & b) / max(1, len(a | b)) for i, a in enumerate(sets) for b in sets[:i]]
     return {"n_seeds": len(info["seeds"]), "n_reached": len(sets),
-            **{k: [f(v) for f in (min, median_low, max)] if sets else None
-               for k, v in zip(("n_nodes", "n_edges"), sizes)},
-            "core": [n for n in names if n in core], "core_sufficiency": {"loss": loss.item(),
-                                                                        "acc": acc},
+            **{k: [min(v), median_low(v), max(v)] if sets else None for k, v in sizes.items()},
+            "core": [n for n in names if n in core],
+            "core_sufficiency": {"loss": loss.item(), "acc": acc},
             "overlap": sum(pairs) / len(pairs) if pairs else None}
 
 
@@ -654,8 +629,10 @@ def spread(values) -> str:
         "/".join(map(str, values))
 
 
-def write_txt(path: str, r: dict):
-    c, ka, kb = r["circuit"], *r["circuit"]["key_tokens"]
+def circuit_txt(r: dict) -> str:
+    """The circuit as a listing: the checks, the heads, the seeds, then each node by location
+    with its values and edges."""
+    c, s, (ka, kb) = r["circuit"], r["seeds"], r["circuit"]["key_tokens"]
     lines = [f"{r['task']}: {c['n_nodes']} nodes, {c['n_edges']} edges (and {c['n_embed_edges']} "
              f"embedding, {len(c['unembed_edges'])} unembedding edges), k_coef {r['k_coef']:g}",
              *verdict(r), f"checkpoint {r['ckpt']}; target loss {r['target_loss']} on the train "
@@ -668,35 +645,35 @@ def write_txt(path: str, r: dict):
     lines += [f"head {h}: at the answer its query attends on prompt_a to {a['attends_a']}, on "
               f"prompt_b to {a['attends_b']}, to the sink {a['sink']:.2f}\n"
               for h, a in c["heads"].items()]
-    s = r["seeds"]
     lines.append(f"over {s['n_seeds']} seeds ({s['n_reached']} reach the target): nodes "
                  f"{spread(s['n_nodes'])}, edges {spread(s['n_edges'])} (min/median/max); mean "
                  f"overlap (Jaccard) {spread(s['overlap'])}; core (kept by every seed) "
                  f"{len(s['core'])} nodes, alone: test loss {s['core_sufficiency']['loss']:.3f} "
                  f"acc {s['core_sufficiency']['acc']:.1%}\n  core: {' '.join(s['core'])}\n")
     edges = all_edges(c)
-    for i, name in enumerate(c["nodes"]):
-        if i == 0 or location(name) != location(c["nodes"][i - 1]):
-            lines.append(f"[{location(name)}]")
-        p = c["profiles"][name]
-        top = ", ".join(f"{tok!r} {v:+.2f}" for tok, v in p["top_tokens"])
-        lines.append(f"  {name}: on {ka!r} {p['key_a']:+.3f}, on {kb!r} {p['key_b']:+.3f}, on "
-                     f"other tokens {p['other']:+.3f}; at the answer {p['mean_a']:+.3f} on "
-                     f"prompt_a, {p['mean_b']:+.3f} on prompt_b; most active on {top}")
-        lines += [f"      <- {s} ({w:+.3f})" for s, d, w in edges if d == name]
-        lines += [f"      -> {d} ({w:+.3f})" for s, d, w in edges if s == name]
-    Path(path).write_text("\n".join(lines) + "\n")
+    for loc, names in itertools.groupby(c["nodes"], key=location):
+        lines.append(f"[{loc}]")
+        for name in names:
+            p = c["profiles"][name]
+            top = ", ".join(f"{tok!r} {v:+.2f}" for tok, v in p["top_tokens"])
+            lines.append(f"  {name}: on {ka!r} {p['key_a']:+.3f}, on {kb!r} {p['key_b']:+.3f}, on"
+                         f" other tokens {p['other']:+.3f}; at the answer {p['mean_a']:+.3f} on "
+                         f"prompt_a, {p['mean_b']:+.3f} on prompt_b; most active on {top}")
+            lines += [f"      <- {src} ({w:+.3f})" for src, dst, w in edges if dst == name]
+            lines += [f"      -> {dst} ({w:+.3f})" for src, dst, w in edges if src == name]
+    return "\n".join(lines) + "\n"
 
 
-# SVG layout, in pixels; colours of prompt_a's and prompt_b's key tokens and answers
+# SVG layout, in pixels; the colours of prompt_a's and prompt_b's key tokens and answers
 BOX_W, BOX_H, GAP, ROW_GAP, LEFT, WIDTH, ARROW = 160, 62, 12, 56, 150, 1560, 70
-A_COLOUR, B_COLOUR = "#7d3c98", "#ca6f1e"
+COLOUR = {"a": "#7d3c98", "b": "#ca6f1e"}
 FILL = {"resid_in": "#dfe9fa", "resid_delta": "#fadddd", "q": "#dcf1df", "k": "#dcf1df",
         "v": "#dcf1df", "post_act": "#fff0c2", "logit": "#eeeeee"}
 KIND = {"resid_in": "read ch", "resid_delta": "write ch", "post_act": "neuron "}
 ROW_WORDS = {"attn": "attention", "mlp": "MLP", "final": "unembedding", "resid_in": "reads",
              "resid_delta": "writes", "post_act": "neurons"}
 SPOKEN = {'"': "double quote", "'": "single quote", "\n": "newline", "\t": "tab"}
+HALO = 'stroke="white" stroke-width="3" paint-order="stroke"'  # text that stays readable on lines
 
 
 def shown(token: str, n=8) -> str:
@@ -724,19 +701,22 @@ def head_of(name: str) -> str:
     return f"{parts[0]}.attn.{parts[3]}"
 
 
+def is_query(name: str) -> bool:
+    return name.split(".")[2] == "q"
+
+
 def svg_layout(nodes: list[str], edges) -> tuple[dict, list, float]:
-    """Rows in forward order, each packed left to right in the order of its nodes' neighbours
-    placed above, wrapping at WIDTH; a head's channels sit together, keys and values left of its
-    queries (a head with no kept query gets a placeholder, its query at its mean). Returns each
-    box's centre, each row's (name, top) and the height."""
+    """Each box's centre, each row's (name, top) and the height. Rows in forward order, packed
+    left to right by the x of their neighbours above, wrapping at WIDTH; a head's keys and values
+    sit left of its queries (a placeholder for a head with no kept query: its query's mean)."""
     pos, rows, y = {}, [], 200.0
     for row in dict.fromkeys(map(row_of, nodes)):
         groups, head = {}, row.endswith("heads")
         for n in (n for n in nodes if row_of(n) == row):
             groups.setdefault(head_of(n) if head else n, []).append(n)
         for g, members in groups.items():
-            members.sort(key=lambda n: head and n.split(".")[2] == "q")
-            if head and members[-1].split(".")[2] != "q":
+            members.sort(key=lambda n: head and is_query(n))
+            if head and not is_query(members[-1]):
                 members.append(g.replace(".attn.", ".attn.q.") + ".mean")
         near = {g: np.mean([pos[m][0] for s, d, _ in edges for n in groups[g] if n in (s, d)
                             for m in (s, d) if m in pos] or [0]) for g in groups}
@@ -747,18 +727,19 @@ def svg_layout(nodes: list[str], edges) -> tuple[dict, list, float]:
             if x + len(groups[g]) * (BOX_W + GAP) + ARROW * head > WIDTH and x > LEFT:
                 x, y = LEFT, y + BOX_H + ROW_GAP + 44 * head
             for i, n in enumerate(groups[g]):
-                x += ARROW * (head and n.split(".")[2] == "q" != groups[g][i - 1].split(".")[2])
+                x += ARROW * (head and is_query(n) and not is_query(groups[g][i - 1]))
                 pos[n], x = (x + BOX_W / 2, y + BOX_H / 2), x + BOX_W + GAP
             x += 2 * GAP
         y += BOX_H + ROW_GAP
     return pos, rows, y
 
 
-HALO = 'stroke="white" stroke-width="3" paint-order="stroke"'  # text that stays readable on lines
-
-
 def text(x, y, body, size=11, colour="#222", extra="") -> str:
     return f'<text x="{x:.0f}" y="{y:.0f}" font-size="{size}" fill="{colour}" {extra}>{body}</text>'
+
+
+def rect(x, y, width, height, extra) -> str:
+    return f'<rect x="{x:.0f}" y="{y:.0f}" width="{width:.0f}" height="{height:.0f}" {extra}/>'
 
 
 def line(x1, y1, x2, y2, extra) -> str:
@@ -769,35 +750,32 @@ def mono(body: str, colour="#222") -> str:
     return f'<tspan font-family="monospace" fill="{colour}">{html.escape(body)}</tspan>'
 
 
-def num(v: float | None) -> str:
-    return "-" if v is None else f"{v:+.2f}" if abs(v) < 9.995 else f"{v:+.0f}"
-
-
 def box_lines(n: str, c: dict, answers) -> tuple[str, list[str]]:
     """A box's title and lines: a node's values on the key tokens and at the answer and its top
     tokens; an answer's token, spelled out."""
     if n.startswith("logit"):
         tok = next(t for s, t, _ in c["unembed_edges"] if f"logit {t!r}" == n)
         side = "a" * (tok in answers[0]) or "b" * (tok in answers[1])
-        colour = {"a": A_COLOUR, "b": B_COLOUR, "": "#222"}[side]
-        return mono(shown(tok, 20), colour), [html.escape(spoken(tok)),
-                                              f"the answer after prompt_{side}" * bool(side)]
+        return mono(shown(tok, 20), COLOUR.get(side, "#222")), [
+            html.escape(spoken(tok)), f"the answer after prompt_{side}" * bool(side)]
     if n.endswith(".mean"):
         return "q: every channel", ["at its mean (none", "is in the circuit)"]
-    p, parts, f = c["profiles"][n], n.split("."), num
-    (ka, kb), top = (shown(t) for t in c["key_tokens"]), (shown(t) for t, _ in p["top_tokens"])
+
+    def f(v: float | None) -> str:  # 5 characters at most
+        return "-" if v is None else f"{v:+.2f}" if abs(v) < 9.995 else f"{v:+.0f}"
+
+    p, parts = c["profiles"][n], n.split(".")
+    ka, kb = (mono(shown(t), COLOUR[x]) for t, x in zip(c["key_tokens"], "ab"))
+    a, b = (mono(x, COLOUR[x]) for x in "ab")
     title = f"{parts[2]} ch{parts[4][2:]}" if parts[2] in "qkv" else KIND[parts[-2]] + parts[-1]
-    return title, [f"{mono(ka, A_COLOUR)} {f(p['key_a'])} {mono(kb, B_COLOUR)} {f(p['key_b'])} "
-                   f"else {f(p['other'])}", f"answer {mono('a', A_COLOUR)} {f(p['mean_a'])} "
-                   f"{mono('b', B_COLOUR)} {f(p['mean_b'])}", "top " + " ".join(map(mono, top))]
+    return title, [f"{ka} {f(p['key_a'])} {kb} {f(p['key_b'])} else {f(p['other'])}",
+                   f"answer {a} {f(p['mean_a'])} {b} {f(p['mean_b'])}",
+                   "top " + " ".join(mono(shown(t)) for t, _ in p["top_tokens"])]
 
 
-def write_svg(path: str, r: dict):
-    """A circuit drawn to be read without the TXT, as plain SVG text: a legend; rows in forward
-    order, top to bottom; each node a box saying what it does; each head one frame, an arrow
-    from its keys and values to its query saying where it attends from the answer; edges blue
-    (+) or red (-), width by |weight|, the weight written on them; dashed grey lines from a
-    residual write to the later reads of its channel. Hovering shows full names."""
+def circuit_svg(r: dict) -> str:
+    """The circuit drawn to be read without the TXT (the legend says how), as plain SVG text;
+    hovering shows full names."""
     c, ex, esc = r["circuit"], r["example"], html.escape
     edges = all_edges(c)
     pos, rows, height = svg_layout(c["nodes"] + sorted({d for _, d, _ in edges if "logit" in d}),
@@ -811,8 +789,8 @@ def write_svg(path: str, r: dict):
            text(10, 24, f"{esc(r['task'])}: {c['n_nodes']} nodes, {c['n_edges']} edges", 17,
                 extra='font-weight="bold"')]
     out += [text(10, 46 + 17 * i, f"prompt_{x}: ...{mono(ex[i][-60:].replace(chr(10), '↵'))} → "
-                 f"right answer {mono(shown(ex[2 + i]), colour)} ({esc(spoken(ex[2 + i]))})", 12)
-            for i, (x, colour) in enumerate((("a", A_COLOUR), ("b", B_COLOUR)))]
+                 f"right answer {mono(shown(ex[2 + i]), COLOUR[x])} ({esc(spoken(ex[2 + i]))})", 12)
+            for i, x in enumerate("ab")]
     out += [text(10, 86 + 16 * i, esc(s), 12, "#b00" if s[0].isupper() else "#222")
             for i, s in enumerate(verdict(r))]
     legend = ("Boxes: blue = a read of one residual channel (after RMSNorm), red = a write to one, "
@@ -829,14 +807,22 @@ def write_svg(path: str, r: dict):
         words = " ".join(ROW_WORDS.get(w, w) for w in row.split("."))
         out += [text(8, y + 20, esc("layer " * row[0].isdigit() + words), 12, "#333",
                      'font-weight="bold"'), text(8, y + 36, esc(row), 10, "#888")]
-    heads = {h: [n for n in pos if "heads" in row_of(n) and head_of(n) == h] for h in c["heads"]}
-    for h, members in heads.items():  # a frame around each head, an arrow from k/v to q
+    on_top = []  # where each head attends: drawn last, over the edges
+    for h, seen in c["heads"].items():  # a frame around each head, an arrow from k/v to q
+        members = [n for n in pos if "heads" in row_of(n) and head_of(n) == h]
         (x0, y), x1 = min(pos[n] for n in members), max(pos[n][0] for n in members)
-        qx = min(pos[n][0] for n in members if n.split(".")[2] == "q") - BOX_W / 2
-        out += [f'<rect x="{x0 - BOX_W / 2 - 8:.0f}" y="{y - BOX_H / 2 - 44:.0f}" width="'
-                f'{x1 - x0 + BOX_W + 16:.0f}" height="{BOX_H + 52}" rx="8" fill="#f5fbf6" '
-                'stroke="#5a9"/>', line(qx - ARROW - GAP + 4, y, qx - 4, y, 'stroke="#444" '
-                                        'stroke-width="2" marker-end="url(#tip)"/>')]
+        qx = min(pos[n][0] for n in members if is_query(n)) - BOX_W / 2
+        out += [rect(x0 - BOX_W / 2 - 8, y - BOX_H / 2 - 44, x1 - x0 + BOX_W + 16, BOX_H + 52,
+                     'rx="8" fill="#f5fbf6" stroke="#5a9"'),
+                line(qx - ARROW - GAP + 4, y, qx - 4, y,
+                     'stroke="#444" stroke-width="2" marker-end="url(#tip)"/>')]
+        att = " | ".join(f"after prompt_{x}: " + ", ".join(f"{mono(shown(t), COLOUR[x])} {v:.2f}"
+                                                            for t, v in seen[f"attends_{x}"])
+                         for x in "ab") + f" | the sink {seen['sink']:.2f}"
+        x0, y = x0 - BOX_W / 2, y - BOX_H / 2
+        on_top += [text(x0, y - 28, f"layer {h.split('.')[0]} head {h.split('head')[1]}: at the "
+                        "answer position its query attends to", 11, extra='font-weight="bold" '
+                        + HALO), text(x0, y - 12, att, 11, extra=HALO)]
     for n, (x, y) in pos.items():  # dashed: a write to channel c feeds the next reads of c
         out += [line(pos[m][0], pos[m][1] + BOX_H / 2, x, y - BOX_H / 2, 'stroke="#aaa" '
                      'stroke-dasharray="5 4" stroke-width="1.5"/>') for m in pos if "resid_in" in n
@@ -852,20 +838,12 @@ def write_svg(path: str, r: dict):
         title, lines = box_lines(n, c, r["answers"])
         kind = "logit" if "logit" in n else location(n).split(".")[-1]
         x, y = x - BOX_W / 2, y - BOX_H / 2
-        out += [f'<g><title>{esc(n)}</title><rect x="{x:.0f}" y="{y:.0f}" width="{BOX_W}" height'
-                f'="{BOX_H}" rx="5" fill="{FILL[kind]}" stroke="#444" stroke-dasharray="'
-                f'{"4 3" * n.endswith(".mean")}"/>', text(x + 6, y + 14, title, 12,
-                                                          extra='font-weight="bold"'),
+        frame = "4 3" if n.endswith(".mean") else ""  # a placeholder's frame is dashed
+        style = f'rx="5" fill="{FILL[kind]}" stroke="#444" stroke-dasharray="{frame}"'
+        out += [f"<g><title>{esc(n)}</title>" + rect(x, y, BOX_W, BOX_H, style),
+                text(x + 6, y + 14, title, 12, extra='font-weight="bold"'),
                 *(text(x + 6, y + 28 + 13 * i, s, 10.5) for i, s in enumerate(lines)), "</g>"]
-    for h, members in heads.items():  # last, over the edges: where each head attends
-        seen, x, y = c["heads"][h], min(pos[n][0] for n in members) - BOX_W / 2, pos[members[0]][1]
-        att = " | ".join(f"after prompt_{x}: " + ", ".join(f"{mono(shown(t), colour)} {v:.2f}"
-                         for t, v in seen[f"attends_{x}"]) for x, colour in
-                         (("a", A_COLOUR), ("b", B_COLOUR))) + f" | the sink {seen['sink']:.2f}"
-        out += [text(x, y - BOX_H / 2 - 28, f"layer {h.split('.')[0]} head {h.split('head')[1]}:"
-                     " at the answer position its query attends to", 11, extra='font-weight="bold" '
-                     + HALO), text(x, y - BOX_H / 2 - 12, att, 11, extra=HALO)]
-    Path(path).write_text("\n".join(out + ["</svg>"]) + "\n")
+    return "\n".join(out + on_top + ["</svg>"]) + "\n"
 
 
 # -----------------------------------------------------------------------------
@@ -919,7 +897,7 @@ def steer(model, bridged, tokenizer, keep, test: dict, task: str, cfg) -> dict:
     a, b = (tokenizer.decode([test[k][0].item()]) for k in ("tok_a", "tok_b"))
     return {"task": task, "node": f"{loc}.{c}", "site": site, "rms_ratio": ratio,
             "strength": STRENGTHS, "n_pairs": int(same.sum().item()) // 2, "directions": {
-                f"{x} -> {y}": {k: v[i] if k == "none" else [p[i] for p in v]
+                f"{x!r} -> {y!r}": {k: v[i] if k == "none" else [p[i] for p in v]
                                 for k, v in curves.items()} for i, x, y in ((0, a, b), (1, b, a))}}
 
 
@@ -982,7 +960,7 @@ def prune_checkpoint(path: str, model, tokenizer, means, names: list[str], cfg,
     os.makedirs(out_dir, exist_ok=True)
     results = {}
     for name in names:
-        t0 = time.time()
+        t0, base = time.time(), os.path.join(out_dir, name)
         print(f"{name}: pruning {len(means)} nodes of {path}")
         try:  # train and test pairs in one call: a released tokenizer's rewrites print once
             pairs = tasks.for_tokenizer(tokenizer, name, [p for s in ("train", "test") for p in
@@ -991,8 +969,9 @@ def prune_checkpoint(path: str, model, tokenizer, means, names: list[str], cfg,
         except ValueError as e:
             print(f"{name}: skipped: {e}")
             continue
+        test_pairs = pairs[cfg.n_pairs :]
         train, test = (tasks.encode_pairs(tokenizer, p, model.cfg.block_size, means.device)
-                       for p in (pairs[: cfg.n_pairs], pairs[cfg.n_pairs :]))
+                       for p in (pairs[: cfg.n_pairs], test_pairs))
         full_acc = pair_loss(diff_with(model, means, torch.ones_like(means), train), train)[1]
         if full_acc < cfg.solved_acc and not cfg.unsolved:
             print(f"{name}: refused: the full model scores {full_acc:.1%} on the train pairs, "
@@ -1002,14 +981,13 @@ def prune_checkpoint(path: str, model, tokenizer, means, names: list[str], cfg,
         keep, search = find_circuit(model, means, train, cfg)
         results[name] = r = {"task": name, "ckpt": path, "target_loss": cfg.target_loss,
                              "k_coef": cfg.k_coef, "search": search, "config": dict(cfg),
-                             "full_train_acc": full_acc, "example": pairs[cfg.n_pairs],
-                             "answers": [sorted({p[i] for p in pairs[cfg.n_pairs :]}) for i in (2, 3)]}
+                             "full_train_acc": full_acc, "example": test_pairs[0],
+                             "answers": [sorted({p[i] for p in test_pairs}) for i in (2, 3)]}
         if cfg.control:
             r["control"] = control(model, means, train, test, cfg)
         if bridged is not None:  # steered through the circuit, or the best channel without one
             r["steering"] = steer(model, bridged, tokenizer, keep, test, name, cfg)
-            write_steering(os.path.join(out_dir, name + ".steer"), r["steering"])
-        base = os.path.join(out_dir, name)
+            write_steering(base + ".steer", r["steering"])
         if keep is None:
             print(f"{name}: no circuit reaches target loss {cfg.target_loss}, nor does the model")
             for ext in ("json", "txt", "svg"):  # a previous run's circuit: not this one's answer
@@ -1017,14 +995,13 @@ def prune_checkpoint(path: str, model, tokenizer, means, names: list[str], cfg,
                     os.replace(f"{base}.{ext}", f"{base}.stale.{ext}")
                     print(f"{name}: the previous {base}.{ext} is renamed {name}.stale.{ext}")
             continue
-        r.update(describe(model, tokenizer, means, keep, train, test, cfg))
-        r["seeds"] = seed_spread(model, means, search, train, test)
+        r.update(describe(model, tokenizer, means, keep, train, test, cfg),
+                 seeds=seed_spread(model, means, search, train, test))
         r["seconds"] = round(time.time() - t0, 1)
-        text = json.dumps(r, indent=1).encode()
+        files = {"json": json.dumps(r, indent=1), "txt": circuit_txt(r), "svg": circuit_svg(r)}
         sparse_gpt.write_files_together({  # the three files change together or not at all
-            base + ".json": lambda f: f.write(text),
-            base + ".txt": lambda f: write_txt(f.name, r),  # these two write to a path: f's own
-            base + ".svg": lambda f: write_svg(f.name, r)})
+            f"{base}.{ext}": lambda f, body=body: f.write(body.encode())
+            for ext, body in files.items()})
         print(f"{name}: {r['circuit']['n_nodes']} nodes, {r['circuit']['n_edges']} edges in "
               f"{r['seconds']:.0f}s -> {base}.json .txt .svg")
     return results
@@ -1070,8 +1047,7 @@ def main(argv):
     cfg = sparse_gpt.parse_config(argv, DEFAULTS, presets=None, rules=RULES)
     names = tasks.task_names(cfg.tasks)
     device = sparse_gpt.pick_device(cfg.device)
-    paths = [cfg.ckpt] + [cfg.compare] * bool(cfg.compare)
-    paths = [sparse_gpt.checkpoint_file(p) for p in paths]
+    paths = [sparse_gpt.checkpoint_file(p) for p in (cfg.ckpt, cfg.compare) if p]
     loaded = [sparse_gpt.load_checkpoint(path, device) for path in paths]  # bad files fail here
     for path in paths:  # node_means.pt and circuits/ go beside each checkpoint: fail now, not later
         out = os.path.join(os.path.dirname(path) or ".", "circuits")

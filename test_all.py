@@ -1718,10 +1718,8 @@ def test_main_writes_json_txt_and_svg(planted_ckpt, capsys, tmp_path):
     assert any(s.startswith("CALIBRATION AT ITS BOUND") for s in labels)
     assert any(s.startswith("test pairs: full model acc 100.0% | circuit alone acc") for s in labels)
     result["full_train_acc"] = 0.5  # as if the model did not solve it: every output says so
-    prune.write_txt(str(tmp_path / "u.txt"), result)
-    prune.write_svg(str(tmp_path / "u.svg"), result)
-    for path in (tmp_path / "u.txt", tmp_path / "u.svg"):
-        assert "UNSOLVED: the full model scores 50.0% on the train pairs" in path.read_text()
+    for written in (prune.circuit_txt(result), prune.circuit_svg(result)):
+        assert "UNSOLVED: the full model scores 50.0% on the train pairs" in written
     # a search that finds nothing marks the circuit found before as stale
     prune.main([f"--ckpt={planted_ckpt}", "--tasks=planted", "--steps=2", "--control=False",
                 "--target_loss=1e-9", "--n_pairs=8", "--mean_batches=4"])
