@@ -237,12 +237,6 @@ class Block(nn.Module):
             return self.attn(self.attn_in(self.attn_norm(x)))
         return self.mlp(self.mlp_in(self.mlp_norm(x)))
 
-    def forward(self, x, at=None):
-        x = x + self.sublayer(0, x)
-        if at is not None:  # GPT.answer_diff: attention needed every position, the rest only these
-            x = x[at][:, None]
-        return x + self.sublayer(1, x)
-
 
 class GPT(nn.Module):
     def __init__(self, cfg):
@@ -293,10 +287,11 @@ class GPT(nn.Module):
     def answer_diff(self, idx, last, tok_a, tok_b) -> torch.Tensor:
         """forward's logit(tok_a) - logit(tok_b) at position `last`, for prune.py: after the last
         attention only that position, unembedded for the two answers alone (a third faster)."""
-        rows = torch.arange(len(last), device=idx.device)
-        x = self.embed(idx)
-        for block in self.blocks:
-            x = block(x, at=(rows, last) if block is self.blocks[-1] else None)
+        rows, x = torch.arange(len(last), device=idx.device), self.embed(idx)
+        for i in range(2 * len(self.blocks)):  # forward's sites
+            x = x + self.blocks[i // 2].sublayer(i % 2, x)
+            if i == 2 * len(self.blocks) - 2:  # the last attention needed every position
+                x = x[rows, last][:, None]
         h = self.final_in(self.final_norm(x))[:, 0]
         z = (h * (self.lm_head.weight[tok_a] - self.lm_head.weight[tok_b])).sum(-1)
         if self.bigram is not None:  # the row of the token at the answer position

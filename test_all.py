@@ -1334,19 +1334,17 @@ def test_answer_diff_matches_tasks_scoring():
 
 def test_answer_diff_runs_the_models_own_blocks_so_a_changed_block_changes_both(monkeypatch):
     """GPT.answer_diff (the shortcut prune.py trains masks with) is built from the model's own
-    blocks: change Block.forward and MLP.forward, and it still equals forward's logits."""
+    blocks: change Block.sublayer and MLP.forward, and it still equals forward's logits."""
     model = hand_gpt(n_layer=2, d_model=16, d_mlp=32)
     with torch.no_grad():
         model.bigram.weight.normal_()
     pairs = [planted_task(random.Random(i)) for i in range(8)]
     data = tasks.encode_pairs(byte_tokenizer(), pairs, 8, torch.device("cpu"))
 
-    def changed_block(self, x, at=None):  # half the attention, the MLP twice
-        x = x + 0.5 * self.attn(self.attn_in(self.attn_norm(x)))
-        if at is not None:
-            x = x[at][:, None]
-        x = x + self.mlp(self.mlp_in(self.mlp_norm(x)))
-        return x + self.mlp(self.mlp_in(self.mlp_norm(x)))
+    def changed_sublayer(self, j, x):  # half the attention, twice the MLP
+        if j == 0:
+            return 0.5 * self.attn(self.attn_in(self.attn_norm(x)))
+        return 2 * self.mlp(self.mlp_in(self.mlp_norm(x)))
 
     def diffs():
         rows = torch.arange(len(data["last"]))
@@ -1355,7 +1353,7 @@ def test_answer_diff_runs_the_models_own_blocks_so_a_changed_block_changes_both(
         return full, prune.answer_diff(model, data)
 
     before, _ = diffs()
-    monkeypatch.setattr(sg.Block, "forward", changed_block)
+    monkeypatch.setattr(sg.Block, "sublayer", changed_sublayer)
     monkeypatch.setattr(sg.MLP, "forward", lambda self, x: self.resid_delta(
         self.c_proj(self.post_act(torch.tanh(self.c_fc(x))))))
     full, shortcut = diffs()
@@ -2407,6 +2405,7 @@ class SpyOptimizer:
 
     def __init__(self, params):
         self.params, self.rms = list(params), []
+        self.param_groups = [{"params": self.params}]  # what train_step normalises (bridges too)
 
     def step(self):
         g = torch.cat([p.grad.flatten() for p in self.params if p.grad is not None])
