@@ -79,7 +79,7 @@ DEFAULTS = dict(
     adam_eps=0.1,  # large on purpose (paper 2): the gradient Adam sees always has RMS 1
     # bridges (paper 2.3, A.3): train beside a frozen dense model (README: Bridges)
     bridge_to="",  # a dense run's ckpt.pt; its tokenizer and token cache are used
-    c_nmse=1.0,  # weight of the bridges' reconstruction losses
+    c_nmse=0.1,  # weight of the bridges' reconstruction losses; 1 blew up here (README: Bridges)
     c_kl=1.0,  # weight of the hybrid paths' KL to the dense model
     hybrid_frac=0.25,  # share of each batch the hybrid paths see in training (eval: all): cost
     # loop and system
