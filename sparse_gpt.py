@@ -445,7 +445,10 @@ def train_step(model, fmodel, optimizer, x, y, autocast) -> torch.Tensor:
     with autocast:
         _, loss = fmodel(x, y)
     loss.backward()
-    normalize_grad_rms_([p for group in optimizer.param_groups for p in group["params"]])
+    # the model's parameters in their own order (the sum's rounding: plain runs stay bit-identical),
+    # then the bridges' groups, which bridge_to_dense adds after make_optimizer's two
+    bridges = [p for group in optimizer.param_groups[2:] for p in group["params"]]
+    normalize_grad_rms_([*model.parameters(), *bridges])
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     return loss
