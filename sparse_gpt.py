@@ -497,7 +497,6 @@ def train(cfg, ckpt: dict | None = None) -> list[tuple[int, float]]:
                          "--learning_rate (resume keeps the run's own).")
             iter_num += 1
             history.append((iter_num, loss))
-
             last = iter_num == cfg.max_iters
             if iter_num % cfg.log_interval == 0 or last:
                 now, steps = time.time(), iter_num - max(start_iter, iter_num - cfg.log_interval)
