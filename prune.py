@@ -912,7 +912,6 @@ def write_steering(base: str, r: dict):
     for d, v in r["directions"].items():
         print(f"{d}: none {v['none']:.4f}; at strength 1, x{v['steered'][-1] / v['none']:.1f} "
               f"over none, x{v['steered'][-1] / v['random'][-1]:.1f} over random")
-    Path(base + ".json").write_text(json.dumps(r, indent=1))
     curves = [(f"{d} {k}", v[k] if k != "none" else [v[k]] * len(r["strength"]), colour, dash)
               for (d, v), colour in zip(r["directions"].items(), ("#2b6cb0", "#c53030"))
               for k, dash in (("steered", ""), ("random", "6 3"), ("none", "2 3"))]
@@ -935,7 +934,10 @@ def write_steering(base: str, r: dict):
         out += [text(450, 60 + 16 * i, html.escape(label), colour=colour),
                 f'<polyline points="{points}" fill="none" stroke="{colour}" stroke-width="2" '
                 f'stroke-dasharray="{dash}"/>']
-    Path(base + ".svg").write_text("\n".join(out + ["</svg>"]) + "\n")
+    svg = "\n".join(out + ["</svg>"]) + "\n"
+    sparse_gpt.write_files_together({  # replaced together or not at all, as the circuit's files
+        base + ".json": lambda f: f.write(json.dumps(r, indent=1).encode()),
+        base + ".svg": lambda f: f.write(svg.encode())})
 
 
 # -----------------------------------------------------------------------------
