@@ -1065,14 +1065,21 @@ def ctrl_c_finishes_the_step(world: int, lock: str | None):
               "again to abort)")
 
     old = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+    together = False  # every rank left at the same step: the end, or train's exits (stop, NaN)
     try:
         yield stop
+        together = True
+    except SystemExit:
+        together = True
+        raise
     finally:
         for s, handler in old.items():
             signal.signal(s, handler)
         if lock:
             Path(lock).unlink(missing_ok=True)
         if world > 1:
+            if together:  # gloo's threads must free the last all_reduce's tensor (taking the
+                dist.barrier()  # GIL) before the teardown joins them holding it: a deadlock seen
             dist.destroy_process_group()
 
 
