@@ -55,11 +55,9 @@ DEFAULTS = dict(
 )
 RULES = dict(  # what each value must be (see sparse_gpt.RULES); tasks: see tasks.task_names
     ckpt=(lambda v, c: v != "", "a checkpoint file"), solved_acc=sparse_gpt.FRACTION,
-    k_coef=sparse_gpt.POSITIVE, target_loss=sparse_gpt.POSITIVE,
-    heaviside_temp=sparse_gpt.POSITIVE, lr=sparse_gpt.POSITIVE, steps=sparse_gpt.up_to(10**6),
-    n_pairs=sparse_gpt.up_to(10**4), seeds=sparse_gpt.up_to(100),
-    mean_batches=sparse_gpt.up_to(10**4), seed=sparse_gpt.SEED,
-    device=sparse_gpt.DEVICE,
+    **dict.fromkeys(["k_coef", "target_loss", "heaviside_temp", "lr"], sparse_gpt.POSITIVE),
+    steps=sparse_gpt.up_to(10**6), n_pairs=sparse_gpt.up_to(10**4), seeds=sparse_gpt.up_to(100),
+    mean_batches=sparse_gpt.up_to(10**4), seed=sparse_gpt.SEED, device=sparse_gpt.DEVICE,
     steer_node=(lambda v, c: v == "" or re.fullmatch(r"\d+\.(attn|mlp)\.resid_in\.\d+", v),
                 "empty or a residual read such as 1.attn.resid_in.37"))
 LOG_EVERY = 100  # mask-training steps (or drop-pass nodes) between progress lines
@@ -96,8 +94,7 @@ def answer_diff(model, data: dict) -> torch.Tensor:
 
 
 def pair_loss(z, data: dict, scale=1.0, shift=0.0) -> tuple[torch.Tensor, float]:
-    """tasks.score of the logit differences; scale and shift calibrate them (a shift favours
-    token_a, never 'the right answer')."""
+    """tasks.score of the calibrated logit differences (a shift favours token_a, not the answer)."""
     return tasks.score(data["sign"] * (scale * z + shift))
 
 
@@ -132,8 +129,7 @@ def hooked(model, fn):
 
 @torch.no_grad()
 def compute_means(model, tokens: np.ndarray, n_batches: int, batch_size: int) -> torch.Tensor:
-    """Mean of every node (after AbsTopK, as the hook sees it) over all positions of n_batches
-    random windows of the token array."""
+    """Every node's mean (after AbsTopK, as the hook sees it) over n_batches random windows."""
     spans, device = node_spans(model), next(model.parameters()).device
     sums = torch.zeros(max(b for _, b in spans.values()), dtype=torch.float64, device=device)
 
@@ -179,8 +175,8 @@ def load_means(model, cfg_model, ckpt_path: str, n_batches: int, device) -> torc
 
 
 def release_tokens(tokenizer, cfg) -> str:
-    """A released model has no val.bin of ours: the val split of the stdlib (or data_dir) in its
-    own tokenizer, encoded once into cache_dir. Returns the folder holding val.bin."""
+    """A released model has no val.bin of ours: the stdlib's (or data_dir's) val split in its own
+    tokenizer, encoded once into the folder of cache_dir that this returns."""
     root = os.path.abspath(cfg.data_dir or sparse_gpt.stdlib_dir())
     made_with = sorted(tokenizer._mergeable_ranks.items()), tokenizer._pat_str
     folder = sparse_gpt.cache_folder(cfg.cache_dir, root, *made_with)
@@ -213,8 +209,7 @@ def ablated(model, means: torch.Tensor, keep: torch.Tensor, record: dict | None 
 
 
 class HeavisideSTE(torch.autograd.Function):
-    """Forward: the Heaviside step H(tau). Backward: the derivative of sigmoid(tau / temp), a
-    straight-through surrogate (paper 5)."""
+    """Forward: the Heaviside step H(tau); backward: the derivative of sigmoid(tau / temp) (5)."""
 
     @staticmethod
     def forward(ctx, tau, temp: float):
@@ -262,9 +257,8 @@ def train_masks(model, means, train: dict, cfg) -> torch.Tensor:
         opt.zero_grad(set_to_none=True)
         with torch.no_grad():
             tau.clamp_(-1, 1)
-        # The penalty follows the target: it grows while the masked model is under the aim (nodes
-        # can still go) and shrinks above it, leaving the calibration and the drop pass the rest.
-        # One fixed k_coef balances at a size that depends on the model: on the quick start's,
+        # The penalty follows the target: up while under the aim (nodes can still go), down above
+        # it. A fixed k_coef balances at a size that depends on the model: on the quick start's,
         # 1e-4 kept 256 nodes and the circuit had 115 (README: the search).
         k_coef *= math.exp(K_RATE if task.item() < aim else -K_RATE)
         if (step + 1) % LOG_EVERY == 0 or step + 1 == cfg.steps:
@@ -291,10 +285,9 @@ def circuit_loss(model, means, keep, data: dict) -> float:
 
 
 def smallest_circuit(model, means, data, order, target: float, start: int) -> int | None:
-    """The smallest k whose first k nodes of `order` reach the target calibrated loss on `data`,
-    or None. Gallops up from `start` (the masks' own choice of size) by doubling, then bisects
-    between the last size that failed and the first that passed: bisection assumes the loss
-    falls as k grows, which holds near a good ordering's answer but not everywhere."""
+    """The smallest k whose first k nodes of `order` reach the target calibrated loss, or None.
+    Doubles from `start` (the masks' own size), then bisects between the last fail and the first
+    pass: bisection assumes the loss falls as k grows, true near a good ordering's answer."""
     def passes(k):
         return circuit_loss(model, means, keep_first(order, k), data) <= target
 
@@ -310,9 +303,8 @@ def smallest_circuit(model, means, data, order, target: float, start: int) -> in
 
 
 def fit_calibration(z: torch.Tensor, data: dict) -> tuple[float, float]:
-    """Scale and shift of the logit difference, 16 LBFGS steps (paper 5): pruned circuits are
-    often right but badly calibrated. The scale stays in (0, MAX_SCALE): unbounded, it would
-    take any node set that merely separates the train pairs to a loss of 0."""
+    """Scale and shift of the logit difference by 16 LBFGS steps (paper 5). The scale stays in
+    (0, MAX_SCALE): unbounded, any node set that merely separates the pairs would reach loss 0."""
     params = torch.zeros(2, device=z.device, requires_grad=True)
     opt = torch.optim.LBFGS([params], max_iter=16, line_search_fn="strong_wolfe")
 
@@ -389,9 +381,8 @@ def circuit_edges(model, keep: torch.Tensor) -> list[tuple[int, int, float]]:
 
 @torch.no_grad()
 def token_edges(model, keep: torch.Tensor, prompt_tokens, answer_tokens) -> tuple[int, list]:
-    """Counted apart from the circuit's edges: embedding edges (a nonzero wte weight from a token
-    of the task's prompts to a channel that a kept node reads) and unembedding edges
-    (final.resid_in node -> answer logit, as (node, token, weight))."""
+    """Embedding edges (nonzero wte weights from the prompts' tokens to channels a kept node reads)
+    and unembedding edges (final.resid_in node -> answer logit: (node, token, weight))."""
     spans, keep = node_spans(model), keep.cpu().bool()
     read = torch.stack([keep[a:b] for n, (a, b) in spans.items() if n.endswith("resid_in")]).any(0)
     n_embed = int((model.wte.weight.cpu()[prompt_tokens][:, read] != 0).sum())
@@ -406,8 +397,7 @@ def token_edges(model, keep: torch.Tensor, prompt_tokens, answer_tokens) -> tupl
 
 
 def find_circuit(model, means, train: dict, cfg) -> tuple:
-    """The search from cfg.seeds seeds, each training its own masks (the seed draws their init
-    noise). Returns (the 0/1 keep vector or None, a dict of what each stage found)."""
+    """The search from cfg.seeds seeds (each draws its masks' init noise): (keep or None, info)."""
     taus = {s: train_masks(model, means, train, sparse_gpt.Config({**cfg, "seed": s}))
             for s in range(cfg.seed, cfg.seed + cfg.seeds)}
     keep, info = search(model, means, train, taus, cfg.target_loss)
@@ -446,8 +436,8 @@ def search(model, means, train: dict, taus: dict, target: float) -> tuple:
 
 
 def drop_pass(model, means, data: dict, keep, order, target: float) -> torch.Tensor:
-    """Drops each kept node, weakest first in `order`, whenever the rest still reach the target
-    calibrated loss: bisection on one ordering leaves some that are not needed."""
+    """Drops each kept node, weakest first, whenever the rest still reach the target: bisection
+    on one ordering leaves some that are not needed."""
     keep, t0 = keep.clone(), time.time()
     todo = [i for i in order.flip(0).tolist() if keep[i]]
     for n, i in enumerate(todo, 1):  # one forward per node: log progress
@@ -470,8 +460,7 @@ def shuffled(data: dict, seed: int) -> dict:
 
 
 def control(model, means, train: dict, test: dict, cfg) -> dict:
-    """The same search, from one seed, on shuffled answers: a real circuit should need far more
-    edges than this one, or this one should fail to reach the target at all."""
+    """The search from one seed on shuffled answers: a real circuit needs far fewer edges."""
     print("  control: the same search with the answers shuffled per pair")
     train_c, test_c = shuffled(train, cfg.seed + 1), shuffled(test, cfg.seed + 2)
     keep, info = find_circuit(model, means, train_c, sparse_gpt.Config({**cfg, "seeds": 1}))
@@ -497,14 +486,14 @@ def key_positions(data: dict) -> torch.Tensor:
 
 @torch.no_grad()
 def read_circuit(model, means, keep, data: dict, tokenizer, n_top=3) -> dict:
-    """What the circuit alone (all else mean-ablated) does on `data`. Per kept node: its mean on
-    each prompt's key tokens, on other tokens and at the answer, and its largest tokens. Per head
-    with a kept channel: where its query at the answer attends (attend_with_sink's softmax,
-    from the recorded q and k), by token, for prompt_a and prompt_b apart."""
-    record, nodes, heads = {}, {}, {}
+    """The circuit alone on `data`: per kept node, its mean on each prompt's key tokens, on other
+    tokens and at the answer, and its largest tokens; per head with a kept channel, where its query
+    at the answer attends (attend_with_sink's softmax of the recorded q, k), for a and b apart."""
+    record, nodes, heads, spans = {}, {}, {}, node_spans(model)
     with ablated(model, means, keep, record):
         model(data["idx"])
     last, real, key = data["last"].cpu(), real_positions(data).cpu(), key_positions(data)
+    rows, d = torch.arange(len(last)), model.cfg.d_head
     side = (torch.arange(len(last)) % 2 == 0)[:, None].expand_as(key)  # True on prompt_a rows
     decode = {t: tokenizer.decode([t]) for t in data["idx"].unique().tolist()}
     tokens = [[decode[t] for t in row.tolist()] for row in data["idx"].cpu()]
@@ -519,15 +508,13 @@ def read_circuit(model, means, keep, data: dict, tokenizer, n_top=3) -> dict:
                 best[tokens[r][t]] = max(best.get(tokens[r][t], v), v, key=abs)
         return [(t, round(v, 3)) for t, v in sorted(best.items(), key=lambda x: -abs(x[1]))][:n_top]
 
-    spans = node_spans(model)
     for loc, (a, b) in spans.items():
         for i in keep[a:b].nonzero()[:, 0].tolist():
             acts = record[loc][..., i].cpu()
-            answer = acts[torch.arange(len(last)), last]
+            answer = acts[rows, last]
             nodes[a + i] = {"key_a": mean(acts, key & side), "key_b": mean(acts, key & ~side),
                             "other": mean(acts, real & ~key), "mean_a": answer[0::2].mean().item(),
                             "mean_b": answer[1::2].mean().item(), "top_tokens": top(acts, real)}
-    d, rows = model.cfg.d_head, torch.arange(len(last))
     for l, block in enumerate(model.blocks):
         kept = torch.cat([keep[slice(*spans[f"{l}.attn.{x}"])] for x in "qkv"]).view(3, -1)
         for h in sorted({i // d for i in kept.any(0).nonzero()[:, 0].tolist()}):
@@ -606,8 +593,7 @@ def all_edges(c: dict) -> list[tuple[str, str, float]]:
 
 
 def verdict(r: dict) -> list[str]:
-    """The lines every output opens with: the full model beside the circuit, the calibration,
-    and the flags for a circuit that explains less than its loss suggests."""
+    """Every output's first lines: the full model beside the circuit, and the warning flags."""
     ch, (scale, shift) = r["checks"], r["calibration"].values()
     lines = [f"test pairs: full model acc {ch['full']['acc']:.1%} | circuit alone acc "
              f"{ch['sufficiency']['acc']:.1%}, loss {ch['sufficiency']['loss']:.3f} after the "
@@ -630,8 +616,7 @@ def spread(values) -> str:
 
 
 def circuit_txt(r: dict) -> str:
-    """The circuit as a listing: the checks, the heads, the seeds, then each node by location
-    with its values and edges."""
+    """The listing: checks, heads, seeds, then each node by location with its values and edges."""
     c, s, (ka, kb) = r["circuit"], r["seeds"], r["circuit"]["key_tokens"]
     lines = [f"{r['task']}: {c['n_nodes']} nodes, {c['n_edges']} edges (and {c['n_embed_edges']} "
              f"embedding, {len(c['unembed_edges'])} unembedding edges), k_coef {r['k_coef']:g}",
@@ -697,12 +682,7 @@ def row_of(name: str) -> str:
 
 def head_of(name: str) -> str:
     """'1.attn.k.head3.ch6' -> '1.attn.head3', the key of the circuit's 'heads'."""
-    parts = name.split(".")
-    return f"{parts[0]}.attn.{parts[3]}"
-
-
-def is_query(name: str) -> bool:
-    return name.split(".")[2] == "q"
+    return re.sub(r"\.[qkv](\.head\d+)\..*", r"\1", name)
 
 
 def svg_layout(nodes: list[str], edges) -> tuple[dict, list, float]:
@@ -715,8 +695,8 @@ def svg_layout(nodes: list[str], edges) -> tuple[dict, list, float]:
         for n in (n for n in nodes if row_of(n) == row):
             groups.setdefault(head_of(n) if head else n, []).append(n)
         for g, members in groups.items():
-            members.sort(key=lambda n: head and is_query(n))
-            if head and not is_query(members[-1]):
+            members.sort(key=lambda n: head and ".q." in n)
+            if head and ".q." not in members[-1]:
                 members.append(g.replace(".attn.", ".attn.q.") + ".mean")
         near = {g: np.mean([pos[m][0] for s, d, _ in edges for n in groups[g] if n in (s, d)
                             for m in (s, d) if m in pos] or [0]) for g in groups}
@@ -727,7 +707,7 @@ def svg_layout(nodes: list[str], edges) -> tuple[dict, list, float]:
             if x + len(groups[g]) * (BOX_W + GAP) + ARROW * head > WIDTH and x > LEFT:
                 x, y = LEFT, y + BOX_H + ROW_GAP + 44 * head
             for i, n in enumerate(groups[g]):
-                x += ARROW * (head and is_query(n) and not is_query(groups[g][i - 1]))
+                x += ARROW * (head and ".q." in n and ".q." not in groups[g][i - 1])
                 pos[n], x = (x + BOX_W / 2, y + BOX_H / 2), x + BOX_W + GAP
             x += 2 * GAP
         y += BOX_H + ROW_GAP
@@ -736,10 +716,6 @@ def svg_layout(nodes: list[str], edges) -> tuple[dict, list, float]:
 
 def text(x, y, body, size=11, colour="#222", extra="") -> str:
     return f'<text x="{x:.0f}" y="{y:.0f}" font-size="{size}" fill="{colour}" {extra}>{body}</text>'
-
-
-def rect(x, y, width, height, extra) -> str:
-    return f'<rect x="{x:.0f}" y="{y:.0f}" width="{width:.0f}" height="{height:.0f}" {extra}/>'
 
 
 def line(x1, y1, x2, y2, extra) -> str:
@@ -751,8 +727,7 @@ def mono(body: str, colour="#222") -> str:
 
 
 def box_lines(n: str, c: dict, answers) -> tuple[str, list[str]]:
-    """A box's title and lines: a node's values on the key tokens and at the answer and its top
-    tokens; an answer's token, spelled out."""
+    """A box's title and lines: a node's values and top tokens; an answer's token, spelled out."""
     if n.startswith("logit"):
         tok = next(t for s, t, _ in c["unembed_edges"] if f"logit {t!r}" == n)
         side = "a" * (tok in answers[0]) or "b" * (tok in answers[1])
@@ -774,10 +749,8 @@ def box_lines(n: str, c: dict, answers) -> tuple[str, list[str]]:
 
 
 def circuit_svg(r: dict) -> str:
-    """The circuit drawn to be read without the TXT (the legend says how), as plain SVG text;
-    hovering shows full names."""
-    c, ex, esc = r["circuit"], r["example"], html.escape
-    edges = all_edges(c)
+    """The circuit drawn to be read without the TXT (the legend says how); hover for full names."""
+    c, ex, esc, edges = r["circuit"], r["example"], html.escape, all_edges(r["circuit"])
     pos, rows, height = svg_layout(c["nodes"] + sorted({d for _, d, _ in edges if "logit" in d}),
                                    edges)
     top_w, (ka, kb) = max([abs(w) for *_, w in edges] or [1.0]), c["key_tokens"]
@@ -811,11 +784,11 @@ def circuit_svg(r: dict) -> str:
     for h, seen in c["heads"].items():  # a frame around each head, an arrow from k/v to q
         members = [n for n in pos if "heads" in row_of(n) and head_of(n) == h]
         (x0, y), x1 = min(pos[n] for n in members), max(pos[n][0] for n in members)
-        qx = min(pos[n][0] for n in members if is_query(n)) - BOX_W / 2
-        out += [rect(x0 - BOX_W / 2 - 8, y - BOX_H / 2 - 44, x1 - x0 + BOX_W + 16, BOX_H + 52,
-                     'rx="8" fill="#f5fbf6" stroke="#5a9"'),
-                line(qx - ARROW - GAP + 4, y, qx - 4, y,
-                     'stroke="#444" stroke-width="2" marker-end="url(#tip)"/>')]
+        qx = min(pos[n][0] for n in members if ".q." in n) - BOX_W / 2
+        out += [f'<rect x="{x0 - BOX_W / 2 - 8:.0f}" y="{y - BOX_H / 2 - 44:.0f}" width="'
+                f'{x1 - x0 + BOX_W + 16:.0f}" height="{BOX_H + 52}" rx="8" fill="#f5fbf6" '
+                'stroke="#5a9"/>', line(qx - ARROW - GAP + 4, y, qx - 4, y,
+                                        'stroke="#444" stroke-width="2" marker-end="url(#tip)"/>')]
         att = " | ".join(f"after prompt_{x}: " + ", ".join(f"{mono(shown(t), COLOUR[x])} {v:.2f}"
                                                             for t, v in seen[f"attends_{x}"])
                          for x in "ab") + f" | the sink {seen['sink']:.2f}"
@@ -840,7 +813,8 @@ def circuit_svg(r: dict) -> str:
         x, y = x - BOX_W / 2, y - BOX_H / 2
         frame = "4 3" if n.endswith(".mean") else ""  # a placeholder's frame is dashed
         style = f'rx="5" fill="{FILL[kind]}" stroke="#444" stroke-dasharray="{frame}"'
-        out += [f"<g><title>{esc(n)}</title>" + rect(x, y, BOX_W, BOX_H, style),
+        out += [f'<g><title>{esc(n)}</title><rect x="{x:.0f}" y="{y:.0f}" width="{BOX_W}" '
+                f'height="{BOX_H}" {style}/>',
                 text(x + 6, y + 14, title, 12, extra='font-weight="bold"'),
                 *(text(x + 6, y + 28 + 13 * i, s, 10.5) for i, s in enumerate(lines)), "</g>"]
     return "\n".join(out + on_top + ["</svg>"]) + "\n"
@@ -856,11 +830,9 @@ STRENGTHS = [i / 10 for i in range(11)]
 @torch.no_grad()
 def steer(model, bridged, tokenizer, keep, test: dict, task: str, cfg) -> dict:
     """Per test prompt: the channel's counterfactual delta at every token (its value under the
-    pair's other prompt minus under this one; pairs of two lengths are left out), times its
-    decoder row, times RMS(sparse) / RMS(dense) of the site's stream over val text (the read is
-    after RMSNorm, the bridge before it), times a strength, added to the dense model's read there.
-    -> the dense model's mean probability of the other prompt's answer, per direction: steered,
-    along random directions of the same norm (mean of 5), not steered."""
+    pair's other prompt minus this one's; pairs of two lengths left out) x its decoder row x
+    RMS(sparse) / RMS(dense) at the site over val text (the read is after RMSNorm, the bridge
+    before it) x a strength, added to the dense model's read -> its mean P(the other answer)."""
     last, rows, record = test["last"], torch.arange(len(test["last"])), {}
     with hooked(model, lambda name, x: record.setdefault(name, x)):  # stores x, returns it
         model(test["idx"])
@@ -965,9 +937,8 @@ def prune_checkpoint(path: str, model, tokenizer, means, names: list[str], cfg,
         t0, base = time.time(), os.path.join(out_dir, name)
         print(f"{name}: pruning {len(means)} nodes of {path}")
         try:  # train and test pairs in one call: a released tokenizer's rewrites print once
-            pairs = tasks.for_tokenizer(tokenizer, name, [p for s in ("train", "test") for p in
-                                                          tasks.make_pairs(name, cfg.n_pairs,
-                                                                           cfg.seed, s)])
+            made = [tasks.make_pairs(name, cfg.n_pairs, cfg.seed, s) for s in ("train", "test")]
+            pairs = tasks.for_tokenizer(tokenizer, name, made[0] + made[1])
         except ValueError as e:
             print(f"{name}: skipped: {e}")
             continue
