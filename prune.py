@@ -956,17 +956,12 @@ def prune_checkpoint(path: str, model, tokenizer, means, names: list[str], cfg,
 
 
 def print_summary(path: str, results: dict[str, dict]):
-    print(f"\n{path}: circuits; on the test pairs: full = the whole model's accuracy; suff = the "
-          "circuit alone, after its calibration (scale, shift: '!' = the scale at its bound "
-          f"{MAX_SCALE:g}); raw = uncalibrated; nec = circuit ablated; rand = a random node set "
-          "of its size ablated; control = the same search on shuffled answers: nodes/edges, test "
-          "acc; fail = no circuit reaches the target; UNSOLVED = the model does not solve it; "
-          "seeds = every seed's circuit: min/median/max, and the core that all keep: its size and "
-          "test acc alone, and the mean Jaccard overlap)")
-    print(f"{'task':<28}{'nodes':>6}{'edges':>7}{'full':>6}{'suff loss':>10}{'acc':>6}"
-          f"{'scale':>7}{'shift':>7}{'raw':>7}{'nec loss':>9}{'acc':>6}{'rand loss':>10}"
-          f"{'attr edges':>11}{'control':>17}{'seeds: nodes':>13}{'edges':>10}{'core':>5}{'acc':>5}"
-          f"{'overlap':>8}")
+    print(f"\n{path}: circuits (<task>.txt and .json hold every number); test accuracy of the full "
+          f"model, the circuit alone (calibrated: scale, '!' = at its bound {MAX_SCALE:g}) and the "
+          "circuit ablated; control = the search on shuffled answers (nodes/edges, test acc; fail ="
+          " no circuit); seeds = the nodes of every seed's circuit, min/median/max\n"
+          f"{'task':<28}{'nodes':>6}{'edges':>7}{'full':>6}{'alone':>7}{'scale':>7}{'ablated':>8}"
+          f"{'control':>17}{'seeds':>10}")
     edges = []
     for name, r in results.items():
         ctrl = r.get("control")
@@ -976,16 +971,12 @@ def print_summary(path: str, results: dict[str, dict]):
         if "circuit" not in r:
             print(f"{name:<28}  no circuit reaches the target loss; control {ctrl}{unsolved}")
             continue
-        c, ch, (scale, shift), s = r["circuit"], r["checks"], r["calibration"].values(), r["seeds"]
+        c, ch, scale = r["circuit"], r["checks"], r["calibration"]["scale"]
         edges.append(max(c["n_edges"], 1))  # an empty circuit (the bigram table did it) counts as 1
+        flag = "!" if scale > AT_BOUND * MAX_SCALE else " "
         print(f"{name:<28}{c['n_nodes']:>6}{c['n_edges']:>7}{ch['full']['acc']:>6.0%}"
-              f"{ch['sufficiency']['loss']:>10.3f}{ch['sufficiency']['acc']:>6.0%}"
-              f"{scale:>6.2f}{'!' if scale > AT_BOUND * MAX_SCALE else ' '}{shift:>+7.2f}"
-              f"{ch['sufficiency_uncalibrated']['loss']:>7.3f}{ch['necessity']['loss']:>9.3f}"
-              f"{ch['necessity']['acc']:>6.0%}{ch['random_ablation']['loss']:>10.3f}"
-              f"{r['attribution']['n_edges'] or '-':>11}{ctrl:>17}{spread(s['n_nodes']):>13}"
-              f"{spread(s['n_edges']):>10}{len(s['core']):>5}{s['core_sufficiency']['acc']:>5.0%}"
-              f"{spread(s['overlap']):>8}{unsolved}")
+              f"{ch['sufficiency']['acc']:>7.0%}{scale:>6.2f}{flag}{ch['necessity']['acc']:>8.0%}"
+              f"{ctrl:>17}{spread(r['seeds']['n_nodes']):>10}{unsolved}")
     if edges:
         print(f"geometric mean of edges over {len(edges)} tasks: {geometric_mean(edges):.1f}")
 
