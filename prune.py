@@ -7,7 +7,6 @@ checks -> edges -> writers -> steering a dense model through a bridged one (--st
 
     python prune.py                                  # every task the model solves (acc >= 90%)
     python prune.py --tasks=single_double_quote,bracket_counting
-    python prune.py --ckpt=out/A/ckpt.pt --compare=out/B/ckpt.pt   # edge ratio B/A per task
 """
 
 import hashlib
@@ -34,7 +33,6 @@ import tasks
 DEFAULTS = dict(
     ckpt="out/ckpt.pt",  # circuits go to circuits/ beside it
     tasks="",  # comma-separated names; empty = every task the model solves at >= solved_acc
-    compare="",  # a second checkpoint: prune both on the same tasks, print the edge ratio B/A
     solved_acc=tasks.SOLVED_ACC,  # accuracy (train pairs) at which a task counts as solved
     unsolved=False,  # prune a task the full model does not solve too (marked UNSOLVED)
     target_loss=0.15,  # task loss (nats) the circuit must reach on the train pairs (paper 5)
@@ -885,7 +883,7 @@ def write_steering(base: str, r: dict):
 
 
 # -----------------------------------------------------------------------------
-# main: pick the tasks, prune them on each checkpoint, write the circuits, summarise
+# main: pick the tasks, prune them, write the circuits, summarise
 
 
 def solved_tasks(model, tokenizer, cfg) -> list[str]:
@@ -899,8 +897,7 @@ def solved_tasks(model, tokenizer, cfg) -> list[str]:
     return tasks.solved(scores, cfg.solved_acc)
 
 
-def prune_checkpoint(path: str, model, tokenizer, means, names: list[str], cfg,
-                     bridged=None) -> dict[str, dict]:
+def prune_checkpoint(path: str, model, tokenizer, means, names: list[str], cfg, bridged) -> dict:
     """Prunes each task and writes circuits/ beside the checkpoint; returns task -> result."""
     out_dir = os.path.join(os.path.dirname(path) or ".", "circuits")
     os.makedirs(out_dir, exist_ok=True)
@@ -983,42 +980,25 @@ def main(argv):
     cfg = sparse_gpt.parse_config(argv, DEFAULTS, presets=None, rules=RULES)
     names = tasks.task_names(cfg.tasks)
     device = sparse_gpt.pick_device(cfg.device)
-    paths = [sparse_gpt.checkpoint_file(p) for p in (cfg.ckpt, cfg.compare) if p]
-    loaded = [sparse_gpt.load_checkpoint(path, device) for path in paths]  # bad files fail here
-    for path in paths:  # node_means.pt and circuits/ go beside each checkpoint: fail now, not later
-        out = os.path.join(os.path.dirname(path) or ".", "circuits")
-        if not os.access(os.path.dirname(out), os.W_OK) or os.path.exists(out) and not (
-                os.path.isdir(out) and os.access(out, os.W_OK)):
-            sys.exit(f"error: cannot write {out}/ (no permission, or a file in the way); copy the "
-                     "checkpoint and its tokenizer.tiktoken to a writable folder")
-    if not names:  # the tasks that every checkpoint solves, so that a comparison is like for like
-        solved = [solved_tasks(model, tokenizer, cfg) for model, tokenizer, _ in loaded]
-        names = [t for t in solved[0] if all(t in s for s in solved)]
+    path = sparse_gpt.checkpoint_file(cfg.ckpt)
+    model, tokenizer, cfg_model = sparse_gpt.load_checkpoint(path, device)  # bad files fail here
+    out = os.path.join(os.path.dirname(path) or ".", "circuits")  # node_means.pt goes beside it
+    if not os.access(os.path.dirname(out), os.W_OK) or os.path.exists(out) and not (
+            os.path.isdir(out) and os.access(out, os.W_OK)):  # fail now, not after the search
+        sys.exit(f"error: cannot write {out}/ (no permission, or a file in the way); copy the "
+                 "checkpoint and its tokenizer.tiktoken to a writable folder")
+    if not names:
+        names = solved_tasks(model, tokenizer, cfg)
         print(f"tasks solved at accuracy >= {cfg.solved_acc:.0%} on {cfg.n_pairs} train pairs "
               f"(tasks.py's table: test pairs): {' '.join(names) or 'none'}")
         if not names:
             sys.exit(f"error: no task is solved at accuracy >= {cfg.solved_acc:.0%}; "
                      "name some with --tasks=a,b or lower --solved_acc")
-    bridged = sparse_gpt.load_bridged(paths[0], device) if cfg.steer else None
-    runs = []
-    for path, (model, tokenizer, cfg_model) in zip(paths, loaded):
-        model.requires_grad_(False)  # only the masks learn
-        cfg_model["data_path"] = cfg_model.data_path or release_tokens(tokenizer, cfg)
-        means = load_means(model, cfg_model, path, cfg.mean_batches, device)
-        runs.append(prune_checkpoint(path, model, tokenizer, means, names, cfg,
-                                     bridged if path == paths[0] else None))
-    for path, results in zip(paths, runs):
-        print_summary(path, results)
-    if cfg.compare:
-        print(f"\nedges: A = {cfg.ckpt}, B = {cfg.compare}\n{'task':<28}{'A':>7}{'B':>7}{'B/A':>7}")
-        ratios = []
-        for name in names:
-            a, b = (run.get(name, {}).get("circuit", {}).get("n_edges", "-") for run in runs)
-            ratio = "-" if "-" in (a, b) else max(b, 1) / max(a, 1)
-            ratios += [ratio] * (ratio != "-")
-            print(f"{name:<28}{a:>7}{b:>7}{ratio if ratio == '-' else f'{ratio:.2f}':>7}")
-        if ratios:
-            print(f"geometric mean of B/A over {len(ratios)} tasks: {geometric_mean(ratios):.2f}")
+    bridged = sparse_gpt.load_bridged(path, device) if cfg.steer else None
+    model.requires_grad_(False)  # only the masks learn
+    cfg_model["data_path"] = cfg_model.data_path or release_tokens(tokenizer, cfg)
+    means = load_means(model, cfg_model, path, cfg.mean_batches, device)
+    print_summary(path, prune_checkpoint(path, model, tokenizer, means, names, cfg, bridged))
 
 
 if __name__ == "__main__":
