@@ -652,20 +652,12 @@ FILL = {"resid_in": "#dfe9fa", "resid_delta": "#fadddd", "q": "#dcf1df", "k": "#
 KIND = {"resid_in": "read ch", "resid_delta": "write ch", "post_act": "neuron "}
 ROW_WORDS = {"attn": "attention", "mlp": "MLP", "final": "unembedding", "resid_in": "reads",
              "resid_delta": "writes", "post_act": "neurons"}
-SPOKEN = {'"': "double quote", "'": "single quote", "\n": "newline", "\t": "tab"}
 HALO = 'stroke="white" stroke-width="3" paint-order="stroke"'  # text that stays readable on lines
 
 
 def shown(token: str, n=8) -> str:
     """A token with its spaces, newlines and tabs made visible, cut to n characters."""
     return token.replace(" ", "␣").replace("\n", "↵").replace("\t", "⇥")[:n]
-
-
-def spoken(token: str) -> str:
-    """'")' -> 'double quote + )': two answers that differ only in a quote read apart."""
-    runs = re.findall(r" +|[\"'\n\t]|[^\"'\n\t ]+", token)
-    return " + ".join(SPOKEN.get(x, "space" if x == " " else f"{len(x)} spaces" if x.isspace()
-                                 else x) for x in runs)
 
 
 def row_of(name: str) -> str:
@@ -722,12 +714,12 @@ def mono(body: str, colour="#222") -> str:
 
 
 def box_lines(n: str, c: dict, answers) -> tuple[str, list[str]]:
-    """A box's title and lines: a node's values and top tokens; an answer's token, spelled out."""
+    """A box's title and lines: a node's values and top tokens; an answer's token and prompt."""
     if n.startswith("logit"):
         tok = next(t for s, t, _ in c["unembed_edges"] if f"logit {t!r}" == n)
         side = "a" * (tok in answers[0]) or "b" * (tok in answers[1])
         return mono(shown(tok, 20), COLOUR.get(side, "#222")), [
-            html.escape(spoken(tok)), f"the answer after prompt_{side}" * bool(side)]
+            f"the answer after prompt_{side}" * bool(side)]
     if n.endswith(".mean"):
         return "q: every channel", ["at its mean (none", "is in the circuit)"]
 
@@ -757,7 +749,7 @@ def circuit_svg(r: dict) -> str:
            text(10, 24, f"{esc(r['task'])}: {c['n_nodes']} nodes, {c['n_edges']} edges", 17,
                 extra='font-weight="bold"')]
     out += [text(10, 46 + 17 * i, f"prompt_{x}: ...{mono(ex[i][-60:].replace(chr(10), '↵'))} → "
-                 f"right answer {mono(shown(ex[2 + i]), COLOUR[x])} ({esc(spoken(ex[2 + i]))})", 12)
+                 f"right answer {mono(shown(ex[2 + i]), COLOUR[x])}", 12)
             for i, x in enumerate("ab")]
     out += [text(10, 86 + 16 * i, esc(s), 12, "#b00" if s[0].isupper() else "#222")
             for i, s in enumerate(verdict(r))]

@@ -1766,10 +1766,8 @@ def test_svg_layout_wraps_a_large_circuit_in_forward_order_without_overlaps():
     assert all(max(a) < min(b) for a, b in zip(spans, spans[1:]))  # rows never interleave
 
 
-def test_answers_that_differ_in_a_quote_are_spelled_out():
-    assert prune.spoken('")') == "double quote + )" and prune.spoken("')") == "single quote + )"
-    assert prune.spoken("\n        ") == "newline + 8 spaces" and prune.spoken(" in") == "space + in"
-    assert prune.shown(" x\n") == "␣x↵"
+def test_tokens_show_their_spaces_newlines_and_tabs():
+    assert prune.shown(" x\n\ty") == "␣x↵⇥y" and prune.shown("abcdefghij") == "abcdefgh"
 
 
 def test_key_tokens_are_where_the_two_prompts_of_a_pair_differ():
