@@ -9,7 +9,6 @@ checks -> edges -> writers -> steering a dense model through a bridged one (--st
     python prune.py --tasks=single_double_quote,bracket_counting
 """
 
-import hashlib
 import html
 import itertools
 import json
@@ -20,7 +19,6 @@ import sys
 import time
 from collections import Counter
 from contextlib import contextmanager
-from pathlib import Path
 from statistics import geometric_mean, median_low
 
 import numpy as np
@@ -133,7 +131,7 @@ def compute_means(model, tokens: np.ndarray, n_batches: int, batch_size: int) ->
         sums[a:b] += x.double().sum(dim=(0, 1))
         return x
 
-    gen = torch.Generator().manual_seed(0)  # the same windows every time: the cache key has no seed
+    gen = torch.Generator().manual_seed(0)  # the same windows every time
     with hooked(model, accumulate):
         for _ in range(n_batches):
             x, _ = sparse_gpt.get_batch(tokens, model.cfg.block_size, batch_size, gen, device)
@@ -141,31 +139,17 @@ def compute_means(model, tokens: np.ndarray, n_batches: int, batch_size: int) ->
     return (sums / (n_batches * batch_size * model.cfg.block_size)).float()
 
 
-def load_means(model, cfg_model, ckpt_path: str, n_batches: int, device) -> torch.Tensor:
-    """Node means, cached beside the checkpoint as node_means.pt and keyed to its bytes."""
-    key = f"{hashlib.sha1(Path(ckpt_path).read_bytes()).hexdigest()}|{n_batches}"
-    path = os.path.join(os.path.dirname(ckpt_path) or ".", "node_means.pt")
-    try:  # a cache that is missing, unreadable, corrupt or another checkpoint's is recomputed
-        cached = torch.load(sparse_gpt.regular(path), map_location=device, weights_only=True)
-        if cached["key"] == key and cached["means"].shape == (len(node_names(model)),):
-            print(f"using the cached node means in {path}")
-            return cached["means"]
-    except Exception:
-        pass
-    val_path = os.path.join(cfg_model.data_path, "val.bin")
-    if not os.path.exists(val_path):
-        sys.exit(f"error: {val_path} (the checkpoint's validation tokens) not found; node means "
-                 "need it: run from the folder the model was trained in")
-    t0 = time.time()
-    tokens = np.fromfile(sparse_gpt.regular(val_path), dtype=np.uint16)
+def load_means(model, cfg_model, n_batches: int) -> torch.Tensor:
+    """Node means over the checkpoint's val.bin."""
+    val_path, t0 = os.path.join(cfg_model.data_path, "val.bin"), time.time()
+    tokens = np.fromfile(sparse_gpt.regular(val_path), np.uint16) if os.path.exists(val_path) else []
     if len(tokens) <= cfg_model.block_size + 1 or tokens.max() >= cfg_model.vocab_size:
-        sys.exit(f"error: {val_path} is damaged; rebuild it with python sparse_gpt.py "
-                 f"--init_from=resume --out_dir={os.path.dirname(ckpt_path) or '.'}")
+        sys.exit(f"error: {val_path} (the checkpoint's validation tokens, for node means) is missing"
+                 " or damaged: run from the folder the model was trained in, or rebuild it with "
+                 "python sparse_gpt.py --init_from=resume --out_dir=<that folder>")
     means = compute_means(model, tokens, n_batches, cfg_model.batch_size)
-    sparse_gpt.atomic_write(path, lambda f: torch.save({"key": key, "means": means}, f))
     n_tokens = n_batches * cfg_model.batch_size * cfg_model.block_size
-    print(f"node means: {len(means)} nodes over {n_tokens:,} val tokens in "
-          f"{time.time() - t0:.1f}s, cached in {path}")
+    print(f"node means: {len(means)} nodes over {n_tokens:,} val tokens in {time.time() - t0:.1f}s")
     return means
 
 
@@ -974,7 +958,7 @@ def main(argv):
     device = sparse_gpt.pick_device(cfg.device)
     path = sparse_gpt.checkpoint_file(cfg.ckpt)
     model, tokenizer, cfg_model = sparse_gpt.load_checkpoint(path, device)  # bad files fail here
-    out = os.path.join(os.path.dirname(path) or ".", "circuits")  # node_means.pt goes beside it
+    out = os.path.join(os.path.dirname(path) or ".", "circuits")
     if not os.access(os.path.dirname(out), os.W_OK) or os.path.exists(out) and not (
             os.path.isdir(out) and os.access(out, os.W_OK)):  # fail now, not after the search
         sys.exit(f"error: cannot write {out}/ (no permission, or a file in the way); copy the "
@@ -989,7 +973,7 @@ def main(argv):
     bridged = sparse_gpt.load_bridged(path, device) if cfg.steer else None
     model.requires_grad_(False)  # only the masks learn
     cfg_model["data_path"] = cfg_model.data_path or release_tokens(tokenizer, cfg)
-    means = load_means(model, cfg_model, path, cfg.mean_batches, device)
+    means = load_means(model, cfg_model, cfg.mean_batches)
     print_summary(path, prune_checkpoint(path, model, tokenizer, means, names, cfg, bridged))
 
 
