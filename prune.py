@@ -123,7 +123,7 @@ def hooked(model, fn):
 @torch.no_grad()
 def compute_means(model, tokens: np.ndarray, n_batches: int, batch_size: int) -> torch.Tensor:
     """Every node's mean (after AbsTopK, as the hook sees it) over n_batches random windows."""
-    spans, device = node_spans(model), next(model.parameters()).device
+    spans, device, t0 = node_spans(model), next(model.parameters()).device, time.time()
     sums = torch.zeros(max(b for _, b in spans.values()), dtype=torch.float64, device=device)
 
     def accumulate(name, x):
@@ -136,21 +136,9 @@ def compute_means(model, tokens: np.ndarray, n_batches: int, batch_size: int) ->
         for _ in range(n_batches):
             x, _ = sparse_gpt.get_batch(tokens, model.cfg.block_size, batch_size, gen, device)
             model(x)
-    return (sums / (n_batches * batch_size * model.cfg.block_size)).float()
-
-
-def load_means(model, cfg_model, n_batches: int) -> torch.Tensor:
-    """Node means over the checkpoint's val.bin."""
-    val_path, t0 = os.path.join(cfg_model.data_path, "val.bin"), time.time()
-    tokens = np.fromfile(sparse_gpt.regular(val_path), np.uint16) if os.path.exists(val_path) else []
-    if len(tokens) <= cfg_model.block_size + 1 or tokens.max() >= cfg_model.vocab_size:
-        sys.exit(f"error: {val_path} (the checkpoint's validation tokens, for node means) is missing"
-                 " or damaged: run from the folder the model was trained in, or rebuild it with "
-                 "python sparse_gpt.py --init_from=resume --out_dir=<that folder>")
-    means = compute_means(model, tokens, n_batches, cfg_model.batch_size)
-    n_tokens = n_batches * cfg_model.batch_size * cfg_model.block_size
-    print(f"node means: {len(means)} nodes over {n_tokens:,} val tokens in {time.time() - t0:.1f}s")
-    return means
+    n_tokens = n_batches * batch_size * model.cfg.block_size
+    print(f"node means: {len(sums)} nodes over {n_tokens:,} val tokens in {time.time() - t0:.1f}s")
+    return (sums / n_tokens).float()
 
 
 def release_tokens(tokenizer, cfg) -> str:
@@ -972,8 +960,13 @@ def main(argv):
                      "name some with --tasks=a,b or lower --solved_acc")
     bridged = sparse_gpt.load_bridged(path, device) if cfg.steer else None
     model.requires_grad_(False)  # only the masks learn
-    cfg_model["data_path"] = cfg_model.data_path or release_tokens(tokenizer, cfg)
-    means = load_means(model, cfg_model, cfg.mean_batches)
+    val_path = os.path.join(cfg_model.data_path or release_tokens(tokenizer, cfg), "val.bin")
+    tokens = np.fromfile(sparse_gpt.regular(val_path), np.uint16) if os.path.exists(val_path) else []
+    if len(tokens) <= cfg_model.block_size + 1 or tokens.max() >= cfg_model.vocab_size:
+        sys.exit(f"error: {val_path} (the checkpoint's validation tokens, for node means) is missing"
+                 " or damaged: run from the folder the model was trained in, or rebuild it with "
+                 "python sparse_gpt.py --init_from=resume --out_dir=<that folder>")
+    means = compute_means(model, tokens, cfg.mean_batches, cfg_model.batch_size)
     print_summary(path, prune_checkpoint(path, model, tokenizer, means, names, cfg, bridged))
 
 
