@@ -617,7 +617,7 @@ def circuit_txt(r: dict) -> str:
 
 
 # SVG layout, in pixels; the colours of prompt_a's and prompt_b's key tokens and answers
-BOX_W, BOX_H, GAP, ROW_GAP, LEFT, WIDTH, ARROW = 160, 62, 12, 56, 150, 1560, 70
+BOX_W, BOX_H, GAP, ROW_GAP, LEFT, WIDTH = 160, 62, 12, 56, 150, 1560
 COLOUR = {"a": "#7d3c98", "b": "#ca6f1e"}
 FILL = {"resid_in": "#dfe9fa", "resid_delta": "#fadddd", "q": "#dcf1df", "k": "#dcf1df",
         "v": "#dcf1df", "post_act": "#fff0c2", "logit": "#eeeeee"}
@@ -647,26 +647,23 @@ def head_of(name: str) -> str:
 def svg_layout(nodes: list[str], edges) -> tuple[dict, list, float]:
     """Each box's centre, each row's (name, top) and the height. Rows in forward order, packed
     left to right by the x of their neighbours above, wrapping at WIDTH; a head's keys and values
-    sit left of its queries (a placeholder for a head with no kept query: its query's mean)."""
+    sit left of its queries."""
     pos, rows, y = {}, [], 200.0
     for row in dict.fromkeys(map(row_of, nodes)):
         groups, head = {}, row.endswith("heads")
         for n in (n for n in nodes if row_of(n) == row):
             groups.setdefault(head_of(n) if head else n, []).append(n)
-        for g, members in groups.items():
+        for members in groups.values():
             members.sort(key=lambda n: head and ".q." in n)
-            if head and ".q." not in members[-1]:
-                members.append(g.replace(".attn.", ".attn.q.") + ".mean")
         near = {g: np.mean([pos[m][0] for s, d, _ in edges for n in groups[g] if n in (s, d)
                             for m in (s, d) if m in pos] or [0]) for g in groups}
         y += 44 * head  # room for a head's title
         rows.append((row, y))
         x = LEFT
         for g in sorted(groups, key=near.get):
-            if x + len(groups[g]) * (BOX_W + GAP) + ARROW * head > WIDTH and x > LEFT:
+            if x + len(groups[g]) * (BOX_W + GAP) > WIDTH and x > LEFT:
                 x, y = LEFT, y + BOX_H + ROW_GAP + 44 * head
-            for i, n in enumerate(groups[g]):
-                x += ARROW * (head and ".q." in n and ".q." not in groups[g][i - 1])
+            for n in groups[g]:
                 pos[n], x = (x + BOX_W / 2, y + BOX_H / 2), x + BOX_W + GAP
             x += 2 * GAP
         y += BOX_H + ROW_GAP
@@ -692,8 +689,6 @@ def box_lines(n: str, c: dict, answers) -> tuple[str, list[str]]:
         side = "a" * (tok in answers[0]) or "b" * (tok in answers[1])
         return mono(shown(tok, 20), COLOUR.get(side, "#222")), [
             f"the answer after prompt_{side}" * bool(side)]
-    if n.endswith(".mean"):
-        return "q: every channel", ["at its mean (none", "is in the circuit)"]
 
     def f(v: float | None) -> str:  # 5 characters at most
         return "-" if v is None else f"{v:+.2f}" if abs(v) < 9.995 else f"{v:+.0f}"
@@ -715,9 +710,7 @@ def circuit_svg(r: dict) -> str:
     top_w, (ka, kb) = max([abs(w) for *_, w in edges] or [1.0]), c["key_tokens"]
     width = max([WIDTH] + [x + BOX_W / 2 for x, _ in pos.values()]) + 20  # a head may be wider
     out = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{width:.0f}" height="{height:.0f}" '
-           'font-family="sans-serif"><rect width="100%" height="100%" fill="white"/><defs><marker '
-           'id="tip" viewBox="0 0 10 10" refX="9" refY="5" markerWidth="8" markerHeight="8" '
-           'orient="auto"><path d="M0,0 L10,5 L0,10 z" fill="#444"/></marker></defs>',
+           'font-family="sans-serif"><rect width="100%" height="100%" fill="white"/>',
            text(10, 24, f"{esc(r['task'])}: {c['n_nodes']} nodes, {c['n_edges']} edges", 17,
                 extra='font-weight="bold"')]
     out += [text(10, 46 + 17 * i, f"prompt_{x}: ...{mono(ex[i][-60:].replace(chr(10), '↵'))} → "
@@ -740,14 +733,12 @@ def circuit_svg(r: dict) -> str:
         out += [text(8, y + 20, esc("layer " * row[0].isdigit() + words), 12, "#333",
                      'font-weight="bold"'), text(8, y + 36, esc(row), 10, "#888")]
     on_top = []  # where each head attends: drawn last, over the edges
-    for h, seen in c["heads"].items():  # a frame around each head, an arrow from k/v to q
+    for h, seen in c["heads"].items():  # a frame around each head
         members = [n for n in pos if "heads" in row_of(n) and head_of(n) == h]
         (x0, y), x1 = min(pos[n] for n in members), max(pos[n][0] for n in members)
-        qx = min(pos[n][0] for n in members if ".q." in n) - BOX_W / 2
-        out += [f'<rect x="{x0 - BOX_W / 2 - 8:.0f}" y="{y - BOX_H / 2 - 44:.0f}" width="'
-                f'{x1 - x0 + BOX_W + 16:.0f}" height="{BOX_H + 52}" rx="8" fill="#f5fbf6" '
-                'stroke="#5a9"/>', line(qx - ARROW - GAP + 4, y, qx - 4, y,
-                                        'stroke="#444" stroke-width="2" marker-end="url(#tip)"/>')]
+        out.append(f'<rect x="{x0 - BOX_W / 2 - 8:.0f}" y="{y - BOX_H / 2 - 44:.0f}" width="'
+                   f'{x1 - x0 + BOX_W + 16:.0f}" height="{BOX_H + 52}" rx="8" fill="#f5fbf6" '
+                   'stroke="#5a9"/>')
         att = " | ".join(f"after prompt_{x}: " + ", ".join(f"{mono(shown(t), COLOUR[x])} {v:.2f}"
                                                             for t, v in seen[f"attends_{x}"])
                          for x in "ab") + f" | the sink {seen['sink']:.2f}"
@@ -770,10 +761,8 @@ def circuit_svg(r: dict) -> str:
         title, lines = box_lines(n, c, r["answers"])
         kind = "logit" if "logit" in n else location(n).split(".")[-1]
         x, y = x - BOX_W / 2, y - BOX_H / 2
-        frame = "4 3" if n.endswith(".mean") else ""  # a placeholder's frame is dashed
-        style = f'rx="5" fill="{FILL[kind]}" stroke="#444" stroke-dasharray="{frame}"'
         out += [f'<g><title>{esc(n)}</title><rect x="{x:.0f}" y="{y:.0f}" width="{BOX_W}" '
-                f'height="{BOX_H}" {style}/>',
+                f'height="{BOX_H}" rx="5" fill="{FILL[kind]}" stroke="#444"/>',
                 text(x + 6, y + 14, title, 12, extra='font-weight="bold"'),
                 *(text(x + 6, y + 28 + 13 * i, s, 10.5) for i, s in enumerate(lines)), "</g>"]
     return "\n".join(out + on_top + ["</svg>"]) + "\n"

@@ -1757,7 +1757,7 @@ def test_svg_layout_wraps_a_large_circuit_in_forward_order_without_overlaps():
              for h in range(4) for x in "kv" for c in range(3)] + [f"0.attn.q.head0.ch1"] +
              [f"0.mlp.post_act.{i}" for i in range(16)] + [f"final.resid_in.{i}" for i in range(4)])
     pos, rows, height = prune.svg_layout(nodes, [])
-    assert len(pos) == len(nodes) + 3  # a placeholder query for each head without a kept one
+    assert len(pos) == len(nodes)
     assert max(x for x, _ in pos.values()) + prune.BOX_W / 2 <= prune.WIDTH
     assert max(y for _, y in pos.values()) + prune.BOX_H / 2 <= height
     for (x1, y1), (x2, y2) in itertools.combinations(pos.values(), 2):
