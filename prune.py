@@ -208,8 +208,7 @@ def train_masks(model, means, train: dict, cfg) -> torch.Tensor:
     # every node starts kept: a bias of 0.1 plus noise of 0.01 breaks ties (paper 5)
     tau = (0.1 + 0.01 * torch.randn(len(means), generator=gen)).to(means.device).requires_grad_()
     opt = torch.optim.AdamW([tau], lr=cfg.lr, betas=(0.9, 0.95), weight_decay=1e-3)
-    t0, k_coef = time.time(), cfg.k_coef
-    aim = K_AIM * cfg.target_loss
+    t0, k_coef, aim = time.time(), cfg.k_coef, K_AIM * cfg.target_loss
     for step in range(cfg.steps):
         # warmup over the first 5% of steps, then linear decay to zero (paper 5)
         opt.param_groups[0]["lr"] = lr = cfg.lr * sparse_gpt.warmup_decay(step, cfg.steps, 0.05)
@@ -299,11 +298,9 @@ def run_checks(model, means, circuit: torch.Tensor, test: dict, calib, seed: int
             "sufficiency_uncalibrated": (circuit, as_is), "necessity": (every - circuit, as_is),
             "random_ablation": (every - random_set, as_is),
             "empty_circuit": (0 * every, as_is)}  # what the bigram table and the means do alone
-    out = {}
-    for name, (keep, (scale, shift)) in runs.items():
-        loss, acc = pair_loss(diff_with(model, means, keep, test), test, scale, shift)
-        out[name] = {"loss": loss.item(), "acc": acc}
-    return out
+    scores = {name: pair_loss(diff_with(model, means, keep, test), test, *scale_shift)
+              for name, (keep, scale_shift) in runs.items()}
+    return {name: {"loss": loss.item(), "acc": acc} for name, (loss, acc) in scores.items()}
 
 
 def attribution_order(model, means, data: dict, chunk=32) -> torch.Tensor:
@@ -450,7 +447,7 @@ def read_circuit(model, means, keep, data: dict, tokenizer, n_top=3) -> dict:
         model(data["idx"])
     last, real, key = data["last"].cpu(), real_positions(data).cpu(), key_positions(data)
     rows, d = torch.arange(len(last)), model.cfg.d_head
-    side = (torch.arange(len(last)) % 2 == 0)[:, None].expand_as(key)  # True on prompt_a rows
+    side = (rows % 2 == 0)[:, None].expand_as(key)  # True on prompt_a rows
     decode = {t: tokenizer.decode([t]) for t in data["idx"].unique().tolist()}
     tokens = [[decode[t] for t in row.tolist()] for row in data["idx"].cpu()]
 
