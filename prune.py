@@ -142,8 +142,7 @@ def compute_means(model, tokens: np.ndarray, n_batches: int, batch_size: int) ->
 
 
 def release_tokens(tokenizer, cfg) -> str:
-    """A released model has no val.bin of ours: the stdlib's (or data_dir's) val split in its own
-    tokenizer, encoded once into the folder of cache_dir that this returns."""
+    """A released model has no val.bin of ours: the val split in its tokenizer, cached (folder)."""
     root = os.path.abspath(cfg.data_dir or sparse_gpt.stdlib_dir())
     made_with = sorted(tokenizer._mergeable_ranks.items()), tokenizer._pat_str
     folder = sparse_gpt.cache_folder(cfg.cache_dir, root, *made_with)
@@ -359,9 +358,8 @@ def token_edges(model, keep: torch.Tensor, prompt_tokens, answer_tokens) -> tupl
 
 
 def find_circuit(model, means, train: dict, cfg) -> tuple:
-    """The search from cfg.seeds seeds (each draws its masks' init noise): each seed's circuit is
-    the fewest nodes in order of tau that reach the target, then the drop pass; the smallest by
-    edges wins. Returns (the 0/1 keep vector or None, a dict of what each stage found)."""
+    """From cfg.seeds seeds (each draws its masks' init noise): the fewest nodes in order of tau
+    that reach the target, then the drop pass; the smallest by edges wins: (keep or None, info)."""
     taus = {s: train_masks(model, means, train, sparse_gpt.Config({**cfg, "seed": s}))
             for s in range(cfg.seed, cfg.seed + cfg.seeds)}
     names, found, info, target = node_names(model), {}, {"seeds": {}}, cfg.target_loss
@@ -389,8 +387,7 @@ def find_circuit(model, means, train: dict, cfg) -> tuple:
 
 
 def drop_pass(model, means, data: dict, keep, order, target: float) -> torch.Tensor:
-    """Drops each kept node, weakest first, whenever the rest still reach the target: bisection
-    on one ordering leaves some that are not needed."""
+    """Drops the kept nodes bisection did not need, weakest first, while the rest reach target."""
     keep, t0 = keep.clone(), time.time()
     todo = [i for i in order.flip(0).tolist() if keep[i]]
     for n, i in enumerate(todo, 1):  # one forward per node: log progress
@@ -425,8 +422,7 @@ def control(model, means, train: dict, test: dict, cfg) -> dict:
 
 
 def key_positions(data: dict) -> torch.Tensor:
-    """(prompts, positions) booleans: the tokens where a pair's two prompts differ (the quote
-    task's ( " and ( '), i.e. what lies between their common start and their common end."""
+    """(prompts, positions) booleans: where a pair's prompts differ (between common start, end)."""
     idx, key = data["idx"].cpu(), torch.zeros(data["idx"].shape, dtype=torch.bool)
     for i in range(0, len(idx), 2):
         a, b = (idx[j, : data["last"][j] + 1].tolist() for j in (i, i + 1))
@@ -631,9 +627,8 @@ def head_of(name: str) -> str:
 
 
 def svg_layout(nodes: list[str], edges) -> tuple[dict, list, float]:
-    """Each box's centre, each row's (name, top) and the height. Rows in forward order, packed
-    left to right by the x of their neighbours above, wrapping at WIDTH; a head's keys and values
-    sit left of its queries."""
+    """Each box's centre, each row's (name, top) and the height: rows in forward order, packed by
+    the x of their neighbours above, wrapping at WIDTH; a head's keys and values left of its q."""
     pos, rows, y = {}, [], 200.0
     for row in dict.fromkeys(map(row_of, nodes)):
         groups, head = {}, row.endswith("heads")
