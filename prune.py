@@ -3,10 +3,11 @@ Find each task's circuit in a weight-sparse GPT (Gao et al. 2025, sections 3, 5 
 mask per node with everything masked off mean-ablated, keep the fewest nodes that still reach the
 target task loss, check the circuit, and write it out as JSON, a readable listing and an SVG.
 Read top to bottom: task data -> node means -> masks -> training the masks -> discretizing ->
-checks -> edges -> writers -> steering a dense model through a bridged one (--steer) -> main.
+checks -> edges -> the search -> writers -> steering a dense model through a bridged one -> main.
 
     python prune.py                                  # every task the model solves (acc >= 90%)
     python prune.py --tasks=single_double_quote,bracket_counting
+    python prune.py --ckpt=out/bridged/ckpt.pt --steer=True   # a bridged run: steer its dense model
 """
 
 import html
