@@ -722,8 +722,9 @@ def circuit_svg(r: dict) -> str:
                                                             for t, v in seen[f"attends_{x}"])
                          for x in "ab") + f" | the sink {seen['sink']:.2f}"
         x0, y = x0 - BOX_W / 2, y - BOX_H / 2
+        q = "" if any(".q." in n for n in members) else " (no q channel kept: all at their means)"
         on_top += [text(x0, y - 28, f"layer {h.split('.')[0]} head {h.split('head')[1]}: at the "
-                        "answer position its query attends to", 11, extra='font-weight="bold" '
+                        f"answer position its query{q} attends to", 11, extra='font-weight="bold" '
                         + HALO), text(x0, y - 12, att, 11, extra=HALO)]
     for n, (x, y) in pos.items():  # dashed: a write to channel c feeds the next reads of c
         out += [line(pos[m][0], pos[m][1] + BOX_H / 2, x, y - BOX_H / 2, 'stroke="#aaa" '
