@@ -176,7 +176,7 @@ def ablated(model, means: torch.Tensor, keep: torch.Tensor, record: dict | None 
 
 
 class HeavisideSTE(torch.autograd.Function):
-    """Forward: the Heaviside step H(tau); backward: the derivative of sigmoid(tau / temp) (5)."""
+    """Forward: step H(tau); backward: sigmoid(tau / temp)'s slope (straight-through, paper 5)."""
 
     @staticmethod
     def forward(ctx, tau, temp: float):
@@ -267,8 +267,9 @@ def smallest_circuit(model, means, data, order, target: float, start: int) -> in
 
 
 def fit_calibration(z: torch.Tensor, data: dict) -> tuple[float, float]:
-    """Scale and shift of the logit difference by 16 LBFGS steps (paper 5). The scale stays in
-    (0, MAX_SCALE): unbounded, any node set that merely separates the pairs would reach loss 0."""
+    """Scale and shift of the logit difference by 16 LBFGS steps (paper 5: pruned circuits are
+    often right but badly calibrated). The scale stays in (0, MAX_SCALE): unbounded, any node set
+    that merely separates the pairs would reach loss 0."""
     params = torch.zeros(2, device=z.device, requires_grad=True)
     opt = torch.optim.LBFGS([params], max_iter=16, line_search_fn="strong_wolfe")
 
