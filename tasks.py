@@ -359,8 +359,7 @@ def answer_id(tokenizer, token: str) -> int:
 
 
 def check_pairs(tokenizer, name: str, pairs: list[Pair]):
-    """A ValueError names the task and token unless each answer is one token, produced as it is
-    after every prompt (paper A.7): encode(prompt + answer) == encode(prompt) + [answer]."""
+    """ValueError naming task and token unless each answer is one token after every prompt (A.7)."""
     encode = tokenizer.encode_ordinary
     try:
         for pair in pairs:
@@ -379,9 +378,8 @@ def check_pairs(tokenizer, name: str, pairs: list[Pair]):
 
 
 def encode_pairs(tokenizer, pairs: list[Pair], block_size: int, device="cpu") -> dict:
-    """Rows 2i / 2i+1: prompt_a / prompt_b of pair i, right-padded (a causal model never sees the
-    padding at `last`, each row's answer position), cut to their last block_size tokens; sign:
-    +1 where token_a is the right answer, -1 where token_b is. prune.py trains masks on it."""
+    """Rows 2i / 2i+1: pair i's prompts, last block_size tokens, right-padded (a causal model
+    never sees it at `last`, the answer position); sign +1 where token_a is right. prune.py too."""
     if not pairs:
         raise ValueError("no pairs to encode: pass at least one Pair")
     answers = [(answer_id(tokenizer, p.token_a), answer_id(tokenizer, p.token_b)) for p in pairs]
@@ -396,8 +394,7 @@ def encode_pairs(tokenizer, pairs: list[Pair], block_size: int, device="cpu") ->
 
 
 def answer_logits(model, tokenizer, pairs: list[Pair]) -> tuple[torch.Tensor, torch.Tensor]:
-    """(logit of the correct answer, logit of the wrong one), each of shape (2n,): row 2i is
-    prompt_a of pair i, row 2i+1 its prompt_b. One batched forward, differentiable."""
+    """(right answer's logit, wrong one's) per row of encode_pairs: one differentiable forward."""
     data = encode_pairs(tokenizer, pairs, model.cfg.block_size, next(model.parameters()).device)
     rows = torch.arange(len(data["last"]), device=data["idx"].device)
     last = model(data["idx"])[0][rows, data["last"]].float()
@@ -407,8 +404,7 @@ def answer_logits(model, tokenizer, pairs: list[Pair]) -> tuple[torch.Tensor, to
 
 
 def score(margin: torch.Tensor) -> tuple[torch.Tensor, float]:
-    """Cross-entropy over just the two answers, softplus(-margin) with margin = logit right - logit
-    wrong, mean over prompts; accuracy = fraction of margins > 0. prune.py scores with it too."""
+    """Two-answer cross-entropy softplus(-margin), margin = right - wrong logit; accuracy."""
     return F.softplus(-margin).mean(), (margin > 0).float().mean().item()
 
 
@@ -420,8 +416,7 @@ def solved(scores: dict, min_acc: float = SOLVED_ACC) -> list[str]:
 @torch.no_grad()
 def evaluate(model, tokenizer, names, n: int = 200, seed: int = 0, split: str = "test",
              batch_pairs: int = 32) -> dict[str, tuple[float, float, int]]:
-    """name -> (task loss, accuracy, pairs) on n fresh pairs of each task; ValueError for a task
-    whose answers this tokenizer cannot produce as single tokens."""
+    """name -> (task loss, accuracy, n) on n fresh pairs; ValueError: answers not one token here."""
     for key, count in (("n", n), ("batch_pairs", batch_pairs)):
         if count < 1:
             raise ValueError(f"{key} must be at least 1, got {count}")
@@ -449,8 +444,7 @@ def task_names(text: str) -> list[str]:
 
 
 def check_cached(names, cfg) -> bool:
-    """Without a checkpoint: every task's train and test pairs checked against each tokenizer
-    cached in cache_dir, as an evaluation or prune.py would ask them. False if one fails."""
+    """Each task's pairs checked as evaluate and prune.py ask them, under each cached tokenizer."""
     paths = sorted(Path(cfg.cache_dir).glob("*/tokenizer.tiktoken"))
     if not paths:
         print(f"no tokenizer cached in {cfg.cache_dir}/, so the answers are not checked (python "
@@ -558,8 +552,7 @@ def as_tokenized(tokenizer, name: str, pair: Pair) -> Pair:
 
 
 def for_tokenizer(tokenizer, name: str, pairs: list[Pair]) -> list[Pair]:
-    """The pairs as this tokenizer asks them, checked (ValueError: it cannot). Ours asks them as
-    written (a bad answer is the task's bug); a released model's rewrites them, printed."""
+    """The pairs, checked, as asked: ours as written (a bad answer is a bug), others' rewritten."""
     if tokenizer._pat_str != sparse_gpt.PRETOKEN_PATTERN:
         asked = [as_tokenized(tokenizer, name, p) for p in pairs]
         for how, count in Counter(rewrite(p, q) for p, q in zip(pairs, asked) if p != q).items():
