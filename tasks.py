@@ -75,18 +75,11 @@ def message(rng) -> str:
 def statement(rng, ind: str, comments: bool = True) -> str:
     """One unrelated line (or a two-line if) of a function body at indentation ind."""
     x, y = name(rng), name(rng)
-    kind = rng.randrange(6 if comments else 5)
-    if kind == 0:
-        return f"{ind}{x} = {value(rng)}\n"
-    if kind == 1:
-        return f"{ind}{x} = {rng.choice(VERBS)}_{rng.choice(NOUNS)}({y})\n"
-    if kind == 2:
-        return f"{ind}{y}.append({x})\n"
-    if kind == 3:
-        return f"{ind}{x} = len({y})\n"
-    if kind == 4:
-        return f"{ind}if {x} is None:\n{ind}    {x} = {value(rng)}\n"
-    return f"{ind}# {message(rng)}\n"
+    kinds = (lambda: f"{x} = {value(rng)}",  # lambdas: only the chosen kind draws from rng
+             lambda: f"{x} = {rng.choice(VERBS)}_{rng.choice(NOUNS)}({y})",
+             lambda: f"{y}.append({x})", lambda: f"{x} = len({y})",
+             lambda: f"if {x} is None:\n{ind}    {x} = {value(rng)}", lambda: f"# {message(rng)}")
+    return f"{ind}{kinds[rng.randrange(6 if comments else 5)]()}\n"
 
 
 def preamble(rng, method: bool | None = None) -> tuple[str, str]:
@@ -95,10 +88,8 @@ def preamble(rng, method: bool | None = None) -> tuple[str, str]:
     args = ", ".join(rng.sample(NOUNS, rng.randint(1, 2)))
     text = rng.choice(["", "", f"import {rng.choice(['os', 're', 'sys', 'io'])}\n\n\n"])
     fname = f"{rng.choice(VERBS)}_{rng.choice(NOUNS)}"
-    if method:
-        text += f"class {rng.choice(CLASSES)}:\n\n    def {fname}(self, {args}):\n"
-    else:
-        text += f"def {fname}({args}):\n"
+    text += (f"class {rng.choice(CLASSES)}:\n\n    def {fname}(self, {args}):\n" if method
+             else f"def {fname}({args}):\n")
     ind = " " * (8 if method else 4)
     if rng.random() < 0.3:
         text += f'{ind}"""{message(rng).capitalize()}."""\n'
@@ -197,9 +188,7 @@ def bracket_counting(rng, comment: str = "") -> Pair:
     """Close a nested list with ]] and a flat one with ]."""
     head, ind = preamble(rng)
     items = ", ".join(element(rng) for _ in range(rng.randint(1, 6)))
-    if comment:
-        head += f"{ind}{comment}\n"
-    start = f"{head}{ind}{name(rng)} = "
+    start = head + (f"{ind}{comment}\n" if comment else "") + f"{ind}{name(rng)} = "
     return Pair(f"{start}[[{items}", f"{start}[{items}", "]]", "]")
 
 
@@ -362,13 +351,10 @@ def check_pairs(tokenizer, name: str, pairs: list[Pair]):
     """ValueError naming task and token unless each answer is one token after every prompt (A.7)."""
     encode = tokenizer.encode_ordinary
     try:
-        for pair in pairs:
-            for token in (pair.token_a, pair.token_b):
-                tid = answer_id(tokenizer, token)
-                for prompt in (pair.prompt_a, pair.prompt_b):
-                    if encode(prompt + token) != encode(prompt) + [tid]:
-                        raise ValueError(f"answer {token!r} merges with the end of the prompt "
-                                         f"...{prompt[-40:]!r} instead of following it")
+        for token, prompt in ((t, p) for pair in pairs for t in pair[2:] for p in pair[:2]):
+            if encode(prompt + token) != encode(prompt) + [answer_id(tokenizer, token)]:
+                raise ValueError(f"answer {token!r} merges with the end of the prompt "
+                                 f"...{prompt[-40:]!r} instead of following it")
     except ValueError as e:
         raise ValueError(f"task {name}: {e}") from None
 
@@ -384,10 +370,8 @@ def encode_pairs(tokenizer, pairs: list[Pair], block_size: int, device="cpu") ->
         raise ValueError("no pairs to encode: pass at least one Pair")
     answers = [(answer_id(tokenizer, p.token_a), answer_id(tokenizer, p.token_b)) for p in pairs]
     tok_a, tok_b = torch.tensor(answers).T.repeat_interleave(2, dim=1)  # one per prompt
-    rows = [tokenizer.encode_ordinary(prompt)[-block_size:] for p in pairs for prompt in p[:2]]
-    idx = torch.zeros(len(rows), max(map(len, rows)), dtype=torch.long)
-    for i, row in enumerate(rows):
-        idx[i, : len(row)] = torch.tensor(row)
+    rows = [torch.tensor(tokenizer.encode_ordinary(s)[-block_size:]) for p in pairs for s in p[:2]]
+    idx = torch.nn.utils.rnn.pad_sequence(rows, batch_first=True)
     data = dict(idx=idx, last=torch.tensor([len(r) - 1 for r in rows]), tok_a=tok_a, tok_b=tok_b,
                 sign=torch.tensor([1.0, -1.0] * len(pairs)))
     return {k: v.to(device) for k, v in data.items()}
@@ -399,8 +383,7 @@ def answer_logits(model, tokenizer, pairs: list[Pair]) -> tuple[torch.Tensor, to
     rows = torch.arange(len(data["last"]), device=data["idx"].device)
     last = model(data["idx"])[0][rows, data["last"]].float()
     a, b = last[rows, data["tok_a"]], last[rows, data["tok_b"]]
-    first_right = data["sign"] > 0
-    return torch.where(first_right, a, b), torch.where(first_right, b, a)
+    return torch.where(data["sign"] > 0, a, b), torch.where(data["sign"] > 0, b, a)
 
 
 def score(margin: torch.Tensor) -> tuple[torch.Tensor, float]:
