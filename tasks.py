@@ -426,8 +426,15 @@ def task_names(text: str) -> list[str]:
     return [t for t in text.split(",") if t]
 
 
-def check_cached(names, cfg) -> bool:
-    """Each task's pairs checked as evaluate and prune.py ask them, under each cached tokenizer."""
+def show_examples(names, cfg):
+    """Two pairs of each task; then all its pairs checked as evaluate and prune.py ask them, under
+    each tokenizer cached in cache_dir (exit 1 if one fails)."""
+    print("every prompt is followed by ⟨correct answer > wrong answer⟩\n")
+    for name in names:
+        print(f"=== {name}: {ALL[name].__doc__}")
+        for p in make_pairs(name, 2, cfg.seed, "train"):
+            print(f"{p.prompt_a}⟨{p.token_a!r} > {p.token_b!r}⟩\n")
+            print(f"{p.prompt_b}⟨{p.token_b!r} > {p.token_a!r}⟩\n")
     paths = sorted(Path(cfg.cache_dir).glob("*/tokenizer.tiktoken"))
     if not paths:
         print(f"no tokenizer cached in {cfg.cache_dir}/, so the answers are not checked (python "
@@ -445,16 +452,8 @@ def check_cached(names, cfg) -> bool:
         print(f"checked {len(names)} task(s) against {path}, {cfg.n} train and {cfg.n} test pairs "
               "each: " + (f"{failed} failed" if failed else "every answer is one token that "
                           "follows its prompt as the corpus tokenization would produce it"))
-    return not failed
-
-
-def show_examples(names, seed: int):
-    print("every prompt is followed by ⟨correct answer > wrong answer⟩\n")
-    for name in names:
-        print(f"=== {name}: {ALL[name].__doc__}")
-        for p in make_pairs(name, 2, seed, "train"):
-            print(f"{p.prompt_a}⟨{p.token_a!r} > {p.token_b!r}⟩\n")
-            print(f"{p.prompt_b}⟨{p.token_b!r} > {p.token_a!r}⟩\n")
+    if failed:
+        sys.exit(1)
 
 
 @sparse_gpt.cli
@@ -463,10 +462,9 @@ def main(argv):
     names = list(ALL) if cfg.tasks == "all" else task_names(cfg.tasks)
     if not cfg.ckpt:
         try:
-            show_examples(names, cfg.seed)
+            return show_examples(names, cfg)
         except ValueError as e:  # a new task that cannot make its pairs
             sys.exit(f"error: {e}")
-        return None if check_cached(names, cfg) else sys.exit(1)
     model, tokenizer, _ = sparse_gpt.load_checkpoint(cfg.ckpt, sparse_gpt.pick_device(cfg.device))
     print(f"{cfg.ckpt}: {cfg.n} {cfg.split} pairs per task (seed {cfg.seed})")
     print(f"{'task':<30}{'acc':>7}{'loss':>8}{'n':>6}")
