@@ -323,12 +323,9 @@ def split_of(prompt: str) -> str:
 
 def make_pairs(name: str, n: int, seed: int = 0, split: str = "train") -> list[Pair]:
     """n pairs of task `name` with both prompts in `split` (train and test never share one)."""
-    if name not in ALL:
-        raise ValueError(f"unknown task '{name}'; valid tasks: {' '.join(ALL)}")
-    if type(n) is not int or n < 0:
-        raise ValueError(f"n must be a whole number of pairs, got {n!r}")
-    if split not in ("train", "test"):
-        raise ValueError(f"split must be train or test, got '{split}'")
+    if name not in ALL or type(n) is not int or n < 1 or split not in ("train", "test"):
+        raise ValueError(f"make_pairs: task {name!r}, n={n!r}, split={split!r}: the task must be "
+                         "a key of tasks.ALL, n a whole number >= 1, split train or test")
     rng, pairs, draws = random.Random(f"{name}/{seed}"), [], 20 * n + 100
     for _ in range(draws):  # bounded: a new task whose prompts never vary would loop forever
         pair = ALL[name](rng)
@@ -377,13 +374,12 @@ def encode_pairs(tokenizer, pairs: list[Pair], block_size: int, device="cpu") ->
     return {k: v.to(device) for k, v in data.items()}
 
 
-def answer_logits(model, tokenizer, pairs: list[Pair]) -> tuple[torch.Tensor, torch.Tensor]:
-    """(right answer's logit, wrong one's) per row of encode_pairs: one differentiable forward."""
+def margins(model, tokenizer, pairs: list[Pair]) -> torch.Tensor:
+    """Right answer's logit - wrong one's, per row of encode_pairs: one differentiable forward."""
     data = encode_pairs(tokenizer, pairs, model.cfg.block_size, next(model.parameters()).device)
     rows = torch.arange(len(data["last"]), device=data["idx"].device)
     last = model(data["idx"])[0][rows, data["last"]].float()
-    a, b = last[rows, data["tok_a"]], last[rows, data["tok_b"]]
-    return torch.where(data["sign"] > 0, a, b), torch.where(data["sign"] > 0, b, a)
+    return data["sign"] * (last[rows, data["tok_a"]] - last[rows, data["tok_b"]])
 
 
 def score(margin: torch.Tensor) -> tuple[torch.Tensor, float]:
@@ -400,15 +396,13 @@ def solved(scores: dict, min_acc: float = SOLVED_ACC) -> list[str]:
 def evaluate(model, tokenizer, names, n: int = 200, seed: int = 0, split: str = "test",
              batch_pairs: int = 32) -> dict[str, tuple[float, float, int]]:
     """name -> (task loss, accuracy, n) on n fresh pairs; ValueError: answers not one token here."""
-    for key, count in (("n", n), ("batch_pairs", batch_pairs)):
-        if count < 1:
-            raise ValueError(f"{key} must be at least 1, got {count}")
+    if batch_pairs < 1:
+        raise ValueError(f"batch_pairs must be at least 1, got {batch_pairs}")
     out = {}
     for name in names:
         pairs = for_tokenizer(tokenizer, name, make_pairs(name, n, seed, split))
-        right, wrong = zip(*(answer_logits(model, tokenizer, pairs[i : i + batch_pairs])
-                             for i in range(0, n, batch_pairs)))
-        loss, acc = score(torch.cat(right) - torch.cat(wrong))
+        loss, acc = score(torch.cat([margins(model, tokenizer, pairs[i : i + batch_pairs])
+                                     for i in range(0, n, batch_pairs)]))
         out[name] = (loss.item(), acc, n)
     return out
 
