@@ -97,9 +97,8 @@ def preamble(rng, method: bool | None = None) -> tuple[str, str]:
 
 
 # -----------------------------------------------------------------------------
-# the 20 tasks, in the order of the paper's Table 1. Answers are tokens the corpus tokenization
-# produces at that point (paper A.7): ("  ')  ]]  are single tokens, so a quote or bracket is
-# answered together with the punctuation that follows it.
+# the 20 tasks, in the paper's Table 1 order. Answers are tokens as the corpus tokenization cuts
+# them (A.7): ("  ')  ]]  are single tokens, so a quote or bracket comes with what follows it.
 
 
 def single_double_quote(rng) -> Pair:
@@ -421,8 +420,7 @@ def task_names(text: str) -> list[str]:
 
 
 def show_examples(names, cfg):
-    """Two pairs of each task; then all its pairs checked as evaluate and prune.py ask them, under
-    each tokenizer cached in cache_dir (exit 1 if one fails)."""
+    """Two pairs of each task, then all its pairs checked under each tokenizer in cache_dir."""
     print("every prompt is followed by ⟨correct answer > wrong answer⟩\n")
     for name in names:
         print(f"=== {name}: {ALL[name].__doc__}")
@@ -484,11 +482,10 @@ def main(argv):
 
 
 # -----------------------------------------------------------------------------
-# the pairs in another tokenizer, which may cut the code elsewhere (tinypython_2k, the released
-# models' tokenizer, keeps newlines on punctuation runs). FOLLOWS: what follows each answer in real
-# code; an answer becomes that tokenizer's first token after the prompt in prompt + answer +
-# FOLLOWS. Worked example, single_double_quote: after `raise ValueError("invalid name` our answers
-# `")` vs `')` are asked as `")\n` vs `')\n` in tinypython (README: Tasks in their tokenizer).
+# the pairs in another tokenizer (tinypython_2k, the released models', keeps newlines on punctuation
+# runs). FOLLOWS: what follows each answer in code; an answer becomes the tokenizer's first token of
+# answer + FOLLOWS after the prompt. Worked example, single_double_quote: our `")` vs `')` after
+# `raise ValueError("invalid name` are asked as `")\n` vs `')\n` (README: Tasks in their tokenizer).
 FOLLOWS = dict(
     single_double_quote=("\n",) * 2, final_kwarg=("0):", "\n"), set_or_string=("add(x)", " x"),
     set_or_string_fixedvarname=("add(x)", " x"), class_init=("\n",) * 2,
