@@ -91,8 +91,7 @@ def preamble(rng, method: bool | None = None) -> tuple[str, str]:
     text += (f"class {rng.choice(CLASSES)}:\n\n    def {fname}(self, {args}):\n" if method
              else f"def {fname}({args}):\n")
     ind = " " * (8 if method else 4)
-    if rng.random() < 0.3:
-        text += f'{ind}"""{message(rng).capitalize()}."""\n'
+    text += f'{ind}"""{message(rng).capitalize()}."""\n' if rng.random() < 0.3 else ""
     return text + "".join(statement(rng, ind) for _ in range(rng.randint(0, 3))), ind
 
 
@@ -127,8 +126,7 @@ def set_or_string(rng, var: str | None = None) -> Pair:
     head, ind = preamble(rng)
     item, seq = rng.choice(NOUNS), rng.choice(PLURALS)
     loop = f"{ind}for {item} in {seq}:\n"
-    if rng.random() < 0.5:
-        loop += f"{ind}    if not {item}:\n{ind}        continue\n"
+    loop += f"{ind}    if not {item}:\n{ind}        continue\n" if rng.random() < 0.5 else ""
     end = loop + f"{ind}    {var}"
     empty = rng.choice(["''", '""'])
     return Pair(f"{head}{ind}{var} = set()\n{end}", f"{head}{ind}{var} = {empty}\n{end}",
@@ -427,11 +425,10 @@ def show_examples(names, cfg):
         for p in make_pairs(name, 2, cfg.seed, "train"):
             print(f"{p.prompt_a}⟨{p.token_a!r} > {p.token_b!r}⟩\n")
             print(f"{p.prompt_b}⟨{p.token_b!r} > {p.token_a!r}⟩\n")
-    paths = sorted(Path(cfg.cache_dir).glob("*/tokenizer.tiktoken"))
+    paths, failed = sorted(Path(cfg.cache_dir).glob("*/tokenizer.tiktoken")), 0
     if not paths:
         print(f"no tokenizer cached in {cfg.cache_dir}/, so the answers are not checked (python "
               "sparse_gpt.py builds one; --cache_dir=FOLDER names another cache)")
-    failed = 0
     for path in paths:
         tokenizer = sparse_gpt.load_tokenizer(str(path))
         for name in names:
