@@ -524,21 +524,13 @@ def for_tokenizer(tokenizer, name: str, pairs: list[Pair]) -> list[Pair]:
     """The pairs, checked, as asked: ours as written (a bad answer is a bug), others' rewritten."""
     if tokenizer._pat_str != sparse_gpt.PRETOKEN_PATTERN:
         asked = [as_tokenized(tokenizer, name, p) for p in pairs]
-        for how, count in Counter(rewrite(p, q) for p, q in zip(pairs, asked) if p != q).items():
-            print(f"{name}: {count} of {len(pairs)} pairs asked as {how}")
+        changed = Counter(q[2:] + p[2:] for p, q in zip(pairs, asked) if p != q)
+        for (a, b, was_a, was_b), count in changed.items():
+            print(f"{name}: {count} of {len(pairs)} pairs asked as {a!r} / {b!r} instead of "
+                  f"{was_a!r} / {was_b!r}")
         pairs = asked
     check_pairs(tokenizer, name, pairs)
     return pairs
-
-
-def rewrite(old: Pair, new: Pair) -> str:
-    """'")\\n' / "')\\n" instead of '")' / "')", and how the prompts changed."""
-    how = f"{new.token_a!r} / {new.token_b!r} instead of {old.token_a!r} / {old.token_b!r}"
-    if old.prompt_a.startswith(new.prompt_a) and new.prompt_a != old.prompt_a:
-        how += f", the prompts less their last {old.prompt_a[len(new.prompt_a):]!r}"
-    elif new.prompt_a.startswith(old.prompt_a) and new.prompt_a != old.prompt_a:
-        how += f", the prompts followed by {new.prompt_a[len(old.prompt_a):]!r}"
-    return how
 
 
 if __name__ == "__main__":

@@ -867,8 +867,8 @@ def test_our_tokenizer_asks_a_task_as_written_and_another_prints_each_rewrite(
                                        "\"')\\n\" instead of '\")' / \"')\"\n")
     tasks.for_tokenizer(official_pattern_tokenizer, "with_as", tasks.make_pairs("with_as", 30))
     out = capsys.readouterr().out.splitlines()  # e.g. "with_as: 12 of 30 pairs asked as "')" /
-    assert sum(int(s.split()[1]) for s in out) == 30  # "')\n" instead of ' as' / '\n    ', the
-    assert all("the prompts less their last" in s for s in out)  # prompts less their last "')"
+    assert sum(int(s.split()[1]) for s in out) == 30  # "')\n" instead of ' as' / '\n    '
+    assert all(" instead of ' as' / '\\n " in s for s in out)
 
 
 def test_a_bad_answer_is_a_clear_error_naming_task_and_token(task_tokenizer):
