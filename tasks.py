@@ -5,7 +5,6 @@ prompt_a the next token should be token_a rather than token_b, after prompt_b th
 model that ignores the context scores exactly 50%. prune.py finds the circuit of one task.
 
     python tasks.py                                 # two example pairs of every task, checked
-    python tasks.py --tasks=for_while               # one task's examples, checked
     python tasks.py --ckpt=out/ckpt.pt              # accuracy and task loss of a checkpoint
     python tasks.py --ckpt=out/ckpt.pt --tasks=bracket_counting,for_while --n=500
 """
@@ -427,8 +426,7 @@ def show_examples(names, cfg):
             print(f"{p.prompt_b}⟨{p.token_b!r} > {p.token_a!r}⟩\n")
     paths, failed = sorted(Path(cfg.cache_dir).glob("*/tokenizer.tiktoken")), 0
     if not paths:
-        print(f"no tokenizer cached in {cfg.cache_dir}/, so the answers are not checked (python "
-              "sparse_gpt.py builds one; --cache_dir=FOLDER names another cache)")
+        print(f"no tokenizer cached in {cfg.cache_dir}/: not checked (sparse_gpt.py makes one)")
     for path in paths:
         tokenizer = sparse_gpt.load_tokenizer(str(path))
         for name in names:
@@ -438,9 +436,8 @@ def show_examples(names, cfg):
             except ValueError as e:
                 print(f"error: {e} (tokenizer {path})")
                 failed += 1
-        print(f"checked {len(names)} task(s) against {path}, {cfg.n} train and {cfg.n} test pairs "
-              "each: " + (f"{failed} failed" if failed else "every answer is one token that "
-                          "follows its prompt as the corpus tokenization would produce it"))
+        print(f"checked {len(names)} task(s) against {path}, {cfg.n} train and test pairs each: "
+              + (f"{failed} failed" if failed else "every answer is one token after its prompt"))
     if failed:
         sys.exit(1)
 
