@@ -357,8 +357,8 @@ def check_pairs(tokenizer, name: str, pairs: list[Pair]):
 
 
 def encode_pairs(tokenizer, pairs: list[Pair], block_size: int, device="cpu") -> dict:
-    """Rows 2i / 2i+1: pair i's prompts, last block_size tokens, right-padded (a causal model
-    never sees it at `last`, the answer position); sign +1 where token_a is right. prune.py too."""
+    """Rows 2i / 2i+1: pair i's prompts, last block_size tokens, right-padded (a causal model never
+    sees the padding at `last`, the answer position); sign +1 where token_a is right, else -1."""
     if not pairs:
         raise ValueError("no pairs to encode: pass at least one Pair")
     answers = [(answer_id(tokenizer, p.token_a), answer_id(tokenizer, p.token_b)) for p in pairs]
@@ -379,7 +379,7 @@ def margins(model, tokenizer, pairs: list[Pair]) -> torch.Tensor:
 
 
 def score(margin: torch.Tensor) -> tuple[torch.Tensor, float]:
-    """Two-answer cross-entropy softplus(-margin), margin = right - wrong logit; accuracy."""
+    """Two-answer cross-entropy softplus(-margin) and accuracy; margin: right - wrong logit."""
     return F.softplus(-margin).mean(), (margin > 0).float().mean().item()
 
 
@@ -518,7 +518,7 @@ def as_tokenized(tokenizer, name: str, pair: Pair) -> Pair:
 
 
 def for_tokenizer(tokenizer, name: str, pairs: list[Pair]) -> list[Pair]:
-    """The pairs, checked, as asked: ours as written (a bad answer is a bug), others' rewritten."""
+    """The pairs as this tokenizer asks them, checked: ours as written (a bad answer is a bug)."""
     if tokenizer._pat_str != sparse_gpt.PRETOKEN_PATTERN:
         asked = [as_tokenized(tokenizer, name, p) for p in pairs]
         changed = Counter(q[2:] + p[2:] for p, q in zip(pairs, asked) if p != q)
