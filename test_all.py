@@ -2546,7 +2546,10 @@ def test_bench_prints_the_sparse_and_dense_step_times_and_their_ratio(capsys):
            for line in out.splitlines() if " | step " in line)}
     assert set(ms) == {"sparse", "dense"}
     ratio = float(out.split("ratio sparse / dense:")[1].split()[0])
-    assert ratio == pytest.approx(ms["sparse"] / ms["dense"], abs=0.01 + 0.1 / ms["dense"])
+    # the times print to 0.1 ms, the ratio from the unrounded times: the rounding of both times
+    # moves sparse / dense by up to 0.05 * (1 + ratio) / dense (a ratio of 5.5 under load)
+    assert ratio == pytest.approx(ms["sparse"] / ms["dense"],
+                                  abs=0.01 + 0.06 * (1 + ratio) / (ms["dense"] - 0.05))
 
 
 # the paper's released models: a folder in their format, built here from a seeded random state
