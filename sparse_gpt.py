@@ -93,9 +93,8 @@ DEFAULTS = dict(
 )
 
 PRESETS = {
-    "tiny": dict(out_dir="out/tiny", n_layer=1, d_model=64, d_mlp=256, block_size=64,
-                 batch_size=16, max_iters=200, eval_interval=100, eval_iters=5, log_interval=20,
-                 learning_rate=1e-2),
+    "tiny": dict(out_dir="out/tiny", n_layer=1, d_model=64, d_mlp=256, block_size=64, batch_size=16,
+                 max_iters=200, eval_interval=100, eval_iters=5, log_interval=20),
     "cpu": dict(),  # the defaults: chosen for the smallest circuits in ~15 min on 2 cores (README)
     # official example's shape and densities, batch sized for 80 GB; ~1 h on an H100 (README)
     "gpu": dict(n_layer=8, d_model=1024, d_mlp=4096, block_size=256, batch_size=256,
@@ -118,7 +117,6 @@ class Config(dict):
 # model: GPT with RMSNorm, small heads, attention sinks, a bigram table, and AbsTopK at every
 # node location (paper section 1)
 
-# The model reads the keys under "# model" in DEFAULTS from the flat config: GPT(cfg).
 # Where AbsTopK may act (afrac_nodes). The ninth node location, final.resid_in, has none.
 NODE_LOCATIONS = ("attn.resid_in", "attn.q", "attn.k", "attn.v", "attn.resid_delta",
                   "mlp.resid_in", "mlp.post_act", "mlp.resid_delta")
@@ -131,9 +129,8 @@ def abstopk(x: torch.Tensor, k: int) -> torch.Tensor:
 
 
 def kth_largest(a: torch.Tensor, k: int, dim: int = -1) -> torch.Tensor:
-    """The k-th largest of `a` (>= 0) along dim, kept as a size-1 dim: a selection, not a sort
-    (paper B); detached, so that autograd keeps no topk indices (memory)."""
-    a = a.detach()
+    """The k-th largest of a (>= 0) along dim, keepdim: a selection, not a sort (paper B)."""
+    a = a.detach()  # autograd then keeps no topk indices (memory)
     if a.device.type == "cpu" and a.dtype == torch.float32:
         return kth_largest_numpy(a, k, dim)
     return a.topk(k, dim=dim, sorted=False).values.amin(dim, keepdim=True)
@@ -148,8 +145,7 @@ def kth_largest_numpy(a: torch.Tensor, k: int, dim: int) -> torch.Tensor:
 
 
 class Node(nn.Module):
-    """One node location: AbsTopK, then a hook. prune.py sets `hook` to a function
-    (name, x) -> x that gates and mean-ablates single nodes (entries of the last dimension)."""
+    """One node location: AbsTopK, then a hook (name, x) -> x by which prune.py ablates nodes."""
 
     def __init__(self, layer, location: str, width: int, cfg):
         super().__init__()
@@ -168,9 +164,8 @@ class Node(nn.Module):
 
 
 def attend_with_sink(q, k, v, sink):
-    """Causal attention plus one key that every query sees, of logit `sink` (per head) and value
-    zero: a learnable term in the softmax's denominator (paper 1). Built from the inputs of
-    scaled_dot_product_attention, so that its fast kernels still run."""
+    """Causal attention plus a key every query sees, of logit `sink` (per head) and value zero: a
+    learnable term in the softmax's denominator (paper 1), built so SDPA's fast kernels run."""
     B, H, T, D = q.shape
     scale = D**-0.5
     # 1. one dimension more: 1 on every query, 0 on every real key and value, so real logits
@@ -373,11 +368,9 @@ def n_kept(model: GPT, cfg) -> int:  # nonzero at the target densities: the pape
 
 
 def make_optimizer(model: GPT, cfg, device_type: str) -> torch.optim.AdamW:
-    decay = [p for n, p in model.named_parameters() if p.dim() >= 2 and not n.startswith("bigram")]
-    no_decay = [p for n, p in model.named_parameters()
-                if p.dim() < 2 or n.startswith("bigram")]  # norm gains, sinks, bigram table
-    groups = [{"params": decay, "weight_decay": cfg.weight_decay},
-              {"params": no_decay, "weight_decay": 0.0}]
+    groups = [{"params": [p for n, p in model.named_parameters()  # d=False: gains, sinks, bigram
+                          if (p.dim() >= 2 and not n.startswith("bigram")) == d],
+               "weight_decay": cfg.weight_decay * d} for d in (True, False)]
     return torch.optim.AdamW(groups, lr=cfg.learning_rate, betas=(0.9, 0.95), eps=cfg.adam_eps,
                              fused=device_type == "cuda")
 
@@ -393,15 +386,13 @@ def normalize_grad_rms_(params) -> torch.Tensor:
 
 
 def warmup_decay(it: int, steps: int, warmup_frac: float) -> float:
-    """Linear warmup over the first warmup_frac of `steps`, then linear decay to zero: the factor
-    on the peak learning rate (prune.py's mask training uses it too)."""
+    """The factor on the peak rate: linear warmup over warmup_frac of `steps`, then decay to 0."""
     warm = max(1, round(warmup_frac * steps))
     return (it + 1) / warm if it < warm else (steps - it) / max(1, steps - warm)
 
 
 def lr_at(it: int, cfg) -> float:
-    """Sharkfin (paper 2): warmup and decay times 1/sqrt(density now), so the rate rises while the
-    model gets sparser."""
+    """Sharkfin (paper 2): warmup_decay / sqrt(density now): the rate rises as the model thins."""
     return (cfg.learning_rate * warmup_decay(it, cfg.max_iters, cfg.warmup_frac)
             / math.sqrt(density_at(it, cfg)))
 
