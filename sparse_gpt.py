@@ -1241,10 +1241,6 @@ def parse_value(text: str, default):
     return os.path.expanduser(text) if isinstance(default, str) else type(default)(text)
 
 
-def initials(key: str) -> str:  # learning_rate -> lr: what a near-miss key often is
-    return "".join(word[:1] for word in key.split("_"))
-
-
 def parse_config(argv, defaults=DEFAULTS, presets=PRESETS, rules=RULES) -> Config:
     """--key=value over --preset=NAME over defaults, checked against the rules (all scripts)."""
     if {"-h", "--help"} & set(argv):  # every key, its default and its comment in DEFAULTS
@@ -1260,11 +1256,10 @@ def parse_config(argv, defaults=DEFAULTS, presets=PRESETS, rules=RULES) -> Confi
         if not arg.startswith("--") or "=" not in arg:
             sys.exit(f"error: expected --key=value, got '{arg}'")
         key, text = arg[2:].split("=", 1)
-        if key not in defaults:  # did you mean: a near spelling, or initials (lr, learning_rate)
-            near = [k for k in defaults if key == initials(k) != k or initials(key) == k != key]
-            near = (near or difflib.get_close_matches(key, defaults, 1))[:1]
-            sys.exit(f"error: unknown config key '{key}';" + "".join(
-                f" did you mean --{k}?" for k in near) + f" valid keys: {' '.join(defaults)}")
+        if key not in defaults:  # did you mean: the nearest spelling, if any is near
+            near = [f" did you mean --{k}?" for k in difflib.get_close_matches(key, defaults, 1)]
+            sys.exit(f"error: unknown config key '{key}';{''.join(near)} valid keys: "
+                     + " ".join(defaults))
         try:
             pairs[key] = parse_value(text, defaults[key])
         except (KeyError, ValueError):

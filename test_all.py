@@ -375,9 +375,9 @@ def test_bad_keys_values_and_corpus_give_clear_errors(tmp_path):
 
 
 def test_a_near_miss_key_is_met_with_did_you_mean():
-    for argv, defaults, near in ((["--lr=1e-3"], sg.DEFAULTS, "learning_rate"),
+    for argv, defaults, near in ((["--learning_rat=1e-3"], sg.DEFAULTS, "learning_rate"),
                                  (["--n_layers=3"], sg.DEFAULTS, "n_layer"),
-                                 (["--learning_rate=1e-3"], prune.DEFAULTS, "lr"),
+                                 (["--k_coeff=1"], prune.DEFAULTS, "k_coef"),
                                  (["--tasks=all", "--nn=3"], tasks.DEFAULTS, "n")):
         with pytest.raises(SystemExit, match=rf"'{argv[-1][2:].split('=')[0]}'; did you mean "
                                               rf"--{near}\? valid keys:"):
