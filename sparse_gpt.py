@@ -1212,23 +1212,21 @@ def up_to(most: int) -> tuple:  # a count with a cap, so that no typo runs for d
 # What each value must be, checked after presets and flags: key -> (test(value, cfg), rule).
 COUNT, POSITIVE = (lambda v, c: v >= 1, "at least 1"), (lambda v, c: 0 < v < math.inf, "> 0")
 FRACTION, SHARE = (lambda v, c: 0 < v <= 1, "in (0, 1]"), (lambda v, c: 0 <= v <= 1, "in [0, 1]")
+NONNEG = (lambda v, c: 0 <= v < math.inf, ">= 0")
 SEED = (lambda v, c: 0 <= v < 2**32, "in [0, 2**32)")
 DEVICE = (lambda v, c: v in ("auto", "cpu", "cuda", "mps"), "auto, cpu, cuda or mps")
 RULES = dict(
     out_dir=(lambda v, c: v != "", "a folder"),
     init_from=(lambda v, c: v in ("scratch", "resume"), "scratch or resume"),
     vocab_size=(lambda v, c: 263 <= v <= 65536, "in [263, 65536] (6 task tokens; uint16 ids)"),
-    n_layer=COUNT, d_model=COUNT, d_mlp=COUNT, block_size=COUNT, afrac=FRACTION,
+    n_layer=COUNT, d_model=COUNT, d_mlp=COUNT, block_size=COUNT, afrac=FRACTION, n_head=NONNEG,
     d_head=(lambda v, c: v >= 1 and (c.n_head or c.d_model % v == 0),
             "at least 1 and, unless n_head is set, a divisor of d_model"),
-    n_head=(lambda v, c: v >= 0, ">= 0"), seed=SEED,
-    density=FRACTION, embed_ratio=POSITIVE, anneal_frac=SHARE, warmup_frac=SHARE,
+    seed=SEED, density=FRACTION, embed_ratio=POSITIVE, anneal_frac=SHARE, warmup_frac=SHARE,
     min_per_neuron=(lambda v, c: 0 <= v <= c.density * c.d_model, "in [0, density * d_model]"),
-    c_nmse=(lambda v, c: 0 <= v < math.inf, ">= 0"), c_kl=(lambda v, c: 0 <= v < math.inf, ">= 0"),
-    hybrid_frac=FRACTION,
-    batch_size=COUNT, max_iters=up_to(10**9), learning_rate=POSITIVE, adam_eps=POSITIVE,
-    weight_decay=(lambda v, c: 0 <= v < math.inf, ">= 0"), eval_interval=COUNT, device=DEVICE,
-    eval_iters=up_to(10**5), log_interval=COUNT,
+    c_nmse=NONNEG, c_kl=NONNEG, hybrid_frac=FRACTION, batch_size=COUNT, max_iters=up_to(10**9),
+    learning_rate=POSITIVE, adam_eps=POSITIVE, weight_decay=NONNEG, eval_interval=COUNT,
+    device=DEVICE, eval_iters=up_to(10**5), log_interval=COUNT,
     activation=(lambda v, c: v in ("gelu", "relu"), "gelu or relu"),
     afrac_nodes=(lambda v, c: v == "all" or set(v.split(",")) <= set(NODE_LOCATIONS),
                  "all or some of " + ",".join(NODE_LOCATIONS)))
