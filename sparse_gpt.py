@@ -1078,14 +1078,13 @@ def ctrl_c_finishes_the_step(world: int, lock: str | None):
 # the paper's released models (openai/circuit_sparsity): a folder with beeg_config.json (their
 # GPTConfig), final_model.pt (a state_dict) and tinypython's encoder.json and vocab.bpe
 
-# their field: (our key, their default: None = derived, else the field is required); refused:
-# (the one value we run, their default)
-RELEASE_FIELDS = dict(
-    vocab_size=("vocab_size", 50304), block_size=("block_size", 1024), n_layer=("n_layer", 12),
-    d_model=("d_model", 768), n_head=("n_head", 12), d_head=("d_head", None), d_mlp=("d_mlp", None),
-    bias=("bias", True), activation_type=("activation", "gelu"), afrac=("afrac", None),
-    afrac_loctypes=("afrac_nodes", "attn_in,attn_out,mlp_in,mlp_out"),
-    enable_bigram_table=("bigram_table", False), sink=("attn_sink", False))
+# their field -> our key, each required but d_head, d_mlp and afrac (derived when absent);
+# refused: (the one value we run, their default)
+RELEASE_FIELDS = dict(vocab_size="vocab_size", block_size="block_size", n_layer="n_layer",
+                      d_model="d_model", n_head="n_head", d_head="d_head", d_mlp="d_mlp",
+                      bias="bias", activation_type="activation", afrac="afrac",
+                      afrac_loctypes="afrac_nodes", enable_bigram_table="bigram_table",
+                      sink="attn_sink")
 RELEASE_REFUSED = dict(rms_norm=(True, False), residual_activation_type=("identity",) * 2,
                        tied_unembed=(False, True), d_pos_emb=(None, None),
                        use_tied_aux_matrix=(False, False), tokenizer_name=("tinypython_2k",) * 2)
@@ -1102,19 +1101,19 @@ RELEASE_LOCATIONS = dict(zip("attn_in attn_q attn_k attn_v attn_out mlp_in mlp_n
 def release_config(beeg: dict, where: str) -> Config:
     """Their GPTConfig as our flat config; what we cannot run exactly is a one-line error."""
     beeg = {"d_mlp" if k == "n_mlp" else k: v for k, v in beeg.items()}  # older files: n_mlp
-    refused = [f"{k}={beeg.get(k, d)!r}" for k, (ok, d) in RELEASE_REFUSED.items()
-               if beeg.get(k, d) != ok]
-    refused += [k for k in beeg if k not in {*RELEASE_FIELDS, *RELEASE_REFUSED, *RELEASE_IGNORED}]
-    wrong = [f"{k} is missing" for k, (_, d) in RELEASE_FIELDS.items()
-             if d is not None and k not in beeg]
+    wrong = [f"{k} is missing" for k in RELEASE_FIELDS
+             if k not in beeg and k not in ("d_head", "d_mlp", "afrac")]
     wrong += [f"{k}={v!r} is not of type {type(DEFAULTS[ours]).__name__}"
-              for k, (ours, _) in RELEASE_FIELDS.items()
+              for k, ours in RELEASE_FIELDS.items()
               if (v := beeg.get(k)) is not None and not same_kind(v, DEFAULTS[ours])]
     if wrong:
         sys.exit(f"error: {where}: {wrong[0]}; fix the file, or download it again")
     cfg = Config(DEFAULTS, pos_embed=True, norm_eps=torch.finfo(torch.float32).eps, data_path="")
-    cfg.update({ours: beeg.get(k, default) for k, (ours, default) in RELEASE_FIELDS.items()})
+    cfg.update({ours: beeg.get(k) for k, ours in RELEASE_FIELDS.items()})
     locations = [t for t in cfg.afrac_nodes.split(",") if t] * (cfg.afrac is not None)
+    refused = [f"{k}={v!r}" for k, (ok, default) in RELEASE_REFUSED.items()
+               if (v := beeg.get(k, default)) != ok]
+    refused += [k for k in beeg if k not in {*RELEASE_FIELDS, *RELEASE_REFUSED, *RELEASE_IGNORED}]
     refused += [f"afrac_loctypes {t}" for t in locations if t not in RELEASE_LOCATIONS]
     refused += [f"activation_type={cfg.activation!r}"] * (cfg.activation not in ("gelu", "relu"))
     if refused:
@@ -1123,8 +1122,7 @@ def release_config(beeg: dict, where: str) -> Config:
     cfg.update(d_head=cfg.d_head or cfg.d_model // cfg.n_head, d_mlp=cfg.d_mlp or 4 * cfg.d_model,
                afrac=cfg.afrac if locations else 1.0,
                afrac_nodes=",".join(RELEASE_LOCATIONS[t] for t in locations) or "all")
-    model_keys = "vocab_size n_layer d_model d_head n_head d_mlp block_size afrac afrac_nodes"
-    check_rules(cfg, {k: RULES[k] for k in model_keys.split()}, f"{where}: ")
+    check_rules(cfg, {k: r for k, r in RULES.items() if k in RELEASE_FIELDS.values()}, f"{where}: ")
     return cfg
 
 
@@ -1134,17 +1132,13 @@ def load_release(folder: str) -> tuple[GPT, Config]:
     try:
         cfg = release_config(json.loads(Path(regular(cfg_path)).read_text()), cfg_path)
         check_memory(cfg, torch.device("cpu"), training=False)
-        sd = torch.load(regular(sd_path), map_location="cpu", weights_only=True)
-    except Exception as e:
+        saved = torch.load(regular(sd_path), map_location="cpu", weights_only=True)
+        rename = re.compile("|".join(map(re.escape, RELEASE_NAMES)))
+        sd = {rename.sub(lambda m: RELEASE_NAMES[m[0]], k): t.float() for k, t in saved.items()
+              if not re.fullmatch(r"transformer\.h\.\d+\.attn\.bias", k)}  # a causal-mask buffer
+    except Exception as e:  # missing, damaged, not a flat dict of named tensors (a state_dict)
         sys.exit(f"error: cannot read {cfg_path} and final_model.pt ({type(e).__name__}); download "
                  "them into one folder (README: Prune the paper's released models)")
-    if not (isinstance(sd, dict) and all(isinstance(k, str) and isinstance(t, torch.Tensor)
-                                         for k, t in sd.items())):
-        sys.exit(f"error: {sd_path} is not a flat dict of named tensors (a state_dict); download "
-                 "it again (README: Prune the paper's released models)")
-    rename = re.compile("|".join(map(re.escape, RELEASE_NAMES)))
-    sd = {rename.sub(lambda m: RELEASE_NAMES[m[0]], k): t.float() for k, t in sd.items()
-          if not re.fullmatch(r"transformer\.h\.\d+\.attn\.bias", k)}  # a causal-mask buffer
     if not cfg.bigram_table:
         sd.pop("bigram.weight", None)  # a buffer their model then ignores
     bias = sd.pop("final_logits_bias", torch.zeros(1))

