@@ -26,7 +26,7 @@ import sys
 import sysconfig
 import time
 from collections import Counter
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -839,7 +839,6 @@ def atomic_write(path: str, write):  # write(f) fills path.tmp, renamed over pat
 def write_files_together(writes: dict):
     """path -> write(f), all or none: each fills path.tmp, synced, renamed once all are written.
     On failure the .tmp files go, the old files stay; a refused write raises OSError naming it."""
-    path = ""
     try:
         for path, write in writes.items():
             with open(path + ".tmp", "wb") as f:
@@ -860,8 +859,7 @@ def write_files_together(writes: dict):
 def regular(path: str) -> str:
     """path, unless it is a FIFO, device or socket (a read could block forever): refused."""
     if os.path.exists(path) and not (os.path.isfile(path) or os.path.isdir(path)):
-        sys.exit(f"error: '{path}' is not a regular file (a FIFO, device or socket); put the "
-                 "file itself there")
+        sys.exit(f"error: '{path}' is a FIFO, device or socket, not a regular file; put a file")
     return path
 
 
@@ -902,14 +900,13 @@ def check_memory(cfg, device: torch.device, training: bool):
     hd = (cfg.n_head or cfg.d_model // max(cfg.d_head, 1)) * cfg.d_head
     weights = (cfg.vocab_size * (2 * cfg.d_model + cfg.vocab_size * cfg.bigram_table) + cfg.n_layer
                * cfg.d_model * (4 * hd + 2 * cfg.d_mlp) + cfg.block_size * cfg.d_model)
-    need = 4 * (weights * (4 if training else 2) + training * cfg.batch_size * cfg.block_size
-                * cfg.vocab_size)
+    logits = training * cfg.batch_size * cfg.block_size * cfg.vocab_size
     have = (torch.cuda.mem_get_info(device)[1] if device.type == "cuda"
             else os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
-    if need > have:
-        sys.exit(f"error: this model needs at least {need / 2**30:,.1f} GiB ({weights:,} weights), "
-                 f"more than the {have / 2**30:,.1f} GiB of this {device.type}; lower d_model, "
-                 "d_mlp, n_layer, vocab_size, block_size or batch_size")
+    if (need := 4 * (weights * (4 if training else 2) + logits)) > have:
+        sys.exit(f"error: this model needs at least {need / 2**30:,.1f} GiB, more than the "
+                 f"{have / 2**30:,.1f} GiB of this {device.type}; lower d_model, d_mlp, n_layer, "
+                 "vocab_size, block_size or batch_size")
 
 
 def checkpoint_file(path: str) -> str:
@@ -934,16 +931,14 @@ def load_checkpoint(path: str, device="cpu") -> tuple[GPT, tiktoken.Encoding, Co
         try:
             model = GPT(cfg)
             model.load_state_dict(ckpt["model"])
-        except (RuntimeError, TypeError, ValueError, AttributeError) as e:
-            why = str(e) if isinstance(e, ValueError) else "retrain it"
-            sys.exit(f"error: checkpoint '{path}' does not match this model code; {why}")
+        except (RuntimeError, TypeError, ValueError, AttributeError):
+            sys.exit(f"error: checkpoint '{path}' does not match this model code; retrain it")
         fix = f"copy the run's own there (its cache {cfg.data_path} has one)"
         tokenizer = load_tokenizer(os.path.join(folder, "tokenizer.tiktoken"), fix)
         if ckpt.get("tokenizer_sha1") not in (None, "", sha1_of(folder, "tokenizer.tiktoken")):
             sys.exit(f"error: {folder}/tokenizer.tiktoken is not the tokenizer {path} was trained "
                      f"with; {fix}")
-    refuse_nonfinite(model, path, "the run diverged before it was saved: train it again with "
-                     "a lower --learning_rate")
+    refuse_nonfinite(model, path, "the run diverged: train it again with a lower --learning_rate")
     if tokenizer.n_vocab != cfg.vocab_size:
         sys.exit(f"error: the tokenizer beside '{path}' has {tokenizer.n_vocab} tokens, the model "
                  f"{cfg.vocab_size}; put the model's own tokenizer there")
@@ -975,8 +970,7 @@ def start_run(cfg, ckpt, model, optimizer, device, rank: int, world: int, bridge
             trained_on = ckpt.get("data_path", "")
         except (KeyError, RuntimeError, ValueError, TypeError) as e:
             sys.exit(f"error: cannot resume {ckpt_path} ({type(e).__name__}); start a new run")
-        refuse_nonfinite(model, ckpt_path, "start a new run (--overwrite=True, or another "
-                         "--out_dir) with a lower --learning_rate")  # resume would diverge again
+        refuse_nonfinite(model, ckpt_path, "start a new run with a lower --learning_rate")
         print(f"resuming from {ckpt_path} at step {iter_num}")
         ckpt.clear()  # loaded: free its tensors now, not when the caller's reference goes
     elif os.path.exists(ckpt_path) and not cfg.overwrite:
@@ -991,10 +985,8 @@ def start_run(cfg, ckpt, model, optimizer, device, rank: int, world: int, bridge
         sys.exit(f"error: the corpus or vocabulary differs from the one {ckpt_path} was trained on "
                  f"({trained_on}); resume with the same corpus")
     data = {s: np.memmap(f"{data_path}/{s}.bin", np.uint16, "r") for s in ("train", "val")}
-    for s, arr in data.items():
-        if len(arr) <= cfg.block_size + 1:
-            sys.exit(f"error: {s} split has {len(arr)} tokens, fewer than block_size+1; "
-                     "add code or lower block_size")
+    if short := [f"{s} split has {len(a)}" for s, a in data.items() if len(a) < cfg.block_size + 2]:
+        sys.exit(f"error: {short[0]} tokens, fewer than block_size+1; add code or lower block_size")
     if rank == 0:  # rank 0 alone writes files, holding the folder's lock (released by train)
         os.makedirs(cfg.out_dir, exist_ok=True)
         claim_folder(cfg.out_dir)
@@ -1028,14 +1020,11 @@ def claim_folder(folder: str):
                 return os.link(mine, path)
             except FileExistsError:
                 holder = Path(regular(path)).read_text()
-            if holder.isdigit() and 0 < int(holder) != os.getpid():
-                try:
+            with suppress(ProcessLookupError):  # the run has ended: its lock is taken over
+                if holder.isdigit() and 0 < int(holder) != os.getpid():
                     os.kill(int(holder), 0)  # signal 0 only asks whether the process exists
                     sys.exit(f"error: {folder} is in use by another run (pid {holder}); wait for "
-                             f"it to end, or pass another --out_dir (or delete {path} if that is "
-                             "not a run)")
-                except ProcessLookupError:
-                    print(f"{path}: its run (pid {holder}) has ended; taking the lock over")
+                             f"it, or pass another --out_dir (or delete {path} if it is no run)")
             os.unlink(path)
         sys.exit(f"error: could not take {path}; another run is starting there")
     finally:
@@ -1052,16 +1041,14 @@ def ctrl_c_finishes_the_step(world: int, lock: str | None):
         if stop.requested and world == 1:
             raise KeyboardInterrupt
         stop.requested = signum
-        print(f"\n{signal.Signals(signum).name}: finishing this step, saving, exiting (send it "
-              "again to abort)")
+        print(f"\n{signal.Signals(signum).name}: finish the step, saving, exiting (again: abort)")
 
     old = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
-    together = False  # every rank left at the same step: the end, or train's exits (stop, NaN)
+    together = True  # every rank left at the same step: the end, or train's exits (stop, NaN)
     try:
         yield stop
-        together = True
-    except SystemExit:
-        together = True
+    except BaseException as e:
+        together = isinstance(e, SystemExit)
         raise
     finally:
         for s, handler in old.items():
