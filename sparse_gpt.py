@@ -668,11 +668,9 @@ def read_corpus(root: str) -> tuple[list[str], list[str]]:
     """(train_docs, val_docs); skipped: unreadable, non-UTF-8, not a file (a FIFO), too big."""
     docs, paths = {}, list_py_files(root)
     for path in paths:
-        try:
+        with suppress(OSError, UnicodeDecodeError):
             if os.path.isfile(path) and os.path.getsize(path) <= MAX_FILE_BYTES:
                 docs[os.path.relpath(path, root)] = Path(path).read_text(encoding="utf-8")
-        except (OSError, UnicodeDecodeError):
-            pass
     if len(docs) < 2:
         sys.exit(f"error: corpus '{root}' has {len(docs)} readable .py file(s), fewer than 2")
     val_names = [p for p in docs if is_val_file(p)] or [min(docs, key=path_hash)]  # small corpora
@@ -804,26 +802,23 @@ def prepare_data(cfg) -> tuple[str, tiktoken.Encoding]:
     root = os.path.abspath(cfg.data_dir or stdlib_dir())
     folder = cache_folder(cfg.cache_dir, root, cfg.vocab_size, PRETOKEN_PATTERN, REQUIRED_TOKENS)
     tok_path = os.path.join(folder, "tokenizer.tiktoken")
-    try:  # a cache that is missing or does not match its sha1.txt is rebuilt
+    with suppress(OSError, ValueError):  # a cache missing or unlike its sha1.txt is rebuilt
         if Path(regular(f"{folder}/sha1.txt")).read_text() == sha1_of(folder, *CACHE_FILES):
             print(f"data: using cached tokens in {folder}")
             return folder, load_tokenizer(tok_path, f"delete the folder {folder} to rebuild it")
-    except (OSError, ValueError):  # ValueError: not UTF-8
-        pass
     t0 = time.time()
-    train_docs, val_docs = read_corpus(root)
-    ranks = train_bpe(train_docs, cfg.vocab_size)
+    docs = read_corpus(root)  # (train, val)
+    ranks = train_bpe(docs[0], cfg.vocab_size)
     if len(ranks) + 1 < cfg.vocab_size:  # BPE ran out of pairs to merge
         sys.exit(f"error: corpus '{root}' yields only {len(ranks) + 1} tokens; lower --vocab_size")
     os.makedirs(folder, exist_ok=True)
     save_tokenizer(ranks, tok_path)
     enc = make_encoding(ranks)
     print(f"tokenizer: {len(ranks) + 1} tokens trained in {(t1 := time.time()) - t0:.1f}s")
-    for split, docs in (("train", train_docs), ("val", val_docs)):
-        n = write_tokens(os.path.join(folder, f"{split}.bin"), docs, enc)
-        print(f"data: {split}.bin holds {n:,} tokens")
+    n = [write_tokens(f"{folder}/{s}.bin", d, enc) for s, d in zip(("train", "val"), docs)]
     atomic_write(f"{folder}/sha1.txt", lambda f: f.write(sha1_of(folder, *CACHE_FILES).encode()))
-    print(f"data: encoded in {time.time() - t1:.1f}s, cached in {folder}")
+    print(f"data: {n[0]:,} train + {n[1]:,} val tokens, encoded in {time.time() - t1:.1f}s, "
+          f"cached in {folder}")
     return folder, enc
 
 
