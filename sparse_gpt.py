@@ -527,8 +527,7 @@ def train(cfg, ckpt: dict | None = None) -> list[tuple[int, float]]:
 
 
 def nmse(pred, target):
-    """Squared error over the target's variance per token (over its channels; the denominator
-    detached, a fixed scale), mean over tokens: 1 is as bad as predicting each token's mean."""
+    """Squared error / the target's variance (detached) per token, mean: 1 = predicting its mean."""
     return ((pred - target).pow(2).mean(-1) / (target.var(-1, correction=0).detach() + 1e-6)).mean()
 
 
@@ -582,9 +581,8 @@ class Bridged(nn.Module):
 
 
 def bridge_to_dense(cfg, model: GPT, optimizer, device) -> Bridged:
-    """The dense model, checked to fit (load_checkpoint checks its tokenizer), and new bridges,
-    stepped with the sparse model (matrices decayed, biases not; never projected). The run
-    trains on the dense run's token cache and tokenizer: .dense_data."""
+    """The dense model, checked to fit, and new bridges, stepped with the sparse model (matrices
+    decayed, biases not; never projected). .dense_data: the dense run's tokens and tokenizer."""
     dense, tokenizer, dcfg = load_checkpoint(cfg.bridge_to, device)
     why = [f"its {k} is {dcfg[k]}, this run's {cfg[k]}: pass --{k}={dcfg[k]}"
            for k in ("n_layer", "vocab_size", "block_size")  # a longer dense context is fine
@@ -616,8 +614,7 @@ def load_bridged(path: str, device="cpu") -> Bridged:
 
 @torch.no_grad()
 def evaluate_bridges(bridged: Bridged, val, cfg, device, autocast) -> str:
-    """On estimate_loss's val batches: both models' CE, each site's NMSE both ways, the CE of
-    every hybrid path (d->s: dense to site i, then sparse; s->d: the reverse)."""
+    """On estimate_loss's val batches: both CEs, each site's NMSE and hybrid CE (d->s, s->d)."""
     gen = torch.Generator().manual_seed(cfg.seed)
     bridged.eval()
     with autocast:
@@ -946,8 +943,7 @@ RESUME_MAY_CHANGE = ("out_dir cache_dir init_from overwrite device compile eval_
 
 
 def start_run(cfg, ckpt, model, optimizer, device, rank: int, world: int, bridged=None) -> tuple:
-    """train()'s setup, all checked before out_dir is written: the resumed state or a refusal to
-    overwrite, the token data, the tokenizer copied beside the checkpoint."""
+    """train()'s setup, checked before out_dir is written: resumed state, tokens, tokenizer copy."""
     ckpt_path = os.path.join(cfg.out_dir, "ckpt.pt")
     iter_num, best_val_loss, trained_on = 0, math.inf, None
     if cfg.init_from == "resume":
@@ -1289,8 +1285,7 @@ def cli(main):
 # benchmark: what weight and activation sparsity cost per step (--bench=True)
 
 def bench(cfg, warmup=3, rounds=10) -> dict:
-    """Times training steps at the target density and of the dense twin (density=1, afrac=1) on
-    random tokens, interleaved step by step; compiled with --compile=True."""
+    """Step times at the target density and of the dense twin (density=1, afrac=1), interleaved."""
     device = pick_device(cfg.device)
     check_memory(cfg, device, training=True)
     cuda, autocast = device.type == "cuda", bf16_autocast(device)
