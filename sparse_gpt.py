@@ -14,6 +14,7 @@ line; --bench; main.
 
 import base64
 import difflib
+import fcntl
 import hashlib
 import heapq
 import json
@@ -455,8 +456,8 @@ def train(cfg, ckpt: dict | None = None) -> list[tuple[int, float]]:
     model = GPT(cfg).to(device)
     optimizer = make_optimizer(model, cfg, device.type)
     bridged = bridge_to_dense(cfg, model, optimizer, device) if cfg.bridge_to else None
-    iter_num, best_val_loss, data, tokenizer, data_path = start_run(cfg, ckpt, model, optimizer,
-                                                                    device, rank, world, bridged)
+    iter_num, best_val_loss, data, tokenizer, data_path, lock = start_run(
+        cfg, ckpt, model, optimizer, device, rank, world, bridged)  # lock: rank 0's, on out_dir
     ckpt_path, autocast = os.path.join(cfg.out_dir, "ckpt.pt"), bf16_autocast(device)
     fmodel = torch.compile(model) if cfg.compile else model
     if bridged is not None:  # then train_step runs the sparse model, the bridges, the dense one
@@ -466,7 +467,6 @@ def train(cfg, ckpt: dict | None = None) -> list[tuple[int, float]]:
     stepped = fmodel if bridged is None else bridged
     train_model = DDP(stepped) if world > 1 else stepped
     history, start_iter, t_start, t_last = [], iter_num, time.time(), time.time()
-    lock = os.path.join(cfg.out_dir, "run.lock") if rank == 0 else None  # claimed by start_run
     with ctrl_c_finishes_the_step(world, lock) as stop:
         while iter_num < cfg.max_iters:
             lr = lr_at(iter_num, cfg)
@@ -945,7 +945,7 @@ RESUME_MAY_CHANGE = ("out_dir cache_dir init_from overwrite device compile eval_
 def start_run(cfg, ckpt, model, optimizer, device, rank: int, world: int, bridged=None) -> tuple:
     """train()'s setup, checked before out_dir is written: resumed state, tokens, tokenizer copy."""
     ckpt_path = os.path.join(cfg.out_dir, "ckpt.pt")
-    iter_num, best_val_loss, trained_on = 0, math.inf, None
+    iter_num, best_val_loss, trained_on, lock = 0, math.inf, None, None
     if cfg.init_from == "resume":
         ckpt = ckpt or read_checkpoint(ckpt_path)
         saved = absolute_paths(Config(DEFAULTS, **ckpt["config"]))  # older checkpoints: relative
@@ -978,9 +978,9 @@ def start_run(cfg, ckpt, model, optimizer, device, rank: int, world: int, bridge
     data = {s: np.memmap(f"{data_path}/{s}.bin", np.uint16, "r") for s in ("train", "val")}
     if short := [f"{s} split has {len(a)}" for s, a in data.items() if len(a) < cfg.block_size + 2]:
         sys.exit(f"error: {short[0]} tokens, fewer than block_size+1; add code or lower block_size")
-    if rank == 0:  # rank 0 alone writes files, holding the folder's lock (released by train)
+    if rank == 0:  # rank 0 alone writes files, holding the folder's lock (freed by train)
         os.makedirs(cfg.out_dir, exist_ok=True)
-        claim_folder(cfg.out_dir)
+        lock = claim_folder(cfg.out_dir)
         Path(ckpt_path + ".tmp").unlink(missing_ok=True)  # left by a killed save
         for old in [os.path.join(cfg.out_dir, f) for f in ("circuits", "node_means.pt")]:
             if cfg.overwrite and cfg.init_from == "scratch" and os.path.exists(old):
@@ -993,7 +993,7 @@ def start_run(cfg, ckpt, model, optimizer, device, rank: int, world: int, bridge
           f"(embeddings {density_at(cfg.max_iters, cfg, embed=True):g})")
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
-    return iter_num, best_val_loss, data, tokenizer, data_path
+    return iter_num, best_val_loss, data, tokenizer, data_path, lock
 
 
 def absolute_paths(cfg) -> Config:  # so that a checkpoint resumes from any working folder
@@ -1002,28 +1002,18 @@ def absolute_paths(cfg) -> Config:  # so that a checkpoint resumes from any work
 
 
 def claim_folder(folder: str):
-    """folder/run.lock holds the writing run's pid: refused while it lives, taken over after."""
-    path, mine = os.path.join(folder, "run.lock"), os.path.join(folder, f"run.lock.{os.getpid()}")
-    Path(mine).write_text(str(os.getpid()))
+    """An OS lock on folder/run.lock, returned open: it ends with the process however that ends,
+    and while it lives a second run into the folder is refused."""
+    lock = open(regular(os.path.join(folder, "run.lock")), "w")
     try:
-        for _ in range(2):
-            try:  # a hard link is made whole or not at all: of two runs at once, one gets it
-                return os.link(mine, path)
-            except FileExistsError:
-                holder = Path(regular(path)).read_text()
-            with suppress(ProcessLookupError):  # the run has ended: its lock is taken over
-                if holder.isdigit() and 0 < int(holder) != os.getpid():
-                    os.kill(int(holder), 0)  # signal 0 only asks whether the process exists
-                    sys.exit(f"error: {folder} is in use by another run (pid {holder}); wait for "
-                             f"it, or pass another --out_dir (or delete {path} if it is no run)")
-            os.unlink(path)
-        sys.exit(f"error: could not take {path}; another run is starting there")
-    finally:
-        os.unlink(mine)
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        sys.exit(f"error: {folder} is in use by another run; wait for it or pass another --out_dir")
+    return lock
 
 
 @contextmanager
-def ctrl_c_finishes_the_step(world: int, lock: str | None):
+def ctrl_c_finishes_the_step(world: int, lock):
     """The first Ctrl-C or SIGTERM sets stop.requested to its number: finish the step, save, exit
     130 or 143. A second aborts at once (one process only: under torchrun every rank sees two)."""
     stop = SimpleNamespace(requested=0)
@@ -1045,7 +1035,8 @@ def ctrl_c_finishes_the_step(world: int, lock: str | None):
         for s, handler in old.items():
             signal.signal(s, handler)
         if lock:
-            Path(lock).unlink(missing_ok=True)
+            Path(lock.name).unlink(missing_ok=True)
+            lock.close()
         if world > 1:
             if together:  # gloo's threads must free the last all_reduce's tensor (taking the
                 dist.barrier()  # GIL) before the teardown joins them holding it: a deadlock seen
