@@ -40,8 +40,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-# -----------------------------------------------------------------------------
-# config: flat defaults, overridden by a preset, then by --key=value
+# ---- config: flat defaults, overridden by a preset, then by --key=value
 
 DEFAULTS = dict(
     preset="auto",  # auto = gpu with CUDA, else cpu; see PRESETS
@@ -114,8 +113,7 @@ class Config(dict):
             raise AttributeError(key) from None
 
 
-# -----------------------------------------------------------------------------
-# model: GPT with RMSNorm, small heads, attention sinks, a bigram table, and AbsTopK at every
+# ---- model: GPT with RMSNorm, small heads, attention sinks, a bigram table, and AbsTopK at every
 # node location (paper section 1)
 
 # Where AbsTopK may act (afrac_nodes). The ninth node location, final.resid_in, has none.
@@ -304,8 +302,7 @@ class GPT(nn.Module):
         return idx
 
 
-# -----------------------------------------------------------------------------
-# weight sparsity (paper section 2): after every optimizer step each sparse matrix keeps its
+# ---- weight sparsity (paper section 2): after every optimizer step each sparse matrix keeps its
 # ceil(density * numel) largest-magnitude entries, with a floor of min_per_neuron per neuron
 
 EMBEDDINGS = ("wte.weight", "wpe.weight", "lm_head.weight")  # wpe: sparse like wte (official)
@@ -364,8 +361,7 @@ def n_kept(model: GPT, cfg) -> int:  # nonzero at the target densities: the pape
                for n, p, _ in sparse_matrices(model))
 
 
-# -----------------------------------------------------------------------------
-# optimizer: AdamW on a gradient of RMS 1, and the sharkfin learning rate (paper section 2)
+# ---- optimizer: AdamW on a gradient of RMS 1, and the sharkfin learning rate (paper section 2)
 
 
 def make_optimizer(model: GPT, cfg, device_type: str) -> torch.optim.AdamW:
@@ -398,8 +394,7 @@ def lr_at(it: int, cfg) -> float:
             / math.sqrt(density_at(it, cfg)))
 
 
-# -----------------------------------------------------------------------------
-# training loop: lr -> batch -> step -> projection -> log / eval / save. The run's setup, its
+# ---- training loop: lr -> batch -> step -> projection -> log / eval / save. The run's setup, its
 # Ctrl-C handling and the cross-rank plumbing are named helpers below the marked line.
 
 
@@ -517,13 +512,12 @@ def train(cfg, ckpt: dict | None = None) -> list[tuple[int, float]]:
     return history
 
 
-# -----------------------------------------------------------------------------
-# bridges (paper 2.3, 3.3, A.3; README: Bridges): the sparse model trains beside a frozen dense
+# ---- bridges (paper 2.3, 3.3, A.3; README: Bridges): the sparse model trains beside a frozen dense
 # one, joined at each of the 2L sites (GPT.forward) by an encoder f_i (dense -> sparse: Linear,
 # AbsTopK) and a decoder g_i (sparse -> dense: Linear), so that its circuits explain the dense
 # model. loss = sparse CE + c_nmse * sum_i [NMSE(f_i(h_dense_i), h_sparse_i) + NMSE(g_i(h_sparse_i),
-# h_dense_i)] + c_kl * sum_i [KL(dense logits || dense to site i, f_i, sparse from there on)
-# + KL(dense logits || sparse to site i, g_i, dense from there on)]
+# h_dense_i)] + c_kl * sum_i [KL(dense logits || dense to site i, f_i, sparse from there on) +
+# KL(dense logits || sparse to site i, g_i, dense from there on)]
 
 
 def nmse(pred, target):
@@ -629,10 +623,9 @@ def evaluate_bridges(bridged: Bridged, val, cfg, device, autocast) -> str:
 
 # ======================= below: machinery, read when you need it =======================
 
-# -----------------------------------------------------------------------------
-# corpus, BPE and token cache: every .py file under a folder, split into train/val by a hash of
-# its path; a byte-level BPE trained here, used through tiktoken; uint16 train.bin / val.bin
-# cached per corpus and vocab size
+# ---- corpus, BPE and token cache: every .py file under a folder, split into train/val by a hash of
+# its path; a byte-level BPE trained here, used through tiktoken; uint16 train.bin / val.bin cached
+# per corpus and vocab size
 
 MAX_FILE_BYTES = 8 * 2**20  # a bigger .py file is data, skipped (the stdlib's largest: 0.8 MB)
 
@@ -819,8 +812,7 @@ def prepare_data(cfg) -> tuple[str, tiktoken.Encoding]:
     return folder, enc
 
 
-# -----------------------------------------------------------------------------
-# checkpoints and resume: atomic writes, loading a trained model, a run's start (resume or not)
+# ---- checkpoints and resume: atomic writes, loading a trained model, a run's start (resume or not)
 # and its stop (Ctrl-C)
 
 
@@ -1043,8 +1035,7 @@ def ctrl_c_finishes_the_step(world: int, lock):
             dist.destroy_process_group()
 
 
-# -----------------------------------------------------------------------------
-# the paper's released models (openai/circuit_sparsity): a folder with beeg_config.json (their
+# ---- the paper's released models (openai/circuit_sparsity): a folder with beeg_config.json (their
 # GPTConfig), final_model.pt (a state_dict) and tinypython's encoder.json and vocab.bpe
 
 # their field -> our key, each required but d_head, d_mlp and afrac (derived when absent);
@@ -1123,8 +1114,7 @@ def load_release(folder: str) -> tuple[GPT, Config]:
     return model, cfg
 
 
-# -----------------------------------------------------------------------------
-# devices and DDP (torchrun)
+# ---- devices and DDP (torchrun)
 
 TORCHRUN_VARS = {"RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"}
 
@@ -1164,8 +1154,7 @@ def bf16_autocast(device: torch.device):  # bfloat16 matmuls on CUDA (tensor cor
     return torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
 
 
-# -----------------------------------------------------------------------------
-# command line
+# ---- command line
 
 
 def up_to(most: int) -> tuple:  # a count with a cap, so that no typo runs for days
@@ -1272,8 +1261,7 @@ def cli(main):
     return run
 
 
-# -----------------------------------------------------------------------------
-# benchmark: what weight and activation sparsity cost per step (--bench=True)
+# ---- benchmark: what weight and activation sparsity cost per step (--bench=True)
 
 def bench(cfg, warmup=3, rounds=10) -> dict:
     """Step times at the target density and of the dense twin (density=1, afrac=1), interleaved."""
