@@ -468,9 +468,8 @@ def train(cfg, ckpt: dict | None = None) -> list[tuple[int, float]]:
                 loss, anyone = mean_over_ranks(loss, stopping, world, device)
                 stopping = stopping or signal.SIGINT * anyone  # another rank was signalled
             if not math.isfinite(loss):
-                sys.exit(f"error: loss is {loss} at step {iter_num}; stopped. The last good "
-                         f"checkpoint is kept in {ckpt_path}. Start a new run with a lower "
-                         "--learning_rate (resume keeps the run's own).")
+                sys.exit(f"error: loss is {loss} at step {iter_num}; the last good checkpoint "
+                         f"is kept in {ckpt_path}; start a new run with a lower --learning_rate")
             iter_num += 1
             history.append((iter_num, loss))
             last = iter_num == cfg.max_iters
@@ -1252,7 +1251,7 @@ def cli(main):
 
 # ---- benchmark: what weight and activation sparsity cost per step (--bench=True)
 
-def bench(cfg, warmup=3, rounds=10) -> dict:
+def bench(cfg, warmup=3, rounds=10):
     """Step times at the target density and of the dense twin (density=1, afrac=1), interleaved."""
     device = pick_device(cfg.device)
     check_memory(cfg, device, training=True)
@@ -1283,15 +1282,12 @@ def bench(cfg, warmup=3, rounds=10) -> dict:
     tokens = cfg.batch_size * cfg.block_size
     print(f"bench: {cfg.preset} preset on {device.type}, {tokens} tokens/step, median of {rounds} "
           "steps after warmup, variants interleaved")
-    step_ms = {}
-    for name, (*_, times) in runs.items():
-        step, proj, peak = np.median(times[warmup:], axis=0)
-        step_ms[name] = 1e3 * step
+    med = {name: np.median(times[warmup:], axis=0) for name, (*_, times) in runs.items()}
+    for name, (step, proj, peak) in med.items():
         print(f"{name:14s} | step {1e3 * step:7.1f} ms | projection {1e3 * proj:6.1f} ms "
               f"({proj / step:5.1%}) | {tokens / step / 1e3:6.1f}k tok/s"
               + f" | peak {peak / 2**30:.2f} GiB" * cuda)
-    print(f"ratio sparse / dense: {step_ms['sparse'] / step_ms['dense']:.2f}")
-    return step_ms
+    print(f"ratio sparse / dense: {med['sparse'][0] / med['dense'][0]:.2f}")
 
 
 @cli
