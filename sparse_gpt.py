@@ -578,7 +578,6 @@ def bridge_to_dense(cfg, model: GPT, optimizer, device) -> Bridged:
     for decay in (True, False):
         optimizer.add_param_group({"params": [p for p in params if (p.dim() == 2) == decay],
                                    "weight_decay": cfg.weight_decay * decay})
-    print(f"bridges: {len(bridged.enc)} sites, {sum(p.numel() for p in params):,} dense weights")
     bridged.dense_data = dcfg.data_path
     return bridged
 
@@ -1231,21 +1230,19 @@ def cli(main):
     def run(argv=None):
         signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(143))
         try:
-            try:
-                return main(sys.argv[1:] if argv is None else argv)
-            except KeyboardInterrupt:
-                sys.exit(130)
-            except BrokenPipeError:  # python tasks.py | head: the reader has all it wants
-                os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no 2nd error
-                sys.exit(0)
-            except OSError as e:
-                where = f": '{str(e.filename).removesuffix('.tmp')}'" if e.filename else ""
-                sys.exit(f"error: {e.strerror or e}{where}; fix that path or pass another")
-        except SystemExit as e:  # under torchrun every rank fails alike: rank 0 alone says why
-            if isinstance(e.code, str) and TORCHRUN_VARS <= set(os.environ) \
-                    and os.environ["RANK"] != "0":
-                sys.exit(1)
-            raise
+            return main(sys.argv[1:] if argv is None else argv)
+        except KeyboardInterrupt:
+            sys.exit(130)
+        except BrokenPipeError:  # python tasks.py | head: the reader has all it wants
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no 2nd error
+            sys.exit(0)
+        except OSError as e:
+            where = f": '{str(e.filename).removesuffix('.tmp')}'" if e.filename else ""
+            code = f"error: {e.strerror or e}{where}; fix that path or pass another"
+        except SystemExit as e:
+            code = e.code
+        rank = os.environ.get("RANK", "0") if TORCHRUN_VARS <= set(os.environ) else "0"
+        sys.exit(1 if isinstance(code, str) and rank != "0" else code)  # rank 0 alone says why
     return run
 
 
