@@ -103,6 +103,11 @@ PRESETS = {
 }
 
 
+def require(ok, message: str):  # a bad input's one line: "error: what is wrong; the fix"
+    if not ok:
+        sys.exit(f"error: {message}")
+
+
 class Config(dict):
     """The flat config: a dict whose keys also read as attributes (cfg.n_layer)."""
 
@@ -467,9 +472,8 @@ def train(cfg, ckpt: dict | None = None) -> list[tuple[int, float]]:
             if world > 1:
                 loss, anyone = mean_over_ranks(loss, stopping, world, device)
                 stopping = stopping or signal.SIGINT * anyone  # another rank was signalled
-            if not math.isfinite(loss):
-                sys.exit(f"error: loss is {loss} at step {iter_num}; the last good checkpoint "
-                         f"is kept in {ckpt_path}; start a new run with a lower --learning_rate")
+            require(math.isfinite(loss), f"loss is {loss} at step {iter_num}; the last good "
+                    f"checkpoint is kept in {ckpt_path}; retrain with a lower --learning_rate")
             iter_num += 1
             history.append((iter_num, loss))
             last = iter_num == cfg.max_iters
@@ -555,9 +559,8 @@ class Bridged(nn.Module):
                     dec=self.dec.state_dict())
 
     def load(self, saved: dict, where: str):
-        if saved["dense_sha1"] != self.dense_sha1:
-            sys.exit(f"error: {self.dense_path} changed since {where} was trained beside it; "
-                     "bridge to the dense checkpoint it was trained with")
+        require(saved["dense_sha1"] == self.dense_sha1, f"{self.dense_path} changed since {where} "
+                "was trained beside it; bridge to the dense checkpoint it was trained with")
         self.enc.load_state_dict(saved["enc"])
         self.dec.load_state_dict(saved["dec"])
 
@@ -586,8 +589,7 @@ def load_bridged(path: str, device="cpu") -> Bridged:
     """A bridged run's sparse model, dense model and bridges, as trained (for prune.py)."""
     sparse, _, cfg = load_checkpoint(path, device)
     saved = read_checkpoint(path).get("bridges")
-    if saved is None:
-        sys.exit(f"error: {path} has no bridges; train one with --bridge_to=DENSE/ckpt.pt")
+    require(saved is not None, f"{path} has no bridges; train one with --bridge_to=DENSE/ckpt.pt")
     bridged = Bridged(sparse, load_checkpoint(saved["dense"], device)[0], cfg, saved["dense"])
     bridged.load(saved, path)
     return bridged.to(device)
@@ -622,14 +624,13 @@ def stdlib_dir() -> str:
 
 
 def list_py_files(root: str) -> list[str]:
-    if not os.path.isdir(root):
-        sys.exit(f"error: corpus folder '{root}' not found (or not a folder); pass --data_dir=PATH")
+    require(os.path.isdir(root),
+            f"corpus folder '{root}' not found (or not a folder); pass --data_dir=PATH")
     found = []
     for dirpath, dirnames, filenames in os.walk(root):
         dirnames[:] = sorted(d for d in dirnames if d != "site-packages")
         found += [os.path.join(dirpath, f) for f in sorted(filenames) if f.endswith(".py")]
-    if not found:
-        sys.exit(f"error: no .py files under '{root}'; pass --data_dir= a folder of Python code")
+    require(found, f"no .py files under '{root}'; pass --data_dir= a folder of Python code")
     return found
 
 
@@ -648,8 +649,7 @@ def read_corpus(root: str) -> tuple[list[str], list[str]]:
         with suppress(OSError, UnicodeDecodeError):
             if os.path.isfile(path) and os.path.getsize(path) <= MAX_FILE_BYTES:
                 docs[os.path.relpath(path, root)] = Path(path).read_text(encoding="utf-8")
-    if len(docs) < 2:
-        sys.exit(f"error: corpus '{root}' has {len(docs)} readable .py file(s), fewer than 2")
+    require(len(docs) >= 2, f"corpus '{root}' has {len(docs)} readable .py file(s), fewer than 2")
     val_names = [p for p in docs if is_val_file(p)] or [min(docs, key=path_hash)]  # small corpora
     print(f"corpus: {len(docs) - len(val_names)} train + {len(val_names)} val files from {root} "
           f"({len(paths) - len(docs)} skipped: unreadable, not UTF-8, not a file or too big)")
@@ -829,8 +829,8 @@ def write_files_together(writes: dict):
 
 def regular(path: str) -> str:
     """path, unless it is a FIFO, device or socket (a read could block forever): refused."""
-    if os.path.exists(path) and not (os.path.isfile(path) or os.path.isdir(path)):
-        sys.exit(f"error: '{path}' is a FIFO, device or socket, not a regular file; put a file")
+    require(os.path.isfile(path) or os.path.isdir(path) or not os.path.exists(path),
+            f"'{path}' is a FIFO, device or socket, not a regular file; put a file")
     return path
 
 
@@ -844,15 +844,14 @@ def save_checkpoint(path, model, optimizer, cfg, iter_num, best_val_loss, data_p
 
 
 def read_checkpoint(path: str) -> dict:
-    if not os.path.exists(regular(path)):
-        sys.exit(f"error: checkpoint '{path}' not found; train one with python sparse_gpt.py")
+    require(os.path.exists(regular(path)), f"checkpoint '{path}' not found; train one first")
     try:  # weights_only: a pickled object could run any code when loaded
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
         why = "it holds code, not just data: refused" if "GLOBAL" in str(e) else type(e).__name__
         sys.exit(f"error: cannot read checkpoint '{path}' ({why}); retrain or pick another")
-    if not (isinstance(ckpt, dict) and "model" in ckpt and isinstance(ckpt.get("config"), dict)):
-        sys.exit(f"error: '{path}' is not a sparse_gpt checkpoint (no model/config)")
+    require(isinstance(ckpt, dict) and "model" in ckpt and isinstance(ckpt.get("config"), dict),
+            f"'{path}' is not a sparse_gpt checkpoint (no model/config)")
     if wrong := [f"{k}={v!r}" for k, v in ckpt["config"].items()
                  if k not in DEFAULTS or not same_kind(v, DEFAULTS[k])]:
         sys.exit(f"error: '{path}' has config {wrong[0]}, a key this code does not know or a value "
@@ -906,13 +905,11 @@ def load_checkpoint(path: str, device="cpu") -> tuple[GPT, tiktoken.Encoding, Co
             sys.exit(f"error: checkpoint '{path}' does not match this model code; retrain it")
         fix = f"copy the run's own there (its cache {cfg.data_path} has one)"
         tokenizer = load_tokenizer(os.path.join(folder, "tokenizer.tiktoken"), fix)
-        if ckpt.get("tokenizer_sha1") not in (None, "", sha1_of(folder, "tokenizer.tiktoken")):
-            sys.exit(f"error: {folder}/tokenizer.tiktoken is not the tokenizer {path} was trained "
-                     f"with; {fix}")
+        require(ckpt.get("tokenizer_sha1") in (None, "", sha1_of(folder, "tokenizer.tiktoken")),
+                f"{folder}/tokenizer.tiktoken is not the tokenizer {path} was trained with; {fix}")
     refuse_nonfinite(model, path, "the run diverged: train it again with a lower --learning_rate")
-    if tokenizer.n_vocab != cfg.vocab_size:
-        sys.exit(f"error: the tokenizer beside '{path}' has {tokenizer.n_vocab} tokens, the model "
-                 f"{cfg.vocab_size}; put the model's own tokenizer there")
+    require(tokenizer.n_vocab == cfg.vocab_size, f"the tokenizer beside '{path}' has "
+            f"{tokenizer.n_vocab} tokens, the model {cfg.vocab_size}; put the model's own there")
     return model.to(device).eval(), tokenizer, cfg
 
 
@@ -943,17 +940,17 @@ def start_run(cfg, ckpt, model, optimizer, device, rank: int, world: int, bridge
         refuse_nonfinite(model, ckpt_path, "start a new run with a lower --learning_rate")
         print(f"resuming from {ckpt_path} at step {iter_num}")
         ckpt.clear()  # loaded: free its tensors now, not when the caller's reference goes
-    elif os.path.exists(ckpt_path) and not cfg.overwrite:
-        sys.exit(f"error: {ckpt_path} already holds a model; continue it with --init_from=resume, "
-                 "or pass another --out_dir, or --overwrite=True to replace it")
+    require(cfg.init_from == "resume" or cfg.overwrite or not os.path.exists(ckpt_path),
+            f"{ckpt_path} already holds a model; continue it with --init_from=resume, or pass "
+            "another --out_dir, or --overwrite=True to replace it")
     if rank > 0:  # DDP: rank 0 builds the token cache while the others wait, then they read it
         dist.barrier()
     data_path = bridged.dense_data if bridged else prepare_data(cfg)[0]
     if rank == 0 and world > 1:
         dist.barrier()
-    if trained_on is not None and os.path.basename(trained_on) != os.path.basename(data_path):
-        sys.exit(f"error: the corpus or vocabulary differs from the one {ckpt_path} was trained on "
-                 f"({trained_on}); resume with the same corpus")
+    require(trained_on is None or os.path.basename(trained_on) == os.path.basename(data_path),
+            f"the corpus or vocabulary differs from the one {ckpt_path} was trained on "
+            f"({trained_on}); resume with the same corpus")
     data = {s: np.memmap(f"{data_path}/{s}.bin", np.uint16, "r") for s in ("train", "val")}
     if short := [f"{s} split has {len(a)}" for s, a in data.items() if len(a) < cfg.block_size + 2]:
         sys.exit(f"error: {short[0]} tokens, fewer than block_size+1; add code or lower block_size")
@@ -1110,8 +1107,7 @@ def pick_device(name: str) -> torch.device:
     seen = dict(cuda=torch.cuda.is_available(), mps=torch.backends.mps.is_available(), cpu=True)
     if name == "auto":
         name = next(n for n, ok in seen.items() if ok)
-    if not seen.get(name):
-        sys.exit(f"error: --device={name} but no such device is visible; use --device=cpu")
+    require(seen.get(name), f"--device={name} but no such device is visible; use --device=cpu")
     return torch.device(name)
 
 
@@ -1120,8 +1116,8 @@ def setup_ddp(device: torch.device, batch_size: int) -> tuple[int, int, torch.de
     if "RANK" not in os.environ:
         return 0, 1, device
     rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
-    if batch_size % world:
-        sys.exit(f"error: global batch_size={batch_size} is not a multiple of {world} processes")
+    require(batch_size % world == 0, f"batch_size={batch_size} is not a multiple of {world} "
+            "processes")
     if device.type == "cuda":
         device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
         torch.cuda.set_device(device)
@@ -1190,8 +1186,7 @@ def parse_config(argv, defaults=DEFAULTS, presets=PRESETS, rules=RULES) -> Confi
         sys.exit(0)
     pairs = {}
     for arg in argv:
-        if not arg.startswith("--") or "=" not in arg:
-            sys.exit(f"error: expected --key=value, got '{arg}'")
+        require(arg.startswith("--") and "=" in arg, f"expected --key=value, got '{arg}'")
         key, text = arg[2:].split("=", 1)
         if key not in defaults:  # did you mean: the nearest spelling, if any is near
             near = [f" did you mean --{k}?" for k in difflib.get_close_matches(key, defaults, 1)]
@@ -1206,8 +1201,7 @@ def parse_config(argv, defaults=DEFAULTS, presets=PRESETS, rules=RULES) -> Confi
     if presets:
         if (name := pairs.get("preset", cfg.preset)) == "auto":
             name = "gpu" if torch.cuda.is_available() else "cpu"
-        if name not in presets:
-            sys.exit(f"error: unknown preset '{name}'; valid presets: {' '.join(presets)}")
+        require(name in presets, f"unknown preset '{name}'; valid presets: {' '.join(presets)}")
         cfg.update(presets[name], preset=name)
     cfg.update(pairs)
     check_rules(cfg, rules)
@@ -1216,8 +1210,8 @@ def parse_config(argv, defaults=DEFAULTS, presets=PRESETS, rules=RULES) -> Confi
 
 def check_rules(cfg, rules, where=""):
     for key, (ok, rule) in rules.items():
-        if key in cfg and not ok(cfg[key], cfg):
-            sys.exit(f"error: {where}{key}={cfg[key]} is invalid: it must be {rule}")
+        require(key not in cfg or ok(cfg[key], cfg),
+                f"{where}{key}={cfg.get(key)} is invalid: it must be {rule}")
 
 
 def same_kind(value, default) -> bool:  # the default's type (an int where a float belongs too)
@@ -1294,9 +1288,9 @@ def main(argv):
         ckpt = read_checkpoint(os.path.join(cfg.out_dir, "ckpt.pt"))
         defaults = {k: ckpt["config"].get(k, v) for k, v in DEFAULTS.items()}
         cfg = parse_config(argv, defaults | {"out_dir": cfg.out_dir}, presets=None)
-    if "RANK" in os.environ and not TORCHRUN_VARS <= set(os.environ):
-        sys.exit("error: RANK is set but torchrun's other variables (LOCAL_RANK, MASTER_ADDR, ...) "
-                 "are not; unset RANK and WORLD_SIZE, or launch with torchrun")
+    require("RANK" not in os.environ or TORCHRUN_VARS <= set(os.environ), "RANK is set but "
+            "torchrun's other variables (LOCAL_RANK, MASTER_ADDR, ...) are not; unset RANK and "
+            "WORLD_SIZE, or launch with torchrun")
     if os.environ.get("RANK", "0") != "0":  # under torchrun rank 0 alone logs
         sys.stdout = open(os.devnull, "w")
     print("config: " + " ".join(f"{k}={v}" for k, v in cfg.items()))
