@@ -5,7 +5,6 @@ prompt_a the next token should be token_a rather than token_b, after prompt_b th
 model that ignores the context scores exactly 50%. prune.py finds the circuit of one task.
 
     python tasks.py                                 # two example pairs of every task, checked
-    python tasks.py --tasks=for_while               # one task's examples, checked
     python tasks.py --ckpt=out/ckpt.pt              # accuracy and task loss of a checkpoint
     python tasks.py --ckpt=out/ckpt.pt --tasks=bracket_counting,for_while --n=500
 """
@@ -75,18 +74,11 @@ def message(rng) -> str:
 def statement(rng, ind: str, comments: bool = True) -> str:
     """One unrelated line (or a two-line if) of a function body at indentation ind."""
     x, y = name(rng), name(rng)
-    kind = rng.randrange(6 if comments else 5)
-    if kind == 0:
-        return f"{ind}{x} = {value(rng)}\n"
-    if kind == 1:
-        return f"{ind}{x} = {rng.choice(VERBS)}_{rng.choice(NOUNS)}({y})\n"
-    if kind == 2:
-        return f"{ind}{y}.append({x})\n"
-    if kind == 3:
-        return f"{ind}{x} = len({y})\n"
-    if kind == 4:
-        return f"{ind}if {x} is None:\n{ind}    {x} = {value(rng)}\n"
-    return f"{ind}# {message(rng)}\n"
+    kinds = (lambda: f"{x} = {value(rng)}",  # lambdas: only the chosen kind draws from rng
+             lambda: f"{x} = {rng.choice(VERBS)}_{rng.choice(NOUNS)}({y})",
+             lambda: f"{y}.append({x})", lambda: f"{x} = len({y})",
+             lambda: f"if {x} is None:\n{ind}    {x} = {value(rng)}", lambda: f"# {message(rng)}")
+    return f"{ind}{kinds[rng.randrange(6 if comments else 5)]()}\n"
 
 
 def preamble(rng, method: bool | None = None) -> tuple[str, str]:
@@ -95,20 +87,16 @@ def preamble(rng, method: bool | None = None) -> tuple[str, str]:
     args = ", ".join(rng.sample(NOUNS, rng.randint(1, 2)))
     text = rng.choice(["", "", f"import {rng.choice(['os', 're', 'sys', 'io'])}\n\n\n"])
     fname = f"{rng.choice(VERBS)}_{rng.choice(NOUNS)}"
-    if method:
-        text += f"class {rng.choice(CLASSES)}:\n\n    def {fname}(self, {args}):\n"
-    else:
-        text += f"def {fname}({args}):\n"
+    text += (f"class {rng.choice(CLASSES)}:\n\n    def {fname}(self, {args}):\n" if method
+             else f"def {fname}({args}):\n")
     ind = " " * (8 if method else 4)
-    if rng.random() < 0.3:
-        text += f'{ind}"""{message(rng).capitalize()}."""\n'
+    text += f'{ind}"""{message(rng).capitalize()}."""\n' if rng.random() < 0.3 else ""
     return text + "".join(statement(rng, ind) for _ in range(rng.randint(0, 3))), ind
 
 
 # -----------------------------------------------------------------------------
-# the 20 tasks, in the order of the paper's Table 1. Answers are tokens the corpus tokenization
-# produces at that point (paper A.7): ("  ')  ]]  are single tokens, so a quote or bracket is
-# answered together with the punctuation that follows it.
+# the 20 tasks, in the paper's Table 1 order. Answers are tokens as the corpus tokenization cuts
+# them (A.7): ("  ')  ]]  are single tokens, so a quote or bracket comes with what follows it.
 
 
 def single_double_quote(rng) -> Pair:
@@ -137,8 +125,7 @@ def set_or_string(rng, var: str | None = None) -> Pair:
     head, ind = preamble(rng)
     item, seq = rng.choice(NOUNS), rng.choice(PLURALS)
     loop = f"{ind}for {item} in {seq}:\n"
-    if rng.random() < 0.5:
-        loop += f"{ind}    if not {item}:\n{ind}        continue\n"
+    loop += f"{ind}    if not {item}:\n{ind}        continue\n" if rng.random() < 0.5 else ""
     end = loop + f"{ind}    {var}"
     empty = rng.choice(["''", '""'])
     return Pair(f"{head}{ind}{var} = set()\n{end}", f"{head}{ind}{var} = {empty}\n{end}",
@@ -197,9 +184,7 @@ def bracket_counting(rng, comment: str = "") -> Pair:
     """Close a nested list with ]] and a flat one with ]."""
     head, ind = preamble(rng)
     items = ", ".join(element(rng) for _ in range(rng.randint(1, 6)))
-    if comment:
-        head += f"{ind}{comment}\n"
-    start = f"{head}{ind}{name(rng)} = "
+    start = head + (f"{ind}{comment}\n" if comment else "") + f"{ind}{name(rng)} = "
     return Pair(f"{start}[[{items}", f"{start}[{items}", "]]", "]")
 
 
@@ -334,12 +319,9 @@ def split_of(prompt: str) -> str:
 
 def make_pairs(name: str, n: int, seed: int = 0, split: str = "train") -> list[Pair]:
     """n pairs of task `name` with both prompts in `split` (train and test never share one)."""
-    if name not in ALL:
-        raise ValueError(f"unknown task '{name}'; valid tasks: {' '.join(ALL)}")
-    if type(n) is not int or n < 0:
-        raise ValueError(f"n must be a whole number of pairs, got {n!r}")
-    if split not in ("train", "test"):
-        raise ValueError(f"split must be train or test, got '{split}'")
+    if name not in ALL or type(n) is not int or n < 1 or split not in ("train", "test"):
+        raise ValueError(f"make_pairs: task {name!r}, n={n!r}, split={split!r}: the task must be "
+                         "a key of tasks.ALL, n a whole number >= 1, split train or test")
     rng, pairs, draws = random.Random(f"{name}/{seed}"), [], 20 * n + 100
     for _ in range(draws):  # bounded: a new task whose prompts never vary would loop forever
         pair = ALL[name](rng)
@@ -359,17 +341,13 @@ def answer_id(tokenizer, token: str) -> int:
 
 
 def check_pairs(tokenizer, name: str, pairs: list[Pair]):
-    """A ValueError names the task and token unless each answer is one token, produced as it is
-    after every prompt (paper A.7): encode(prompt + answer) == encode(prompt) + [answer]."""
+    """ValueError naming task and token unless each answer is one token after every prompt (A.7)."""
     encode = tokenizer.encode_ordinary
     try:
-        for pair in pairs:
-            for token in (pair.token_a, pair.token_b):
-                tid = answer_id(tokenizer, token)
-                for prompt in (pair.prompt_a, pair.prompt_b):
-                    if encode(prompt + token) != encode(prompt) + [tid]:
-                        raise ValueError(f"answer {token!r} merges with the end of the prompt "
-                                         f"...{prompt[-40:]!r} instead of following it")
+        for token, prompt in ((t, p) for pair in pairs for t in pair[2:] for p in pair[:2]):
+            if encode(prompt + token) != encode(prompt) + [answer_id(tokenizer, token)]:
+                raise ValueError(f"answer {token!r} merges with the end of the prompt "
+                                 f"...{prompt[-40:]!r} instead of following it")
     except ValueError as e:
         raise ValueError(f"task {name}: {e}") from None
 
@@ -379,36 +357,29 @@ def check_pairs(tokenizer, name: str, pairs: list[Pair]):
 
 
 def encode_pairs(tokenizer, pairs: list[Pair], block_size: int, device="cpu") -> dict:
-    """Rows 2i / 2i+1: prompt_a / prompt_b of pair i, right-padded (a causal model never sees the
-    padding at `last`, each row's answer position), cut to their last block_size tokens; sign:
-    +1 where token_a is the right answer, -1 where token_b is. prune.py trains masks on it."""
+    """Rows 2i / 2i+1: pair i's prompts, last block_size tokens, right-padded (a causal model never
+    sees the padding at `last`, the answer position); sign +1 where token_a is right, else -1."""
     if not pairs:
         raise ValueError("no pairs to encode: pass at least one Pair")
     answers = [(answer_id(tokenizer, p.token_a), answer_id(tokenizer, p.token_b)) for p in pairs]
     tok_a, tok_b = torch.tensor(answers).T.repeat_interleave(2, dim=1)  # one per prompt
-    rows = [tokenizer.encode_ordinary(prompt)[-block_size:] for p in pairs for prompt in p[:2]]
-    idx = torch.zeros(len(rows), max(map(len, rows)), dtype=torch.long)
-    for i, row in enumerate(rows):
-        idx[i, : len(row)] = torch.tensor(row)
+    rows = [torch.tensor(tokenizer.encode_ordinary(s)[-block_size:]) for p in pairs for s in p[:2]]
+    idx = torch.nn.utils.rnn.pad_sequence(rows, batch_first=True)
     data = dict(idx=idx, last=torch.tensor([len(r) - 1 for r in rows]), tok_a=tok_a, tok_b=tok_b,
                 sign=torch.tensor([1.0, -1.0] * len(pairs)))
     return {k: v.to(device) for k, v in data.items()}
 
 
-def answer_logits(model, tokenizer, pairs: list[Pair]) -> tuple[torch.Tensor, torch.Tensor]:
-    """(logit of the correct answer, logit of the wrong one), each of shape (2n,): row 2i is
-    prompt_a of pair i, row 2i+1 its prompt_b. One batched forward, differentiable."""
+def margins(model, tokenizer, pairs: list[Pair]) -> torch.Tensor:
+    """Right answer's logit - wrong one's, per row of encode_pairs: one differentiable forward."""
     data = encode_pairs(tokenizer, pairs, model.cfg.block_size, next(model.parameters()).device)
     rows = torch.arange(len(data["last"]), device=data["idx"].device)
     last = model(data["idx"])[0][rows, data["last"]].float()
-    a, b = last[rows, data["tok_a"]], last[rows, data["tok_b"]]
-    first_right = data["sign"] > 0
-    return torch.where(first_right, a, b), torch.where(first_right, b, a)
+    return data["sign"] * (last[rows, data["tok_a"]] - last[rows, data["tok_b"]])
 
 
 def score(margin: torch.Tensor) -> tuple[torch.Tensor, float]:
-    """Cross-entropy over just the two answers, softplus(-margin) with margin = logit right - logit
-    wrong, mean over prompts; accuracy = fraction of margins > 0. prune.py scores with it too."""
+    """Two-answer cross-entropy softplus(-margin) and accuracy; margin: right - wrong logit."""
     return F.softplus(-margin).mean(), (margin > 0).float().mean().item()
 
 
@@ -420,17 +391,14 @@ def solved(scores: dict, min_acc: float = SOLVED_ACC) -> list[str]:
 @torch.no_grad()
 def evaluate(model, tokenizer, names, n: int = 200, seed: int = 0, split: str = "test",
              batch_pairs: int = 32) -> dict[str, tuple[float, float, int]]:
-    """name -> (task loss, accuracy, pairs) on n fresh pairs of each task; ValueError for a task
-    whose answers this tokenizer cannot produce as single tokens."""
-    for key, count in (("n", n), ("batch_pairs", batch_pairs)):
-        if count < 1:
-            raise ValueError(f"{key} must be at least 1, got {count}")
+    """name -> (task loss, accuracy, n) on n fresh pairs; ValueError: answers not one token here."""
+    if batch_pairs < 1:
+        raise ValueError(f"batch_pairs must be at least 1, got {batch_pairs}")
     out = {}
     for name in names:
         pairs = for_tokenizer(tokenizer, name, make_pairs(name, n, seed, split))
-        right, wrong = zip(*(answer_logits(model, tokenizer, pairs[i : i + batch_pairs])
-                             for i in range(0, n, batch_pairs)))
-        loss, acc = score(torch.cat(right) - torch.cat(wrong))
+        loss, acc = score(torch.cat([margins(model, tokenizer, pairs[i : i + batch_pairs])
+                                     for i in range(0, n, batch_pairs)]))
         out[name] = (loss.item(), acc, n)
     return out
 
@@ -448,14 +416,17 @@ def task_names(text: str) -> list[str]:
     return [t for t in text.split(",") if t]
 
 
-def check_cached(names, cfg) -> bool:
-    """Without a checkpoint: every task's train and test pairs checked against each tokenizer
-    cached in cache_dir, as an evaluation or prune.py would ask them. False if one fails."""
-    paths = sorted(Path(cfg.cache_dir).glob("*/tokenizer.tiktoken"))
+def show_examples(names, cfg):
+    """Two pairs of each task, then all its pairs checked under each tokenizer in cache_dir."""
+    print("every prompt is followed by ⟨correct answer > wrong answer⟩\n")
+    for name in names:
+        print(f"=== {name}: {ALL[name].__doc__}")
+        for p in make_pairs(name, 2, cfg.seed, "train"):
+            print(f"{p.prompt_a}⟨{p.token_a!r} > {p.token_b!r}⟩\n")
+            print(f"{p.prompt_b}⟨{p.token_b!r} > {p.token_a!r}⟩\n")
+    paths, failed = sorted(Path(cfg.cache_dir).glob("*/tokenizer.tiktoken")), 0
     if not paths:
-        print(f"no tokenizer cached in {cfg.cache_dir}/, so the answers are not checked (python "
-              "sparse_gpt.py builds one; --cache_dir=FOLDER names another cache)")
-    failed = 0
+        print(f"no tokenizer cached in {cfg.cache_dir}/: not checked (sparse_gpt.py makes one)")
     for path in paths:
         tokenizer = sparse_gpt.load_tokenizer(str(path))
         for name in names:
@@ -465,19 +436,10 @@ def check_cached(names, cfg) -> bool:
             except ValueError as e:
                 print(f"error: {e} (tokenizer {path})")
                 failed += 1
-        print(f"checked {len(names)} task(s) against {path}, {cfg.n} train and {cfg.n} test pairs "
-              "each: " + (f"{failed} failed" if failed else "every answer is one token that "
-                          "follows its prompt as the corpus tokenization would produce it"))
-    return not failed
-
-
-def show_examples(names, seed: int):
-    print("every prompt is followed by ⟨correct answer > wrong answer⟩\n")
-    for name in names:
-        print(f"=== {name}: {ALL[name].__doc__}")
-        for p in make_pairs(name, 2, seed, "train"):
-            print(f"{p.prompt_a}⟨{p.token_a!r} > {p.token_b!r}⟩\n")
-            print(f"{p.prompt_b}⟨{p.token_b!r} > {p.token_a!r}⟩\n")
+        print(f"checked {len(names)} task(s) against {path}, {cfg.n} train and test pairs each: "
+              + (f"{failed} failed" if failed else "every answer is one token after its prompt"))
+    if failed:
+        sys.exit(1)
 
 
 @sparse_gpt.cli
@@ -486,10 +448,9 @@ def main(argv):
     names = list(ALL) if cfg.tasks == "all" else task_names(cfg.tasks)
     if not cfg.ckpt:
         try:
-            show_examples(names, cfg.seed)
+            return show_examples(names, cfg)
         except ValueError as e:  # a new task that cannot make its pairs
             sys.exit(f"error: {e}")
-        return None if check_cached(names, cfg) else sys.exit(1)
     model, tokenizer, _ = sparse_gpt.load_checkpoint(cfg.ckpt, sparse_gpt.pick_device(cfg.device))
     print(f"{cfg.ckpt}: {cfg.n} {cfg.split} pairs per task (seed {cfg.seed})")
     print(f"{'task':<30}{'acc':>7}{'loss':>8}{'n':>6}")
@@ -515,11 +476,10 @@ def main(argv):
 
 
 # -----------------------------------------------------------------------------
-# the pairs in another tokenizer, which may cut the code elsewhere (tinypython_2k, the released
-# models' tokenizer, keeps newlines on punctuation runs). FOLLOWS: what follows each answer in real
-# code; an answer becomes that tokenizer's first token after the prompt in prompt + answer +
-# FOLLOWS. Worked example, single_double_quote: after `raise ValueError("invalid name` our answers
-# `")` vs `')` are asked as `")\n` vs `')\n` in tinypython (README: Tasks in their tokenizer).
+# the pairs in another tokenizer (tinypython_2k, the released models', keeps newlines on punctuation
+# runs). FOLLOWS: what follows each answer in code; an answer becomes the tokenizer's first token of
+# answer + FOLLOWS after the prompt. Worked example, single_double_quote: our `")` vs `')` after
+# `raise ValueError("invalid name` are asked as `")\n` vs `')\n` (README: Tasks in their tokenizer).
 FOLLOWS = dict(
     single_double_quote=("\n",) * 2, final_kwarg=("0):", "\n"), set_or_string=("add(x)", " x"),
     set_or_string_fixedvarname=("add(x)", " x"), class_init=("\n",) * 2,
@@ -558,25 +518,16 @@ def as_tokenized(tokenizer, name: str, pair: Pair) -> Pair:
 
 
 def for_tokenizer(tokenizer, name: str, pairs: list[Pair]) -> list[Pair]:
-    """The pairs as this tokenizer asks them, checked (ValueError: it cannot). Ours asks them as
-    written (a bad answer is the task's bug); a released model's rewrites them, printed."""
+    """The pairs as this tokenizer asks them, checked: ours as written (a bad answer is a bug)."""
     if tokenizer._pat_str != sparse_gpt.PRETOKEN_PATTERN:
         asked = [as_tokenized(tokenizer, name, p) for p in pairs]
-        for how, count in Counter(rewrite(p, q) for p, q in zip(pairs, asked) if p != q).items():
-            print(f"{name}: {count} of {len(pairs)} pairs asked as {how}")
+        changed = Counter(q[2:] + p[2:] for p, q in zip(pairs, asked) if p != q)
+        for (a, b, was_a, was_b), count in changed.items():
+            print(f"{name}: {count} of {len(pairs)} pairs asked as {a!r} / {b!r} instead of "
+                  f"{was_a!r} / {was_b!r}")
         pairs = asked
     check_pairs(tokenizer, name, pairs)
     return pairs
-
-
-def rewrite(old: Pair, new: Pair) -> str:
-    """'")\\n' / "')\\n" instead of '")' / "')", and how the prompts changed."""
-    how = f"{new.token_a!r} / {new.token_b!r} instead of {old.token_a!r} / {old.token_b!r}"
-    if old.prompt_a.startswith(new.prompt_a) and new.prompt_a != old.prompt_a:
-        how += f", the prompts less their last {old.prompt_a[len(new.prompt_a):]!r}"
-    elif new.prompt_a.startswith(old.prompt_a) and new.prompt_a != old.prompt_a:
-        how += f", the prompts followed by {new.prompt_a[len(old.prompt_a):]!r}"
-    return how
 
 
 if __name__ == "__main__":

@@ -704,7 +704,7 @@ def task_tokenizer(task_ranks):
 
 def task_loss(model, tokenizer, pairs) -> tuple[torch.Tensor, float]:
     """(task loss as a differentiable scalar, accuracy) on these pairs, as evaluate scores them."""
-    return tasks.score(torch.sub(*tasks.answer_logits(model, tokenizer, pairs)))
+    return tasks.score(tasks.margins(model, tokenizer, pairs))
 
 
 class ContextBlind(torch.nn.Module):
@@ -867,8 +867,8 @@ def test_our_tokenizer_asks_a_task_as_written_and_another_prints_each_rewrite(
                                        "\"')\\n\" instead of '\")' / \"')\"\n")
     tasks.for_tokenizer(official_pattern_tokenizer, "with_as", tasks.make_pairs("with_as", 30))
     out = capsys.readouterr().out.splitlines()  # e.g. "with_as: 12 of 30 pairs asked as "')" /
-    assert sum(int(s.split()[1]) for s in out) == 30  # "')\n" instead of ' as' / '\n    ', the
-    assert all("the prompts less their last" in s for s in out)  # prompts less their last "')"
+    assert sum(int(s.split()[1]) for s in out) == 30  # "')\n" instead of ' as' / '\n    '
+    assert all(" instead of ' as' / '\\n " in s for s in out)
 
 
 def test_a_bad_answer_is_a_clear_error_naming_task_and_token(task_tokenizer):
@@ -904,27 +904,27 @@ def test_left_truncation_keeps_the_answer_position(task_tokenizer):
     pairs = tasks.make_pairs("bracket_counting_long", 3) + [short] + tasks.make_pairs("with_as", 3)
     lengths = [len(task_tokenizer.encode_ordinary(s)) for p in pairs for s in p[:2]]
     assert min(lengths) < block_size < max(lengths)  # some prompts are padded, some truncated
-    right, wrong = tasks.answer_logits(model, task_tokenizer, pairs)
-    assert right.shape == wrong.shape == (2 * len(pairs),)
+    margin = tasks.margins(model, task_tokenizer, pairs)
+    assert margin.shape == (2 * len(pairs),)
     for i, p in enumerate(pairs):
         both = ((p.prompt_a, p.token_a, p.token_b), (p.prompt_b, p.token_b, p.token_a))
         for j, (prompt, ok, bad) in enumerate(both):
             ids = task_tokenizer.encode_ordinary(prompt)[-block_size:]
             last = model(torch.tensor([ids]))[0][0, -1]
             ok_id, bad_id = (task_tokenizer.encode_ordinary(t)[0] for t in (ok, bad))
-            torch.testing.assert_close(right[2 * i + j], last[ok_id], rtol=1e-4, atol=1e-4)
-            torch.testing.assert_close(wrong[2 * i + j], last[bad_id], rtol=1e-4, atol=1e-4)
+            torch.testing.assert_close(margin[2 * i + j], last[ok_id] - last[bad_id], rtol=1e-4,
+                                       atol=1e-4)
 
 
 def test_task_loss_is_the_differentiable_two_way_cross_entropy(task_tokenizer):
     model = tiny_gpt(task_tokenizer.n_vocab, 64)
     pairs = tasks.make_pairs("single_double_quote", 4)
     loss, acc = task_loss(model, task_tokenizer, pairs)
-    right, wrong = tasks.answer_logits(model, task_tokenizer, pairs)
-    two_way = torch.stack([right, wrong], dim=1)
-    expected = F.cross_entropy(two_way, torch.zeros(len(right), dtype=torch.long))
+    margin = tasks.margins(model, task_tokenizer, pairs)  # logits (right, wrong) ~ (margin, 0)
+    two_way = torch.stack([margin, torch.zeros_like(margin)], dim=1)
+    expected = F.cross_entropy(two_way, torch.zeros(len(margin), dtype=torch.long))
     torch.testing.assert_close(loss, expected)
-    assert acc == (right > wrong).float().mean().item()
+    assert acc == (margin > 0).float().mean().item()
     loss.backward()
     assert model.lm_head.weight.grad.abs().sum() > 0
 
@@ -1323,9 +1323,9 @@ def test_answer_diff_matches_tasks_scoring():
         model.bigram.weight.normal_()
     tokenizer, pairs = byte_tokenizer(), [planted_task(random.Random(i)) for i in range(40)]
     data = tasks.encode_pairs(tokenizer, pairs, 8, torch.device("cpu"))
-    right, wrong = tasks.answer_logits(model, tokenizer, pairs)
+    margin = tasks.margins(model, tokenizer, pairs)
     # 80 prompts of 4 to 8 tokens: answer_diff's chunks of 32, each of similar lengths
-    torch.testing.assert_close(data["sign"] * prune.answer_diff(model, data), right - wrong)
+    torch.testing.assert_close(data["sign"] * prune.answer_diff(model, data), margin)
     loss, acc = prune.pair_loss(prune.answer_diff(model, data), data)
     ref_loss, ref_acc = task_loss(model, tokenizer, pairs)
     torch.testing.assert_close(loss, ref_loss)
@@ -2102,18 +2102,18 @@ def bad_function_calls(w):
             (lambda: sg.pick_device("mps"), SystemExit, "mps"),
             (lambda: sg.list_py_files(str(bad / "a_file")), SystemExit, "a_file"),
             (lambda: sg.prepare_data(sg.Config(small, vocab_size=9000)), SystemExit, "vocab_size"),
-            (lambda: tasks.make_pairs("nope", 2), ValueError, "unknown task"),
-            (lambda: tasks.make_pairs("for_while", 2, split="val"), ValueError, "split"),
+            (lambda: tasks.make_pairs("nope", 2), ValueError, "task 'nope'"),
+            (lambda: tasks.make_pairs("for_while", 2, split="val"), ValueError, "split='val'"),
             (lambda: tasks.evaluate(*loaded(run / "ckpt.pt")[:2], ["for_while"], n=0), ValueError,
-             "n must be at least 1"),
+             "n=0"),
             (lambda: prune.load_means(*loaded(bad / "short_val" / "ckpt.pt")[::2],
                                       str(bad / "short_val" / "ckpt.pt"), 2, torch.device("cpu")),
              SystemExit, "val.bin"),
             # the second pass (issue 20)
             (lambda: tasks.evaluate(*loaded(run / "ckpt.pt")[:2], ["for_while"], batch_pairs=0),
              ValueError, "batch_pairs must be at least 1"),
-            (lambda: tasks.make_pairs("for_while", "3"), ValueError, "n must be a whole number"),
-            (lambda: tasks.answer_logits(*loaded(run / "ckpt.pt")[:2], []), ValueError, "no pairs"),
+            (lambda: tasks.make_pairs("for_while", "3"), ValueError, "n='3'"),
+            (lambda: tasks.margins(*loaded(run / "ckpt.pt")[:2], []), ValueError, "no pairs"),
             (lambda: sg.GPT(sg.Config(sg.DEFAULTS, d_head=0)), ValueError, "d_head"),
             (lambda: sg.load_checkpoint(str(run / "ckpt.pt"), device=absent), SystemExit, absent)]
 
@@ -2550,7 +2550,10 @@ def test_bench_prints_the_sparse_and_dense_step_times_and_their_ratio(capsys):
            for line in out.splitlines() if " | step " in line)}
     assert set(ms) == {"sparse", "dense"}
     ratio = float(out.split("ratio sparse / dense:")[1].split()[0])
-    assert ratio == pytest.approx(ms["sparse"] / ms["dense"], abs=0.01 + 0.1 / ms["dense"])
+    # the times print to 0.1 ms, the ratio from the unrounded times: the rounding of both times
+    # moves sparse / dense by up to 0.05 * (1 + ratio) / dense (a ratio of 5.5 under load)
+    assert ratio == pytest.approx(ms["sparse"] / ms["dense"],
+                                  abs=0.01 + 0.06 * (1 + ratio) / (ms["dense"] - 0.05))
 
 
 # the paper's released models: a folder in their format, built here from a seeded random state
