@@ -14,6 +14,7 @@ line; --bench; main.
 
 import base64
 import difflib
+import fcntl
 import hashlib
 import heapq
 import json
@@ -26,7 +27,7 @@ import sys
 import sysconfig
 import time
 from collections import Counter
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -39,8 +40,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-# -----------------------------------------------------------------------------
-# config: flat defaults, overridden by a preset, then by --key=value
+# ---- config: flat defaults, overridden by a preset, then by --key=value
 
 DEFAULTS = dict(
     preset="auto",  # auto = gpu with CUDA, else cpu; see PRESETS
@@ -93,15 +93,19 @@ DEFAULTS = dict(
 )
 
 PRESETS = {
-    "tiny": dict(out_dir="out/tiny", n_layer=1, d_model=64, d_mlp=256, block_size=64,
-                 batch_size=16, max_iters=200, eval_interval=100, eval_iters=5, log_interval=20,
-                 learning_rate=1e-2),
+    "tiny": dict(out_dir="out/tiny", n_layer=1, d_model=64, d_mlp=256, block_size=64, batch_size=16,
+                 max_iters=200, eval_interval=100, eval_iters=5, log_interval=20),
     "cpu": dict(),  # the defaults: chosen for the smallest circuits in ~15 min on 2 cores (README)
     # official example's shape and densities, batch sized for 80 GB; ~1 h on an H100 (README)
     "gpu": dict(n_layer=8, d_model=1024, d_mlp=4096, block_size=256, batch_size=256,
                 max_iters=10000, density=1 / 64, learning_rate=1.1e-3, eval_interval=500,
                 compile=True),
 }
+
+
+def require(ok, message: str):  # a bad input's one line: "error: what is wrong; the fix"
+    if not ok:
+        sys.exit(f"error: {message}")
 
 
 class Config(dict):
@@ -114,11 +118,9 @@ class Config(dict):
             raise AttributeError(key) from None
 
 
-# -----------------------------------------------------------------------------
-# model: GPT with RMSNorm, small heads, attention sinks, a bigram table, and AbsTopK at every
+# ---- model: GPT with RMSNorm, small heads, attention sinks, a bigram table, and AbsTopK at every
 # node location (paper section 1)
 
-# The model reads the keys under "# model" in DEFAULTS from the flat config: GPT(cfg).
 # Where AbsTopK may act (afrac_nodes). The ninth node location, final.resid_in, has none.
 NODE_LOCATIONS = ("attn.resid_in", "attn.q", "attn.k", "attn.v", "attn.resid_delta",
                   "mlp.resid_in", "mlp.post_act", "mlp.resid_delta")
@@ -131,9 +133,8 @@ def abstopk(x: torch.Tensor, k: int) -> torch.Tensor:
 
 
 def kth_largest(a: torch.Tensor, k: int, dim: int = -1) -> torch.Tensor:
-    """The k-th largest of `a` (>= 0) along dim, kept as a size-1 dim: a selection, not a sort
-    (paper B); detached, so that autograd keeps no topk indices (memory)."""
-    a = a.detach()
+    """The k-th largest of a (>= 0) along dim, keepdim: a selection, not a sort (paper B)."""
+    a = a.detach()  # autograd then keeps no topk indices (memory)
     if a.device.type == "cpu" and a.dtype == torch.float32:
         return kth_largest_numpy(a, k, dim)
     return a.topk(k, dim=dim, sorted=False).values.amin(dim, keepdim=True)
@@ -148,8 +149,7 @@ def kth_largest_numpy(a: torch.Tensor, k: int, dim: int) -> torch.Tensor:
 
 
 class Node(nn.Module):
-    """One node location: AbsTopK, then a hook. prune.py sets `hook` to a function
-    (name, x) -> x that gates and mean-ablates single nodes (entries of the last dimension)."""
+    """One node location: AbsTopK, then a hook (name, x) -> x by which prune.py ablates nodes."""
 
     def __init__(self, layer, location: str, width: int, cfg):
         super().__init__()
@@ -168,9 +168,8 @@ class Node(nn.Module):
 
 
 def attend_with_sink(q, k, v, sink):
-    """Causal attention plus one key that every query sees, of logit `sink` (per head) and value
-    zero: a learnable term in the softmax's denominator (paper 1). Built from the inputs of
-    scaled_dot_product_attention, so that its fast kernels still run."""
+    """Causal attention plus a key every query sees, of logit `sink` (per head) and value zero: a
+    learnable term in the softmax's denominator (paper 1), built so SDPA's fast kernels run."""
     B, H, T, D = q.shape
     scale = D**-0.5
     # 1. one dimension more: 1 on every query, 0 on every real key and value, so real logits
@@ -308,8 +307,7 @@ class GPT(nn.Module):
         return idx
 
 
-# -----------------------------------------------------------------------------
-# weight sparsity (paper section 2): after every optimizer step each sparse matrix keeps its
+# ---- weight sparsity (paper section 2): after every optimizer step each sparse matrix keeps its
 # ceil(density * numel) largest-magnitude entries, with a floor of min_per_neuron per neuron
 
 EMBEDDINGS = ("wte.weight", "wpe.weight", "lm_head.weight")  # wpe: sparse like wte (official)
@@ -368,16 +366,13 @@ def n_kept(model: GPT, cfg) -> int:  # nonzero at the target densities: the pape
                for n, p, _ in sparse_matrices(model))
 
 
-# -----------------------------------------------------------------------------
-# optimizer: AdamW on a gradient of RMS 1, and the sharkfin learning rate (paper section 2)
+# ---- optimizer: AdamW on a gradient of RMS 1, and the sharkfin learning rate (paper section 2)
 
 
 def make_optimizer(model: GPT, cfg, device_type: str) -> torch.optim.AdamW:
-    decay = [p for n, p in model.named_parameters() if p.dim() >= 2 and not n.startswith("bigram")]
-    no_decay = [p for n, p in model.named_parameters()
-                if p.dim() < 2 or n.startswith("bigram")]  # norm gains, sinks, bigram table
-    groups = [{"params": decay, "weight_decay": cfg.weight_decay},
-              {"params": no_decay, "weight_decay": 0.0}]
+    groups = [{"params": [p for n, p in model.named_parameters()  # d=False: gains, sinks, bigram
+                          if (p.dim() >= 2 and not n.startswith("bigram")) == d],
+               "weight_decay": cfg.weight_decay * d} for d in (True, False)]
     return torch.optim.AdamW(groups, lr=cfg.learning_rate, betas=(0.9, 0.95), eps=cfg.adam_eps,
                              fused=device_type == "cuda")
 
@@ -393,21 +388,18 @@ def normalize_grad_rms_(params) -> torch.Tensor:
 
 
 def warmup_decay(it: int, steps: int, warmup_frac: float) -> float:
-    """Linear warmup over the first warmup_frac of `steps`, then linear decay to zero: the factor
-    on the peak learning rate (prune.py's mask training uses it too)."""
+    """The factor on the peak rate: linear warmup over warmup_frac of `steps`, then decay to 0."""
     warm = max(1, round(warmup_frac * steps))
     return (it + 1) / warm if it < warm else (steps - it) / max(1, steps - warm)
 
 
 def lr_at(it: int, cfg) -> float:
-    """Sharkfin (paper 2): warmup and decay times 1/sqrt(density now), so the rate rises while the
-    model gets sparser."""
+    """Sharkfin (paper 2): warmup_decay / sqrt(density now): the rate rises as the model thins."""
     return (cfg.learning_rate * warmup_decay(it, cfg.max_iters, cfg.warmup_frac)
             / math.sqrt(density_at(it, cfg)))
 
 
-# -----------------------------------------------------------------------------
-# training loop: lr -> batch -> step -> projection -> log / eval / save. The run's setup, its
+# ---- training loop: lr -> batch -> step -> projection -> log / eval / save. The run's setup, its
 # Ctrl-C handling and the cross-rank plumbing are named helpers below the marked line.
 
 
@@ -464,8 +456,8 @@ def train(cfg, ckpt: dict | None = None) -> list[tuple[int, float]]:
     model = GPT(cfg).to(device)
     optimizer = make_optimizer(model, cfg, device.type)
     bridged = bridge_to_dense(cfg, model, optimizer, device) if cfg.bridge_to else None
-    iter_num, best_val_loss, data, tokenizer, data_path = start_run(cfg, ckpt, model, optimizer,
-                                                                    device, rank, world, bridged)
+    iter_num, best_val_loss, data, tokenizer, data_path, lock = start_run(
+        cfg, ckpt, model, optimizer, device, rank, world, bridged)  # lock: rank 0's, on out_dir
     ckpt_path, autocast = os.path.join(cfg.out_dir, "ckpt.pt"), bf16_autocast(device)
     fmodel = torch.compile(model) if cfg.compile else model
     if bridged is not None:  # then train_step runs the sparse model, the bridges, the dense one
@@ -475,7 +467,6 @@ def train(cfg, ckpt: dict | None = None) -> list[tuple[int, float]]:
     stepped = fmodel if bridged is None else bridged
     train_model = DDP(stepped) if world > 1 else stepped
     history, start_iter, t_start, t_last = [], iter_num, time.time(), time.time()
-    lock = os.path.join(cfg.out_dir, "run.lock") if rank == 0 else None  # claimed by start_run
     with ctrl_c_finishes_the_step(world, lock) as stop:
         while iter_num < cfg.max_iters:
             lr = lr_at(iter_num, cfg)
@@ -491,10 +482,8 @@ def train(cfg, ckpt: dict | None = None) -> list[tuple[int, float]]:
             if world > 1:
                 loss, anyone = mean_over_ranks(loss, stopping, world, device)
                 stopping = stopping or signal.SIGINT * anyone  # another rank was signalled
-            if not math.isfinite(loss):
-                sys.exit(f"error: loss is {loss} at step {iter_num}; stopped. The last good "
-                         f"checkpoint is kept in {ckpt_path}. Start a new run with a lower "
-                         "--learning_rate (resume keeps the run's own).")
+            require(math.isfinite(loss), f"loss is {loss} at step {iter_num}; the last good "
+                    f"checkpoint is kept in {ckpt_path}; retrain with a lower --learning_rate")
             iter_num += 1
             history.append((iter_num, loss))
             last = iter_num == cfg.max_iters
@@ -526,18 +515,16 @@ def train(cfg, ckpt: dict | None = None) -> list[tuple[int, float]]:
     return history
 
 
-# -----------------------------------------------------------------------------
-# bridges (paper 2.3, 3.3, A.3; README: Bridges): the sparse model trains beside a frozen dense
+# ---- bridges (paper 2.3, 3.3, A.3; README: Bridges): the sparse model trains beside a frozen dense
 # one, joined at each of the 2L sites (GPT.forward) by an encoder f_i (dense -> sparse: Linear,
 # AbsTopK) and a decoder g_i (sparse -> dense: Linear), so that its circuits explain the dense
 # model. loss = sparse CE + c_nmse * sum_i [NMSE(f_i(h_dense_i), h_sparse_i) + NMSE(g_i(h_sparse_i),
-# h_dense_i)] + c_kl * sum_i [KL(dense logits || dense to site i, f_i, sparse from there on)
-# + KL(dense logits || sparse to site i, g_i, dense from there on)]
+# h_dense_i)] + c_kl * sum_i [KL(dense logits || dense to site i, f_i, sparse from there on) +
+# KL(dense logits || sparse to site i, g_i, dense from there on)]
 
 
 def nmse(pred, target):
-    """Squared error over the target's variance per token (over its channels; the denominator
-    detached, a fixed scale), mean over tokens: 1 is as bad as predicting each token's mean."""
+    """Squared error / the target's variance (detached) per token, mean: 1 = predicting its mean."""
     return ((pred - target).pow(2).mean(-1) / (target.var(-1, correction=0).detach() + 1e-6)).mean()
 
 
@@ -583,17 +570,15 @@ class Bridged(nn.Module):
                     dec=self.dec.state_dict())
 
     def load(self, saved: dict, where: str):
-        if saved["dense_sha1"] != self.dense_sha1:
-            sys.exit(f"error: {self.dense_path} changed since {where} was trained beside it; "
-                     "bridge to the dense checkpoint it was trained with")
+        require(saved["dense_sha1"] == self.dense_sha1, f"{self.dense_path} changed since {where} "
+                "was trained beside it; bridge to the dense checkpoint it was trained with")
         self.enc.load_state_dict(saved["enc"])
         self.dec.load_state_dict(saved["dec"])
 
 
 def bridge_to_dense(cfg, model: GPT, optimizer, device) -> Bridged:
-    """The dense model, checked to fit (load_checkpoint checks its tokenizer), and new bridges,
-    stepped with the sparse model (matrices decayed, biases not; never projected). The run
-    trains on the dense run's token cache and tokenizer: .dense_data."""
+    """The dense model, checked to fit, and new bridges, stepped with the sparse model (matrices
+    decayed, biases not; never projected). .dense_data: the dense run's tokens and tokenizer."""
     dense, tokenizer, dcfg = load_checkpoint(cfg.bridge_to, device)
     why = [f"its {k} is {dcfg[k]}, this run's {cfg[k]}: pass --{k}={dcfg[k]}"
            for k in ("n_layer", "vocab_size", "block_size")  # a longer dense context is fine
@@ -607,7 +592,6 @@ def bridge_to_dense(cfg, model: GPT, optimizer, device) -> Bridged:
     for decay in (True, False):
         optimizer.add_param_group({"params": [p for p in params if (p.dim() == 2) == decay],
                                    "weight_decay": cfg.weight_decay * decay})
-    print(f"bridges: {len(bridged.enc)} sites, {sum(p.numel() for p in params):,} dense weights")
     bridged.dense_data = dcfg.data_path, tokenizer
     return bridged
 
@@ -616,8 +600,7 @@ def load_bridged(path: str, device="cpu") -> Bridged:
     """A bridged run's sparse model, dense model and bridges, as trained (for prune.py)."""
     sparse, _, cfg = load_checkpoint(path, device)
     saved = read_checkpoint(path).get("bridges")
-    if saved is None:
-        sys.exit(f"error: {path} has no bridges; train one with --bridge_to=DENSE/ckpt.pt")
+    require(saved is not None, f"{path} has no bridges; train one with --bridge_to=DENSE/ckpt.pt")
     bridged = Bridged(sparse, load_checkpoint(saved["dense"], device)[0], cfg, saved["dense"])
     bridged.load(saved, path)
     return bridged.to(device)
@@ -625,8 +608,7 @@ def load_bridged(path: str, device="cpu") -> Bridged:
 
 @torch.no_grad()
 def evaluate_bridges(bridged: Bridged, val, cfg, device, autocast) -> str:
-    """On estimate_loss's val batches: both models' CE, each site's NMSE both ways, the CE of
-    every hybrid path (d->s: dense to site i, then sparse; s->d: the reverse)."""
+    """On estimate_loss's val batches: both CEs, each site's NMSE and hybrid CE (d->s, s->d)."""
     gen = torch.Generator().manual_seed(cfg.seed)
     bridged.eval()
     with autocast:
@@ -641,10 +623,9 @@ def evaluate_bridges(bridged: Bridged, val, cfg, device, autocast) -> str:
 
 # ======================= below: machinery, read when you need it =======================
 
-# -----------------------------------------------------------------------------
-# corpus, BPE and token cache: every .py file under a folder, split into train/val by a hash of
-# its path; a byte-level BPE trained here, used through tiktoken; uint16 train.bin / val.bin
-# cached per corpus and vocab size
+# ---- corpus, BPE and token cache: every .py file under a folder, split into train/val by a hash of
+# its path; a byte-level BPE trained here, used through tiktoken; uint16 train.bin / val.bin cached
+# per corpus and vocab size
 
 MAX_FILE_BYTES = 8 * 2**20  # a bigger .py file is data, skipped (the stdlib's largest: 0.8 MB)
 
@@ -654,14 +635,13 @@ def stdlib_dir() -> str:
 
 
 def list_py_files(root: str) -> list[str]:
-    if not os.path.isdir(root):
-        sys.exit(f"error: corpus folder '{root}' not found (or not a folder); pass --data_dir=PATH")
+    require(os.path.isdir(root),
+            f"corpus folder '{root}' not found (or not a folder); pass --data_dir=PATH")
     found = []
     for dirpath, dirnames, filenames in os.walk(root):
         dirnames[:] = sorted(d for d in dirnames if d != "site-packages")
         found += [os.path.join(dirpath, f) for f in sorted(filenames) if f.endswith(".py")]
-    if not found:
-        sys.exit(f"error: no .py files under '{root}'; pass --data_dir= a folder of Python code")
+    require(found, f"no .py files under '{root}'; pass --data_dir= a folder of Python code")
     return found
 
 
@@ -677,13 +657,10 @@ def read_corpus(root: str) -> tuple[list[str], list[str]]:
     """(train_docs, val_docs); skipped: unreadable, non-UTF-8, not a file (a FIFO), too big."""
     docs, paths = {}, list_py_files(root)
     for path in paths:
-        try:
+        with suppress(OSError, UnicodeDecodeError):
             if os.path.isfile(path) and os.path.getsize(path) <= MAX_FILE_BYTES:
                 docs[os.path.relpath(path, root)] = Path(path).read_text(encoding="utf-8")
-        except (OSError, UnicodeDecodeError):
-            pass
-    if len(docs) < 2:
-        sys.exit(f"error: corpus '{root}' has {len(docs)} readable .py file(s), fewer than 2")
+    require(len(docs) >= 2, f"corpus '{root}' has {len(docs)} readable .py file(s), fewer than 2")
     val_names = [p for p in docs if is_val_file(p)] or [min(docs, key=path_hash)]  # small corpora
     print(f"corpus: {len(docs) - len(val_names)} train + {len(val_names)} val files from {root} "
           f"({len(paths) - len(docs)} skipped: unreadable, not UTF-8, not a file or too big)")
@@ -813,31 +790,27 @@ def prepare_data(cfg) -> tuple[str, tiktoken.Encoding]:
     root = os.path.abspath(cfg.data_dir or stdlib_dir())
     folder = cache_folder(cfg.cache_dir, root, cfg.vocab_size, PRETOKEN_PATTERN, REQUIRED_TOKENS)
     tok_path = os.path.join(folder, "tokenizer.tiktoken")
-    try:  # a cache that is missing or does not match its sha1.txt is rebuilt
+    with suppress(OSError, ValueError):  # a cache missing or unlike its sha1.txt is rebuilt
         if Path(regular(f"{folder}/sha1.txt")).read_text() == sha1_of(folder, *CACHE_FILES):
             print(f"data: using cached tokens in {folder}")
             return folder, load_tokenizer(tok_path, f"delete the folder {folder} to rebuild it")
-    except (OSError, ValueError):  # ValueError: not UTF-8
-        pass
     t0 = time.time()
-    train_docs, val_docs = read_corpus(root)
-    ranks = train_bpe(train_docs, cfg.vocab_size)
+    docs = read_corpus(root)  # (train, val)
+    ranks = train_bpe(docs[0], cfg.vocab_size)
     if len(ranks) + 1 < cfg.vocab_size:  # BPE ran out of pairs to merge
         sys.exit(f"error: corpus '{root}' yields only {len(ranks) + 1} tokens; lower --vocab_size")
     os.makedirs(folder, exist_ok=True)
     save_tokenizer(ranks, tok_path)
     enc = make_encoding(ranks)
     print(f"tokenizer: {len(ranks) + 1} tokens trained in {(t1 := time.time()) - t0:.1f}s")
-    for split, docs in (("train", train_docs), ("val", val_docs)):
-        n = write_tokens(os.path.join(folder, f"{split}.bin"), docs, enc)
-        print(f"data: {split}.bin holds {n:,} tokens")
+    n = [write_tokens(f"{folder}/{s}.bin", d, enc) for s, d in zip(("train", "val"), docs)]
     atomic_write(f"{folder}/sha1.txt", lambda f: f.write(sha1_of(folder, *CACHE_FILES).encode()))
-    print(f"data: encoded in {time.time() - t1:.1f}s, cached in {folder}")
+    print(f"data: {n[0]:,} train + {n[1]:,} val tokens, encoded in {time.time() - t1:.1f}s, "
+          f"cached in {folder}")
     return folder, enc
 
 
-# -----------------------------------------------------------------------------
-# checkpoints and resume: atomic writes, loading a trained model, a run's start (resume or not)
+# ---- checkpoints and resume: atomic writes, loading a trained model, a run's start (resume or not)
 # and its stop (Ctrl-C)
 
 
@@ -848,7 +821,6 @@ def atomic_write(path: str, write):  # write(f) fills path.tmp, renamed over pat
 def write_files_together(writes: dict):
     """path -> write(f), all or none: each fills path.tmp, synced, renamed once all are written.
     On failure the .tmp files go, the old files stay; a refused write raises OSError naming it."""
-    path = ""
     try:
         for path, write in writes.items():
             with open(path + ".tmp", "wb") as f:
@@ -868,9 +840,8 @@ def write_files_together(writes: dict):
 
 def regular(path: str) -> str:
     """path, unless it is a FIFO, device or socket (a read could block forever): refused."""
-    if os.path.exists(path) and not (os.path.isfile(path) or os.path.isdir(path)):
-        sys.exit(f"error: '{path}' is not a regular file (a FIFO, device or socket); put the "
-                 "file itself there")
+    require(os.path.isfile(path) or os.path.isdir(path) or not os.path.exists(path),
+            f"'{path}' is a FIFO, device or socket, not a regular file; put a file")
     return path
 
 
@@ -884,15 +855,14 @@ def save_checkpoint(path, model, optimizer, cfg, iter_num, best_val_loss, data_p
 
 
 def read_checkpoint(path: str) -> dict:
-    if not os.path.exists(regular(path)):
-        sys.exit(f"error: checkpoint '{path}' not found; train one with python sparse_gpt.py")
+    require(os.path.exists(regular(path)), f"checkpoint '{path}' not found; train one first")
     try:  # weights_only: a pickled object could run any code when loaded
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
         why = "it holds code, not just data: refused" if "GLOBAL" in str(e) else type(e).__name__
         sys.exit(f"error: cannot read checkpoint '{path}' ({why}); retrain or pick another")
-    if not (isinstance(ckpt, dict) and "model" in ckpt and isinstance(ckpt.get("config"), dict)):
-        sys.exit(f"error: '{path}' is not a sparse_gpt checkpoint (no model/config)")
+    require(isinstance(ckpt, dict) and "model" in ckpt and isinstance(ckpt.get("config"), dict),
+            f"'{path}' is not a sparse_gpt checkpoint (no model/config)")
     if wrong := [f"{k}={v!r}" for k, v in ckpt["config"].items()
                  if k not in DEFAULTS or not same_kind(v, DEFAULTS[k])]:
         sys.exit(f"error: '{path}' has config {wrong[0]}, a key this code does not know or a value "
@@ -911,14 +881,13 @@ def check_memory(cfg, device: torch.device, training: bool):
     hd = (cfg.n_head or cfg.d_model // max(cfg.d_head, 1)) * cfg.d_head
     weights = (cfg.vocab_size * (2 * cfg.d_model + cfg.vocab_size * cfg.bigram_table) + cfg.n_layer
                * cfg.d_model * (4 * hd + 2 * cfg.d_mlp) + cfg.block_size * cfg.d_model)
-    need = 4 * (weights * (4 if training else 2) + training * cfg.batch_size * cfg.block_size
-                * cfg.vocab_size)
+    logits = training * cfg.batch_size * cfg.block_size * cfg.vocab_size
     have = (torch.cuda.mem_get_info(device)[1] if device.type == "cuda"
             else os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
-    if need > have:
-        sys.exit(f"error: this model needs at least {need / 2**30:,.1f} GiB ({weights:,} weights), "
-                 f"more than the {have / 2**30:,.1f} GiB of this {device.type}; lower d_model, "
-                 "d_mlp, n_layer, vocab_size, block_size or batch_size")
+    if (need := 4 * (weights * (4 if training else 2) + logits)) > have:
+        sys.exit(f"error: this model needs at least {need / 2**30:,.1f} GiB, more than the "
+                 f"{have / 2**30:,.1f} GiB of this {device.type}; lower d_model, d_mlp, n_layer, "
+                 "vocab_size, block_size or batch_size")
 
 
 def checkpoint_file(path: str) -> str:
@@ -943,19 +912,15 @@ def load_checkpoint(path: str, device="cpu") -> tuple[GPT, tiktoken.Encoding, Co
         try:
             model = GPT(cfg)
             model.load_state_dict(ckpt["model"])
-        except (RuntimeError, TypeError, ValueError, AttributeError) as e:
-            why = str(e) if isinstance(e, ValueError) else "retrain it"
-            sys.exit(f"error: checkpoint '{path}' does not match this model code; {why}")
+        except (RuntimeError, TypeError, ValueError, AttributeError):
+            sys.exit(f"error: checkpoint '{path}' does not match this model code; retrain it")
         fix = f"copy the run's own there (its cache {cfg.data_path} has one)"
         tokenizer = load_tokenizer(os.path.join(folder, "tokenizer.tiktoken"), fix)
-        if ckpt.get("tokenizer_sha1") not in (None, "", sha1_of(folder, "tokenizer.tiktoken")):
-            sys.exit(f"error: {folder}/tokenizer.tiktoken is not the tokenizer {path} was trained "
-                     f"with; {fix}")
-    refuse_nonfinite(model, path, "the run diverged before it was saved: train it again with "
-                     "a lower --learning_rate")
-    if tokenizer.n_vocab != cfg.vocab_size:
-        sys.exit(f"error: the tokenizer beside '{path}' has {tokenizer.n_vocab} tokens, the model "
-                 f"{cfg.vocab_size}; put the model's own tokenizer there")
+        require(ckpt.get("tokenizer_sha1") in (None, "", sha1_of(folder, "tokenizer.tiktoken")),
+                f"{folder}/tokenizer.tiktoken is not the tokenizer {path} was trained with; {fix}")
+    refuse_nonfinite(model, path, "the run diverged: train it again with a lower --learning_rate")
+    require(tokenizer.n_vocab == cfg.vocab_size, f"the tokenizer beside '{path}' has "
+            f"{tokenizer.n_vocab} tokens, the model {cfg.vocab_size}; put the model's own there")
     return model.to(device).eval(), tokenizer, cfg
 
 
@@ -965,10 +930,9 @@ RESUME_MAY_CHANGE = ("out_dir cache_dir init_from overwrite device compile eval_
 
 
 def start_run(cfg, ckpt, model, optimizer, device, rank: int, world: int, bridged=None) -> tuple:
-    """train()'s setup, all checked before out_dir is written: the resumed state or a refusal to
-    overwrite, the token data, the tokenizer copied beside the checkpoint."""
+    """train()'s setup, checked before out_dir is written: resumed state, tokens, tokenizer copy."""
     ckpt_path = os.path.join(cfg.out_dir, "ckpt.pt")
-    iter_num, best_val_loss, trained_on = 0, math.inf, None
+    iter_num, best_val_loss, trained_on, lock = 0, math.inf, None, None
     if cfg.init_from == "resume":
         ckpt = ckpt or read_checkpoint(ckpt_path)
         saved = absolute_paths(Config(DEFAULTS, **ckpt["config"]))  # older checkpoints: relative
@@ -984,29 +948,26 @@ def start_run(cfg, ckpt, model, optimizer, device, rank: int, world: int, bridge
             trained_on = ckpt.get("data_path", "")
         except (KeyError, RuntimeError, ValueError, TypeError) as e:
             sys.exit(f"error: cannot resume {ckpt_path} ({type(e).__name__}); start a new run")
-        refuse_nonfinite(model, ckpt_path, "start a new run (--overwrite=True, or another "
-                         "--out_dir) with a lower --learning_rate")  # resume would diverge again
+        refuse_nonfinite(model, ckpt_path, "start a new run with a lower --learning_rate")
         print(f"resuming from {ckpt_path} at step {iter_num}")
         ckpt.clear()  # loaded: free its tensors now, not when the caller's reference goes
-    elif os.path.exists(ckpt_path) and not cfg.overwrite:
-        sys.exit(f"error: {ckpt_path} already holds a model; continue it with --init_from=resume, "
-                 "or pass another --out_dir, or --overwrite=True to replace it")
+    require(cfg.init_from == "resume" or cfg.overwrite or not os.path.exists(ckpt_path),
+            f"{ckpt_path} already holds a model; continue it with --init_from=resume, or pass "
+            "another --out_dir, or --overwrite=True to replace it")
     if rank > 0:  # DDP: rank 0 builds the token cache while the others wait, then they read it
         dist.barrier()
     data_path, tokenizer = bridged.dense_data if bridged else prepare_data(cfg)
     if rank == 0 and world > 1:
         dist.barrier()
-    if trained_on is not None and os.path.basename(trained_on) != os.path.basename(data_path):
-        sys.exit(f"error: the corpus or vocabulary differs from the one {ckpt_path} was trained on "
-                 f"({trained_on}); resume with the same corpus")
+    require(trained_on is None or os.path.basename(trained_on) == os.path.basename(data_path),
+            f"the corpus or vocabulary differs from the one {ckpt_path} was trained on "
+            f"({trained_on}); resume with the same corpus")
     data = {s: np.memmap(f"{data_path}/{s}.bin", np.uint16, "r") for s in ("train", "val")}
-    for s, arr in data.items():
-        if len(arr) <= cfg.block_size + 1:
-            sys.exit(f"error: {s} split has {len(arr)} tokens, fewer than block_size+1; "
-                     "add code or lower block_size")
-    if rank == 0:  # rank 0 alone writes files, holding the folder's lock (released by train)
+    if short := [f"{s} split has {len(a)}" for s, a in data.items() if len(a) < cfg.block_size + 2]:
+        sys.exit(f"error: {short[0]} tokens, fewer than block_size+1; add code or lower block_size")
+    if rank == 0:  # rank 0 alone writes files, holding the folder's lock (freed by train)
         os.makedirs(cfg.out_dir, exist_ok=True)
-        claim_folder(cfg.out_dir)
+        lock = claim_folder(cfg.out_dir)
         Path(ckpt_path + ".tmp").unlink(missing_ok=True)  # left by a killed save
         for old in [os.path.join(cfg.out_dir, f) for f in ("circuits", "node_means.pt")]:
             if cfg.overwrite and cfg.init_from == "scratch" and os.path.exists(old):
@@ -1019,7 +980,7 @@ def start_run(cfg, ckpt, model, optimizer, device, rank: int, world: int, bridge
           f"(embeddings {density_at(cfg.max_iters, cfg, embed=True):g})")
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
-    return iter_num, best_val_loss, data, tokenizer, data_path
+    return iter_num, best_val_loss, data, tokenizer, data_path, lock
 
 
 def absolute_paths(cfg) -> Config:  # so that a checkpoint resumes from any working folder
@@ -1028,31 +989,18 @@ def absolute_paths(cfg) -> Config:  # so that a checkpoint resumes from any work
 
 
 def claim_folder(folder: str):
-    """folder/run.lock holds the writing run's pid: refused while it lives, taken over after."""
-    path, mine = os.path.join(folder, "run.lock"), os.path.join(folder, f"run.lock.{os.getpid()}")
-    Path(mine).write_text(str(os.getpid()))
+    """An OS lock on folder/run.lock, returned open: it ends with the process however that ends,
+    and while it lives a second run into the folder is refused."""
+    lock = open(regular(os.path.join(folder, "run.lock")), "w")
     try:
-        for _ in range(2):
-            try:  # a hard link is made whole or not at all: of two runs at once, one gets it
-                return os.link(mine, path)
-            except FileExistsError:
-                holder = Path(regular(path)).read_text()
-            if holder.isdigit() and 0 < int(holder) != os.getpid():
-                try:
-                    os.kill(int(holder), 0)  # signal 0 only asks whether the process exists
-                    sys.exit(f"error: {folder} is in use by another run (pid {holder}); wait for "
-                             f"it to end, or pass another --out_dir (or delete {path} if that is "
-                             "not a run)")
-                except ProcessLookupError:
-                    print(f"{path}: its run (pid {holder}) has ended; taking the lock over")
-            os.unlink(path)
-        sys.exit(f"error: could not take {path}; another run is starting there")
-    finally:
-        os.unlink(mine)
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        sys.exit(f"error: {folder} is in use by another run; wait for it or pass another --out_dir")
+    return lock
 
 
 @contextmanager
-def ctrl_c_finishes_the_step(world: int, lock: str | None):
+def ctrl_c_finishes_the_step(world: int, lock):
     """The first Ctrl-C or SIGTERM sets stop.requested to its number: finish the step, save, exit
     130 or 143. A second aborts at once (one process only: under torchrun every rank sees two)."""
     stop = SimpleNamespace(requested=0)
@@ -1061,40 +1009,37 @@ def ctrl_c_finishes_the_step(world: int, lock: str | None):
         if stop.requested and world == 1:
             raise KeyboardInterrupt
         stop.requested = signum
-        print(f"\n{signal.Signals(signum).name}: finishing this step, saving, exiting (send it "
-              "again to abort)")
+        print(f"\n{signal.Signals(signum).name}: finish the step, saving, exiting (again: abort)")
 
     old = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
-    together = False  # every rank left at the same step: the end, or train's exits (stop, NaN)
+    together = True  # every rank left at the same step: the end, or train's exits (stop, NaN)
     try:
         yield stop
-        together = True
-    except SystemExit:
-        together = True
+    except BaseException as e:
+        together = isinstance(e, SystemExit)
         raise
     finally:
         for s, handler in old.items():
             signal.signal(s, handler)
         if lock:
-            Path(lock).unlink(missing_ok=True)
+            Path(lock.name).unlink(missing_ok=True)
+            lock.close()
         if world > 1:
             if together:  # gloo's threads must free the last all_reduce's tensor (taking the
                 dist.barrier()  # GIL) before the teardown joins them holding it: a deadlock seen
             dist.destroy_process_group()
 
 
-# -----------------------------------------------------------------------------
-# the paper's released models (openai/circuit_sparsity): a folder with beeg_config.json (their
+# ---- the paper's released models (openai/circuit_sparsity): a folder with beeg_config.json (their
 # GPTConfig), final_model.pt (a state_dict) and tinypython's encoder.json and vocab.bpe
 
-# their field: (our key, their default: None = derived, else the field is required); refused:
-# (the one value we run, their default)
-RELEASE_FIELDS = dict(
-    vocab_size=("vocab_size", 50304), block_size=("block_size", 1024), n_layer=("n_layer", 12),
-    d_model=("d_model", 768), n_head=("n_head", 12), d_head=("d_head", None), d_mlp=("d_mlp", None),
-    bias=("bias", True), activation_type=("activation", "gelu"), afrac=("afrac", None),
-    afrac_loctypes=("afrac_nodes", "attn_in,attn_out,mlp_in,mlp_out"),
-    enable_bigram_table=("bigram_table", False), sink=("attn_sink", False))
+# their field -> our key, each required but d_head, d_mlp and afrac (derived when absent);
+# refused: (the one value we run, their default)
+RELEASE_FIELDS = dict(vocab_size="vocab_size", block_size="block_size", n_layer="n_layer",
+                      d_model="d_model", n_head="n_head", d_head="d_head", d_mlp="d_mlp",
+                      bias="bias", activation_type="activation", afrac="afrac",
+                      afrac_loctypes="afrac_nodes", enable_bigram_table="bigram_table",
+                      sink="attn_sink")
 RELEASE_REFUSED = dict(rms_norm=(True, False), residual_activation_type=("identity",) * 2,
                        tied_unembed=(False, True), d_pos_emb=(None, None),
                        use_tied_aux_matrix=(False, False), tokenizer_name=("tinypython_2k",) * 2)
@@ -1111,19 +1056,19 @@ RELEASE_LOCATIONS = dict(zip("attn_in attn_q attn_k attn_v attn_out mlp_in mlp_n
 def release_config(beeg: dict, where: str) -> Config:
     """Their GPTConfig as our flat config; what we cannot run exactly is a one-line error."""
     beeg = {"d_mlp" if k == "n_mlp" else k: v for k, v in beeg.items()}  # older files: n_mlp
-    refused = [f"{k}={beeg.get(k, d)!r}" for k, (ok, d) in RELEASE_REFUSED.items()
-               if beeg.get(k, d) != ok]
-    refused += [k for k in beeg if k not in {*RELEASE_FIELDS, *RELEASE_REFUSED, *RELEASE_IGNORED}]
-    wrong = [f"{k} is missing" for k, (_, d) in RELEASE_FIELDS.items()
-             if d is not None and k not in beeg]
+    wrong = [f"{k} is missing" for k in RELEASE_FIELDS
+             if k not in beeg and k not in ("d_head", "d_mlp", "afrac")]
     wrong += [f"{k}={v!r} is not of type {type(DEFAULTS[ours]).__name__}"
-              for k, (ours, _) in RELEASE_FIELDS.items()
+              for k, ours in RELEASE_FIELDS.items()
               if (v := beeg.get(k)) is not None and not same_kind(v, DEFAULTS[ours])]
     if wrong:
         sys.exit(f"error: {where}: {wrong[0]}; fix the file, or download it again")
     cfg = Config(DEFAULTS, pos_embed=True, norm_eps=torch.finfo(torch.float32).eps, data_path="")
-    cfg.update({ours: beeg.get(k, default) for k, (ours, default) in RELEASE_FIELDS.items()})
+    cfg.update({ours: beeg.get(k) for k, ours in RELEASE_FIELDS.items()})
     locations = [t for t in cfg.afrac_nodes.split(",") if t] * (cfg.afrac is not None)
+    refused = [f"{k}={v!r}" for k, (ok, default) in RELEASE_REFUSED.items()
+               if (v := beeg.get(k, default)) != ok]
+    refused += [k for k in beeg if k not in {*RELEASE_FIELDS, *RELEASE_REFUSED, *RELEASE_IGNORED}]
     refused += [f"afrac_loctypes {t}" for t in locations if t not in RELEASE_LOCATIONS]
     refused += [f"activation_type={cfg.activation!r}"] * (cfg.activation not in ("gelu", "relu"))
     if refused:
@@ -1132,8 +1077,7 @@ def release_config(beeg: dict, where: str) -> Config:
     cfg.update(d_head=cfg.d_head or cfg.d_model // cfg.n_head, d_mlp=cfg.d_mlp or 4 * cfg.d_model,
                afrac=cfg.afrac if locations else 1.0,
                afrac_nodes=",".join(RELEASE_LOCATIONS[t] for t in locations) or "all")
-    model_keys = "vocab_size n_layer d_model d_head n_head d_mlp block_size afrac afrac_nodes"
-    check_rules(cfg, {k: RULES[k] for k in model_keys.split()}, f"{where}: ")
+    check_rules(cfg, {k: r for k, r in RULES.items() if k in RELEASE_FIELDS.values()}, f"{where}: ")
     return cfg
 
 
@@ -1143,17 +1087,13 @@ def load_release(folder: str) -> tuple[GPT, Config]:
     try:
         cfg = release_config(json.loads(Path(regular(cfg_path)).read_text()), cfg_path)
         check_memory(cfg, torch.device("cpu"), training=False)
-        sd = torch.load(regular(sd_path), map_location="cpu", weights_only=True)
-    except Exception as e:
+        saved = torch.load(regular(sd_path), map_location="cpu", weights_only=True)
+        rename = re.compile("|".join(map(re.escape, RELEASE_NAMES)))
+        sd = {rename.sub(lambda m: RELEASE_NAMES[m[0]], k): t.float() for k, t in saved.items()
+              if not re.fullmatch(r"transformer\.h\.\d+\.attn\.bias", k)}  # a causal-mask buffer
+    except Exception as e:  # missing, damaged, not a flat dict of named tensors (a state_dict)
         sys.exit(f"error: cannot read {cfg_path} and final_model.pt ({type(e).__name__}); download "
                  "them into one folder (README: Prune the paper's released models)")
-    if not (isinstance(sd, dict) and all(isinstance(k, str) and isinstance(t, torch.Tensor)
-                                         for k, t in sd.items())):
-        sys.exit(f"error: {sd_path} is not a flat dict of named tensors (a state_dict); download "
-                 "it again (README: Prune the paper's released models)")
-    rename = re.compile("|".join(map(re.escape, RELEASE_NAMES)))
-    sd = {rename.sub(lambda m: RELEASE_NAMES[m[0]], k): t.float() for k, t in sd.items()
-          if not re.fullmatch(r"transformer\.h\.\d+\.attn\.bias", k)}  # a causal-mask buffer
     if not cfg.bigram_table:
         sd.pop("bigram.weight", None)  # a buffer their model then ignores
     bias = sd.pop("final_logits_bias", torch.zeros(1))
@@ -1169,8 +1109,7 @@ def load_release(folder: str) -> tuple[GPT, Config]:
     return model, cfg
 
 
-# -----------------------------------------------------------------------------
-# devices and DDP (torchrun)
+# ---- devices and DDP (torchrun)
 
 TORCHRUN_VARS = {"RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"}
 
@@ -1179,8 +1118,7 @@ def pick_device(name: str) -> torch.device:
     seen = dict(cuda=torch.cuda.is_available(), mps=torch.backends.mps.is_available(), cpu=True)
     if name == "auto":
         name = next(n for n, ok in seen.items() if ok)
-    if not seen.get(name):
-        sys.exit(f"error: --device={name} but no such device is visible; use --device=cpu")
+    require(seen.get(name), f"--device={name} but no such device is visible; use --device=cpu")
     return torch.device(name)
 
 
@@ -1189,8 +1127,8 @@ def setup_ddp(device: torch.device, batch_size: int) -> tuple[int, int, torch.de
     if "RANK" not in os.environ:
         return 0, 1, device
     rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
-    if batch_size % world:
-        sys.exit(f"error: global batch_size={batch_size} is not a multiple of {world} processes")
+    require(batch_size % world == 0, f"batch_size={batch_size} is not a multiple of {world} "
+            "processes")
     if device.type == "cuda":
         device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
         torch.cuda.set_device(device)
@@ -1210,8 +1148,7 @@ def bf16_autocast(device: torch.device):  # bfloat16 matmuls on CUDA (tensor cor
     return torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
 
 
-# -----------------------------------------------------------------------------
-# command line
+# ---- command line
 
 
 def up_to(most: int) -> tuple:  # a count with a cap, so that no typo runs for days
@@ -1221,23 +1158,21 @@ def up_to(most: int) -> tuple:  # a count with a cap, so that no typo runs for d
 # What each value must be, checked after presets and flags: key -> (test(value, cfg), rule).
 COUNT, POSITIVE = (lambda v, c: v >= 1, "at least 1"), (lambda v, c: 0 < v < math.inf, "> 0")
 FRACTION, SHARE = (lambda v, c: 0 < v <= 1, "in (0, 1]"), (lambda v, c: 0 <= v <= 1, "in [0, 1]")
+NONNEG = (lambda v, c: 0 <= v < math.inf, ">= 0")
 SEED = (lambda v, c: 0 <= v < 2**32, "in [0, 2**32)")
 DEVICE = (lambda v, c: v in ("auto", "cpu", "cuda", "mps"), "auto, cpu, cuda or mps")
 RULES = dict(
     out_dir=(lambda v, c: v != "", "a folder"),
     init_from=(lambda v, c: v in ("scratch", "resume"), "scratch or resume"),
     vocab_size=(lambda v, c: 263 <= v <= 65536, "in [263, 65536] (6 task tokens; uint16 ids)"),
-    n_layer=COUNT, d_model=COUNT, d_mlp=COUNT, block_size=COUNT, afrac=FRACTION,
+    n_layer=COUNT, d_model=COUNT, d_mlp=COUNT, block_size=COUNT, afrac=FRACTION, n_head=NONNEG,
     d_head=(lambda v, c: v >= 1 and (c.n_head or c.d_model % v == 0),
             "at least 1 and, unless n_head is set, a divisor of d_model"),
-    n_head=(lambda v, c: v >= 0, ">= 0"), seed=SEED,
-    density=FRACTION, embed_ratio=POSITIVE, anneal_frac=SHARE, warmup_frac=SHARE,
+    seed=SEED, density=FRACTION, embed_ratio=POSITIVE, anneal_frac=SHARE, warmup_frac=SHARE,
     min_per_neuron=(lambda v, c: 0 <= v <= c.density * c.d_model, "in [0, density * d_model]"),
-    c_nmse=(lambda v, c: 0 <= v < math.inf, ">= 0"), c_kl=(lambda v, c: 0 <= v < math.inf, ">= 0"),
-    hybrid_frac=FRACTION,
-    batch_size=COUNT, max_iters=up_to(10**9), learning_rate=POSITIVE, adam_eps=POSITIVE,
-    weight_decay=(lambda v, c: 0 <= v < math.inf, ">= 0"), eval_interval=COUNT, device=DEVICE,
-    eval_iters=up_to(10**5), log_interval=COUNT,
+    c_nmse=NONNEG, c_kl=NONNEG, hybrid_frac=FRACTION, batch_size=COUNT, max_iters=up_to(10**9),
+    learning_rate=POSITIVE, adam_eps=POSITIVE, weight_decay=NONNEG, eval_interval=COUNT,
+    device=DEVICE, eval_iters=up_to(10**5), log_interval=COUNT,
     activation=(lambda v, c: v in ("gelu", "relu"), "gelu or relu"),
     afrac_nodes=(lambda v, c: v == "all" or set(v.split(",")) <= set(NODE_LOCATIONS),
                  "all or some of " + ",".join(NODE_LOCATIONS)))
@@ -1248,10 +1183,6 @@ def parse_value(text: str, default):
         return {"true": True, "1": True, "yes": True, "false": False, "0": False, "no": False}[
             text.lower()]
     return os.path.expanduser(text) if isinstance(default, str) else type(default)(text)
-
-
-def initials(key: str) -> str:  # learning_rate -> lr: what a near-miss key often is
-    return "".join(word[:1] for word in key.split("_"))
 
 
 def parse_config(argv, defaults=DEFAULTS, presets=PRESETS, rules=RULES) -> Config:
@@ -1266,14 +1197,12 @@ def parse_config(argv, defaults=DEFAULTS, presets=PRESETS, rules=RULES) -> Confi
         sys.exit(0)
     pairs = {}
     for arg in argv:
-        if not arg.startswith("--") or "=" not in arg:
-            sys.exit(f"error: expected --key=value, got '{arg}'")
+        require(arg.startswith("--") and "=" in arg, f"expected --key=value, got '{arg}'")
         key, text = arg[2:].split("=", 1)
-        if key not in defaults:  # did you mean: a near spelling, or initials (lr, learning_rate)
-            near = [k for k in defaults if key == initials(k) != k or initials(key) == k != key]
-            near = (near or difflib.get_close_matches(key, defaults, 1))[:1]
-            sys.exit(f"error: unknown config key '{key}';" + "".join(
-                f" did you mean --{k}?" for k in near) + f" valid keys: {' '.join(defaults)}")
+        if key not in defaults:  # did you mean: the nearest spelling, if any is near
+            near = [f" did you mean --{k}?" for k in difflib.get_close_matches(key, defaults, 1)]
+            sys.exit(f"error: unknown config key '{key}';{''.join(near)} valid keys: "
+                     + " ".join(defaults))
         try:
             pairs[key] = parse_value(text, defaults[key])
         except (KeyError, ValueError):
@@ -1283,8 +1212,7 @@ def parse_config(argv, defaults=DEFAULTS, presets=PRESETS, rules=RULES) -> Confi
     if presets:
         if (name := pairs.get("preset", cfg.preset)) == "auto":
             name = "gpu" if torch.cuda.is_available() else "cpu"
-        if name not in presets:
-            sys.exit(f"error: unknown preset '{name}'; valid presets: {' '.join(presets)}")
+        require(name in presets, f"unknown preset '{name}'; valid presets: {' '.join(presets)}")
         cfg.update(presets[name], preset=name)
     cfg.update(pairs)
     check_rules(cfg, rules)
@@ -1293,8 +1221,8 @@ def parse_config(argv, defaults=DEFAULTS, presets=PRESETS, rules=RULES) -> Confi
 
 def check_rules(cfg, rules, where=""):
     for key, (ok, rule) in rules.items():
-        if key in cfg and not ok(cfg[key], cfg):
-            sys.exit(f"error: {where}{key}={cfg[key]} is invalid: it must be {rule}")
+        require(key not in cfg or ok(cfg[key], cfg),
+                f"{where}{key}={cfg.get(key)} is invalid: it must be {rule}")
 
 
 def same_kind(value, default) -> bool:  # the default's type (an int where a float belongs too)
@@ -1307,43 +1235,32 @@ def cli(main):
     def run(argv=None):
         signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(143))
         try:
-            try:
-                return main(sys.argv[1:] if argv is None else argv)
-            except KeyboardInterrupt:
-                sys.exit(130)
-            except BrokenPipeError:  # python tasks.py | head: the reader has all it wants
-                os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no 2nd error
-                sys.exit(0)
-            except OSError as e:
-                where = f": '{str(e.filename).removesuffix('.tmp')}'" if e.filename else ""
-                sys.exit(f"error: {e.strerror or e}{where}; fix that path or pass another")
-        except SystemExit as e:  # under torchrun every rank fails alike: rank 0 alone says why
-            if isinstance(e.code, str) and TORCHRUN_VARS <= set(os.environ) \
-                    and os.environ["RANK"] != "0":
-                sys.exit(1)
-            raise
+            return main(sys.argv[1:] if argv is None else argv)
+        except KeyboardInterrupt:
+            sys.exit(130)
+        except BrokenPipeError:  # python tasks.py | head: the reader has all it wants
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no 2nd error
+            sys.exit(0)
+        except OSError as e:
+            where = f": '{str(e.filename).removesuffix('.tmp')}'" if e.filename else ""
+            code = f"error: {e.strerror or e}{where}; fix that path or pass another"
+        except SystemExit as e:
+            code = e.code
+        rank = os.environ.get("RANK", "0") if TORCHRUN_VARS <= set(os.environ) else "0"
+        sys.exit(1 if isinstance(code, str) and rank != "0" else code)  # rank 0 alone says why
     return run
 
 
-# -----------------------------------------------------------------------------
-# benchmark: what weight and activation sparsity cost per step (--bench=True)
+# ---- benchmark: what weight and activation sparsity cost per step (--bench=True)
 
-PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12}  # bf16 dense, for MFU
-
-
-def bench(cfg, warmup=3, rounds=10) -> dict:
-    """Times training steps at the target density and of the dense twin (density=1, afrac=1) on
-    random tokens, interleaved step by step; on CUDA both eager and compiled."""
+def bench(cfg, warmup=3, rounds=10):
+    """Step times at the target density and of the dense twin (density=1, afrac=1), interleaved."""
     device = pick_device(cfg.device)
     check_memory(cfg, device, training=True)
     cuda, autocast = device.type == "cuda", bf16_autocast(device)
     sync = torch.cuda.synchronize if cuda else (lambda: None)
-    variants = {"sparse": Config(cfg), "dense": Config(cfg, density=1.0, afrac=1.0)}
-    if cuda:
-        variants = {f"{n} {mode}": Config(c, compile=mode == "compile")
-                    for n, c in variants.items() for mode in ("eager", "compile")}
     runs = {}
-    for name, vcfg in variants.items():
+    for name, vcfg in {"sparse": cfg, "dense": Config(cfg, density=1.0, afrac=1.0)}.items():
         torch.manual_seed(cfg.seed)
         model = GPT(vcfg).to(device)
         project_weights(model, vcfg.max_iters, vcfg)  # the target densities
@@ -1365,23 +1282,14 @@ def bench(cfg, warmup=3, rounds=10) -> dict:
             t2 = time.perf_counter()
             times.append((t2 - t0, t2 - t1, torch.cuda.max_memory_allocated(device) if cuda else 0))
     tokens = cfg.batch_size * cfg.block_size
-    flops = tokens * (6 * n_weights(model) + 12 * cfg.n_layer * cfg.d_model * cfg.block_size)
-    gpu = torch.cuda.get_device_name(device) if cuda else ""
-    peak_flops = next((v for k, v in PEAK_FLOPS.items() if k in gpu), math.nan)
     print(f"bench: {cfg.preset} preset on {device.type}, {tokens} tokens/step, median of {rounds} "
           "steps after warmup, variants interleaved")
-    step_ms = {}
-    for name, (*_, times) in runs.items():
-        step, proj, peak = np.median(times[warmup:], axis=0)
-        step_ms[name] = 1e3 * step
-        line = (f"{name:14s} | step {1e3 * step:7.1f} ms | projection {1e3 * proj:6.1f} ms "
-                f"({proj / step:5.1%}) | {tokens / step / 1e3:6.1f}k tok/s")
-        if cuda:
-            line += f" | MFU {flops / step / peak_flops:5.1%} | peak {peak / 2**30:.2f} GiB"
-        print(line)
-    for name, dense in [(n, n.replace("sparse", "dense")) for n in step_ms if "sparse" in n]:
-        print(f"ratio {name} / {dense}: {step_ms[name] / step_ms[dense]:.2f}")
-    return step_ms
+    med = {name: np.median(times[warmup:], axis=0) for name, (*_, times) in runs.items()}
+    for name, (step, proj, peak) in med.items():
+        print(f"{name:14s} | step {1e3 * step:7.1f} ms | projection {1e3 * proj:6.1f} ms "
+              f"({proj / step:5.1%}) | {tokens / step / 1e3:6.1f}k tok/s"
+              + f" | peak {peak / 2**30:.2f} GiB" * cuda)
+    print(f"ratio sparse / dense: {med['sparse'][0] / med['dense'][0]:.2f}")
 
 
 @cli
@@ -1391,9 +1299,9 @@ def main(argv):
         ckpt = read_checkpoint(os.path.join(cfg.out_dir, "ckpt.pt"))
         defaults = {k: ckpt["config"].get(k, v) for k, v in DEFAULTS.items()}
         cfg = parse_config(argv, defaults | {"out_dir": cfg.out_dir}, presets=None)
-    if "RANK" in os.environ and not TORCHRUN_VARS <= set(os.environ):
-        sys.exit("error: RANK is set but torchrun's other variables (LOCAL_RANK, MASTER_ADDR, ...) "
-                 "are not; unset RANK and WORLD_SIZE, or launch with torchrun")
+    require("RANK" not in os.environ or TORCHRUN_VARS <= set(os.environ), "RANK is set but "
+            "torchrun's other variables (LOCAL_RANK, MASTER_ADDR, ...) are not; unset RANK and "
+            "WORLD_SIZE, or launch with torchrun")
     if os.environ.get("RANK", "0") != "0":  # under torchrun rank 0 alone logs
         sys.stdout = open(os.devnull, "w")
     print("config: " + " ".join(f"{k}={v}" for k, v in cfg.items()))

@@ -375,9 +375,9 @@ def test_bad_keys_values_and_corpus_give_clear_errors(tmp_path):
 
 
 def test_a_near_miss_key_is_met_with_did_you_mean():
-    for argv, defaults, near in ((["--lr=1e-3"], sg.DEFAULTS, "learning_rate"),
+    for argv, defaults, near in ((["--learning_rat=1e-3"], sg.DEFAULTS, "learning_rate"),
                                  (["--n_layers=3"], sg.DEFAULTS, "n_layer"),
-                                 (["--learning_rate=1e-3"], prune.DEFAULTS, "lr"),
+                                 (["--k_coeff=1"], prune.DEFAULTS, "k_coef"),
                                  (["--tasks=all", "--nn=3"], tasks.DEFAULTS, "n")):
         with pytest.raises(SystemExit, match=rf"'{argv[-1][2:].split('=')[0]}'; did you mean "
                                               rf"--{near}\? valid keys:"):
@@ -1927,7 +1927,7 @@ def hostile_files(root):
     sg.save_tokenizer(sg.train_bpe(train[::-1][:2], 300), str(bad2 / "foreign_tok" /
                                                                "tokenizer.tiktoken"))
     copy_run(run, bad2 / "locked_run")
-    (bad2 / "locked_run" / "run.lock").write_text(str(os.getppid()))  # alive: pytest's parent
+    (bad2 / "locked_run" / "run.lock").write_text("")  # the case locks it (flock), as a run does
     copy_run(run, bad2 / "half_run", iter_num=1)  # resuming it trains step 2, then saves
     copy_run(run, bad2 / "circuit_run")
     prune.main([f"--ckpt={bad2 / 'circuit_run' / 'ckpt.pt'}"] + CIRCUIT_RUN)
@@ -2003,7 +2003,8 @@ def bad_input_cases(w):
 
 def hostile_cases(w, tiny_run):
     """The second pass (issue 20): (script, argv, text of the one line, setup) where setup may
-    set environment variables ("env") or a file-size limit ("fsize": a full disk past it)."""
+    set environment variables ("env"), a file-size limit ("fsize": a full disk past it) or hold
+    a run's lock on a folder ("flock")."""
     b2, ckpt, tasks_ok = w / "bad2", f"--ckpt={w / 'run' / 'ckpt.pt'}", "--tasks=for_while"
     torchrun = {"RANK": "1", "WORLD_SIZE": "2"}
     resume = lambda name: ["--init_from=resume", f"--out_dir={b2 / name}"]  # noqa: E731
@@ -2014,7 +2015,7 @@ def hostile_cases(w, tiny_run):
           (["--max_iters=1000000000000"], "max_iters", {}),
           (["--seed=100000000000000000000000"], "seed", {}),
           (["--eval_iters=1000000000"], "eval_iters", {}), ([], "RANK", {"env": torchrun}),
-          (resume("locked_run"), "in use by another run (pid", {}),
+          (resume("locked_run"), "in use by another run", {"flock": b2 / "locked_run"}),
           (resume("nan_run"), "blocks.0.mlp.c_fc.weight; start a new run", {}),
           (resume("unknown_key"), "new_key", {}), (resume("typed_key"), "d_model='16'", {}),
           (resume("half_run"), "half_run/ckpt.pt", {"fsize": 20_000})]
@@ -2028,7 +2029,7 @@ def hostile_cases(w, tiny_run):
          ([f"--ckpt={b2 / 'rel_afrac'}"], "afrac=1.5 is invalid", {}),
          ([f"--ckpt={b2 / 'rel_afrac0'}"], "afrac=0.0 is invalid", {}),
          ([f"--ckpt={b2 / 'rel_no_vocab'}"], "vocab_size is missing", {}),
-         ([f"--ckpt={b2 / 'rel_not_flat'}"], "not a flat dict of named tensors", {}),
+         ([f"--ckpt={b2 / 'rel_not_flat'}"], "final_model.pt (AttributeError)", {}),
          ([f"--ckpt={b2 / 'nan_run'}"], "NaN or infinite weights in blocks.0.mlp.c_fc", {}),
          ([f"--ckpt={b2 / 'unknown_key' / 'ckpt.pt'}"], "new_key", {}),
          ([f"--ckpt={b2 / 'foreign_tok' / 'ckpt.pt'}"], "is not the tokenizer", {}),
@@ -2131,9 +2132,12 @@ def test_bad_input_is_one_error_line_and_changes_no_file(i, world, capsys, monke
     resource.setrlimit(resource.RLIMIT_FSIZE, (setup.get("fsize", limit[1]), limit[1]))
     signal.signal(signal.SIGALRM, timed_out)
     signal.alarm(CASE_TIMEOUT)
+    held = setup.get("flock") and sg.claim_folder(str(setup["flock"]))  # another run's lock
     try:
         e, before, after = raised_in(world, SystemExit, lambda: MAINS[script]()(argv))
     finally:
+        if held:
+            held.close()
         signal.alarm(0)
         resource.setrlimit(resource.RLIMIT_FSIZE, limit)
         sys.stdout = stdout  # a RANK other than 0 sends it to /dev/null
