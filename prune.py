@@ -61,8 +61,7 @@ K_RATE = 0.05  # k_coef moves by a factor e^K_RATE per mask step: up to e^10 ove
 AT_BOUND = 0.95  # a scale above this fraction of MAX_SCALE is flagged: the signal is weak
 
 
-# -----------------------------------------------------------------------------
-# task data: tokenized once, reused by every forward of the mask training
+# ---- task data: tokenized once, reused by every forward of the mask training
 
 
 def real_positions(data: dict) -> torch.Tensor:
@@ -92,8 +91,7 @@ def pair_loss(z, data: dict, scale=1.0, shift=0.0) -> tuple[torch.Tensor, float]
     return tasks.score(data["sign"] * (scale * z + shift))
 
 
-# -----------------------------------------------------------------------------
-# node means: every node location's per-channel mean over the pretraining distribution
+# ---- node means: every node location's per-channel mean over the pretraining distribution
 
 
 def node_spans(model) -> dict[str, tuple[int, int]]:
@@ -155,8 +153,7 @@ def release_tokens(tokenizer, cfg) -> str:
     return folder
 
 
-# -----------------------------------------------------------------------------
-# masks: a kept node passes through, a pruned one is frozen at its mean (paper 5)
+# ---- masks: a kept node passes through, a pruned one is frozen at its mean (paper 5)
 
 
 def ablated(model, means: torch.Tensor, keep: torch.Tensor, record: dict | None = None):
@@ -198,8 +195,7 @@ def keep_first(order: torch.Tensor, k: int) -> torch.Tensor:
     return keep
 
 
-# -----------------------------------------------------------------------------
-# training the masks: task loss + k_coef * (number of kept nodes)
+# ---- training the masks: task loss + k_coef * (number of kept nodes)
 
 
 def train_masks(model, means, train: dict, cfg) -> torch.Tensor:
@@ -232,8 +228,7 @@ def train_masks(model, means, train: dict, cfg) -> torch.Tensor:
     return tau.detach()
 
 
-# -----------------------------------------------------------------------------
-# discretizing: the fewest nodes, in order of preference, that reach the target loss
+# ---- discretizing: the fewest nodes, in order of preference, that reach the target loss
 
 
 @torch.no_grad()
@@ -286,8 +281,7 @@ def fit_calibration(z: torch.Tensor, data: dict) -> tuple[float, float]:
     return tuple(v.item() for v in scale_shift())
 
 
-# -----------------------------------------------------------------------------
-# checks: sufficiency, necessity, a random node set of the same size, the attribution baseline
+# ---- checks: sufficiency, necessity, a random node set of the same size, the attribution baseline
 
 
 def run_checks(model, means, circuit: torch.Tensor, test: dict, calib, seed: int) -> dict:
@@ -318,8 +312,7 @@ def attribution_order(model, means, data: dict, chunk=32) -> torch.Tensor:
     return score.argsort(descending=True)
 
 
-# -----------------------------------------------------------------------------
-# edges: nonzero weights between two kept nodes inside a block (paper 3)
+# ---- edges: nonzero weights between two kept nodes inside a block (paper 3)
 
 
 @torch.no_grad()
@@ -355,8 +348,7 @@ def token_edges(model, keep: torch.Tensor, prompt_tokens, answer_tokens) -> tupl
     return n_embed, unembed
 
 
-# -----------------------------------------------------------------------------
-# the search: masks, then the fewest nodes that reach the target, then a control
+# ---- the search: masks, then the fewest nodes that reach the target, then a control
 
 
 def find_circuit(model, means, train: dict, cfg) -> tuple:
@@ -524,8 +516,7 @@ def seed_spread(model, means, info: dict, train: dict, test: dict) -> dict:
             "overlap": sum(pairs) / len(pairs) if pairs else None}
 
 
-# -----------------------------------------------------------------------------
-# writers: <task>.json, <task>.txt and <task>.svg in circuits/ beside the checkpoint
+# ---- writers: <task>.json, <task>.txt and <task>.svg in circuits/ beside the checkpoint
 
 
 def location(name: str) -> str:
@@ -749,9 +740,8 @@ def circuit_svg(r: dict) -> str:
     return "\n".join(out + on_top + ["</svg>"]) + "\n"
 
 
-# -----------------------------------------------------------------------------
-# steering (paper A.4; README: Bridges): one residual read of the sparse model's circuit, pushed
-# through its bridge into the dense model it was trained beside (a --bridge_to checkpoint)
+# ---- steering (paper A.4; README: Bridges): one residual read of the sparse model's circuit,
+# pushed through its bridge into the dense model it was trained beside (a --bridge_to checkpoint)
 
 STRENGTHS = [i / 10 for i in range(11)]
 
@@ -816,8 +806,7 @@ def write_steering(base: str, r: dict):
     sparse_gpt.atomic_write(base + ".json", lambda f: f.write(json.dumps(r, indent=1).encode()))
 
 
-# -----------------------------------------------------------------------------
-# main: pick the tasks, prune them, write the circuits, summarise
+# ---- main: pick the tasks, prune them, write the circuits, summarise
 
 
 def solved_tasks(model, tokenizer, cfg) -> list[str]:
