@@ -298,6 +298,14 @@ class GPT(nn.Module):
             z = z + table[now, tok_a] - table[now, tok_b]
         return z
 
+    @torch.no_grad()
+    def generate(self, idx, n_new: int, temperature=0.8, gen=None):
+        for _ in range(n_new):
+            logits, _ = self(idx[:, -self.cfg.block_size :])
+            probs = F.softmax(logits[:, -1].float() / temperature, dim=-1)
+            idx = torch.cat([idx, torch.multinomial(probs, 1, generator=gen)], dim=1)
+        return idx
+
 
 # ---- weight sparsity (paper section 2): after every optimizer step each sparse matrix keeps its
 # ceil(density * numel) largest-magnitude entries, with a floor of min_per_neuron per neuron
@@ -408,8 +416,8 @@ def get_batch(data: np.ndarray, block_size: int, batch_size: int, gen: torch.Gen
 
 
 @torch.no_grad()
-def estimate_loss(model, fmodel, data: dict, cfg, device, autocast) -> dict:
-    """The mean loss of each split on the same eval_iters batches every time."""
+def estimate_loss(model, fmodel, data: dict, tokenizer, cfg, device, autocast) -> dict:
+    """The mean loss of each split on the same eval_iters batches every time, and a sample."""
     model.eval()
     out = {}
     with autocast:
@@ -418,8 +426,10 @@ def estimate_loss(model, fmodel, data: dict, cfg, device, autocast) -> dict:
             batches = (get_batch(arr, cfg.block_size, cfg.batch_size, gen, device)
                        for _ in range(cfg.eval_iters))
             out[split] = sum(fmodel(x, y)[1].item() for x, y in batches) / cfg.eval_iters
+        idx = torch.tensor([tokenizer.encode_ordinary("def ")], device=device)
+        idx = model.generate(idx, 48, gen=torch.Generator(device=device).manual_seed(0))
     model.train()
-    return out
+    return out | {"sample": tokenizer.decode(idx[0].tolist())}
 
 
 def train_step(model, fmodel, optimizer, x, y, autocast) -> torch.Tensor:
@@ -446,7 +456,7 @@ def train(cfg, ckpt: dict | None = None) -> list[tuple[int, float]]:
     model = GPT(cfg).to(device)
     optimizer = make_optimizer(model, cfg, device.type)
     bridged = bridge_to_dense(cfg, model, optimizer, device) if cfg.bridge_to else None
-    iter_num, best_val_loss, data, data_path, lock = start_run(
+    iter_num, best_val_loss, data, tokenizer, data_path, lock = start_run(
         cfg, ckpt, model, optimizer, device, rank, world, bridged)  # lock: rank 0's, on out_dir
     ckpt_path, autocast = os.path.join(cfg.out_dir, "ckpt.pt"), bf16_autocast(device)
     fmodel = torch.compile(model) if cfg.compile else model
@@ -487,9 +497,10 @@ def train(cfg, ckpt: dict | None = None) -> list[tuple[int, float]]:
                 t_last = now
             eval_now = rank == 0 and (iter_num % cfg.eval_interval == 0 or last)
             if eval_now:
-                out = estimate_loss(model, fmodel, data, cfg, device, autocast)
+                out = estimate_loss(model, fmodel, data, tokenizer, cfg, device, autocast)
                 best_val_loss = min(best_val_loss, out["val"])
                 print(f"eval {iter_num} | train {out['train']:.3f} | val {out['val']:.3f}")
+                print("sample: " + repr(out["sample"])[:200])
                 if bridged is not None:
                     print(evaluate_bridges(bridged, data["val"], cfg, device, autocast))
             if rank == 0 and (eval_now or stopping):  # rank 0 alone writes files
@@ -567,8 +578,8 @@ class Bridged(nn.Module):
 
 def bridge_to_dense(cfg, model: GPT, optimizer, device) -> Bridged:
     """The dense model, checked to fit, and new bridges, stepped with the sparse model (matrices
-    decayed, biases not; never projected). .dense_data: the dense run's token cache."""
-    dense, _, dcfg = load_checkpoint(cfg.bridge_to, device)
+    decayed, biases not; never projected). .dense_data: the dense run's tokens and tokenizer."""
+    dense, tokenizer, dcfg = load_checkpoint(cfg.bridge_to, device)
     why = [f"its {k} is {dcfg[k]}, this run's {cfg[k]}: pass --{k}={dcfg[k]}"
            for k in ("n_layer", "vocab_size", "block_size")  # a longer dense context is fine
            if dcfg[k] != cfg[k] and (k != "block_size" or dcfg[k] < cfg[k])]
@@ -581,7 +592,7 @@ def bridge_to_dense(cfg, model: GPT, optimizer, device) -> Bridged:
     for decay in (True, False):
         optimizer.add_param_group({"params": [p for p in params if (p.dim() == 2) == decay],
                                    "weight_decay": cfg.weight_decay * decay})
-    bridged.dense_data = dcfg.data_path
+    bridged.dense_data = dcfg.data_path, tokenizer
     return bridged
 
 
@@ -945,7 +956,7 @@ def start_run(cfg, ckpt, model, optimizer, device, rank: int, world: int, bridge
             "another --out_dir, or --overwrite=True to replace it")
     if rank > 0:  # DDP: rank 0 builds the token cache while the others wait, then they read it
         dist.barrier()
-    data_path = bridged.dense_data if bridged else prepare_data(cfg)[0]
+    data_path, tokenizer = bridged.dense_data if bridged else prepare_data(cfg)
     if rank == 0 and world > 1:
         dist.barrier()
     require(trained_on is None or os.path.basename(trained_on) == os.path.basename(data_path),
@@ -969,7 +980,7 @@ def start_run(cfg, ckpt, model, optimizer, device, rank: int, world: int, bridge
           f"(embeddings {density_at(cfg.max_iters, cfg, embed=True):g})")
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
-    return iter_num, best_val_loss, data, data_path, lock
+    return iter_num, best_val_loss, data, tokenizer, data_path, lock
 
 
 def absolute_paths(cfg) -> Config:  # so that a checkpoint resumes from any working folder
