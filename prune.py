@@ -793,7 +793,7 @@ def steer(model, bridged, tokenizer, keep, test: dict, task: str, cfg) -> dict:
 
 
 def write_steering(base: str, r: dict):
-    """Prints steer()'s table and writes it to base.json."""
+    """Prints steer()'s table; writes it to base.json and its curves to base.svg (log axis)."""
     print(f"{r['task']}: the dense model steered through {r['node']} (site {r['site']}, RMS ratio "
           f"{r['rms_ratio']:.3f}, {r['n_pairs']} test pairs): mean P(the other answer)\n"
           f"{'strength':>8}" + "".join(f"{d:>16}{'random':>10}" for d in r["directions"]))
@@ -803,7 +803,32 @@ def write_steering(base: str, r: dict):
     for d, v in r["directions"].items():
         print(f"{d}: none {v['none']:.4f}; at strength 1, x{v['steered'][-1] / v['none']:.1f} "
               f"over none, x{v['steered'][-1] / v['random'][-1]:.1f} over random")
-    sparse_gpt.atomic_write(base + ".json", lambda f: f.write(json.dumps(r, indent=1).encode()))
+    curves = [(f"{d} {k}", v[k] if k != "none" else [v[k]] * len(r["strength"]), colour, dash)
+              for (d, v), colour in zip(r["directions"].items(), ("#2b6cb0", "#c53030"))
+              for k, dash in (("steered", ""), ("random", "6 3"), ("none", "2 3"))]
+    logs = [math.log10(max(p, 1e-12)) for c in curves for p in c[1]]
+    lo, hi = math.floor(min(logs)), max(math.ceil(max(logs)), math.floor(min(logs)) + 1)
+    px = lambda s: 70 + 370 * s  # pixels
+    py = lambda p: 60 + 260 * (hi - math.log10(max(p, 1e-12))) / (hi - lo)
+    out = ['<svg xmlns="http://www.w3.org/2000/svg" width="640" height="360" font-family='
+           '"sans-serif"><rect width="100%" height="100%" fill="white"/>',
+           text(10, 22, html.escape(f"{r['task']}: the dense model steered through {r['node']}"),
+                15, extra='font-weight="bold"'),
+           text(10, 42, "mean P(the other answer) against strength (0 = none, 1 = fully patched), "
+                f"{r['n_pairs']} test pairs", colour="#555")]
+    for e in range(lo, hi + 1):
+        out += [line(70, py(10**e), 440, py(10**e), 'stroke="#e4e4e4"/>'),
+                text(64, py(10**e) + 4, f"1e{e}", colour="#888", extra='text-anchor="end"')]
+    out += [text(px(s), 340, s, colour="#888", extra='text-anchor="middle"') for s in (0, 0.5, 1)]
+    for i, (label, ps, colour, dash) in enumerate(curves):
+        points = " ".join(f"{px(s):.0f},{py(p):.1f}" for s, p in zip(r["strength"], ps))
+        out += [text(450, 60 + 16 * i, html.escape(label), colour=colour),
+                f'<polyline points="{points}" fill="none" stroke="{colour}" stroke-width="2" '
+                f'stroke-dasharray="{dash}"/>']
+    svg = "\n".join(out + ["</svg>"]) + "\n"
+    sparse_gpt.write_files_together({  # replaced together or not at all, as the circuit's files
+        base + ".json": lambda f: f.write(json.dumps(r, indent=1).encode()),
+        base + ".svg": lambda f: f.write(svg.encode())})
 
 
 # ---- main: pick the tasks, prune them, write the circuits, summarise

@@ -2814,6 +2814,7 @@ def test_steering_writes_its_curves_and_strength_zero_changes_nothing(bridged_ru
     prune.main(argv)
     r = json.loads((run / "circuits" / "single_double_quote.steer.json").read_text())
     assert r["node"].startswith("1.attn.resid_in.") and r["strength"][0] == 0 and r["n_pairs"] == 6
+    ET.parse(run / "circuits" / "single_double_quote.steer.svg")
     bridged = sg.load_bridged(str(run / "ckpt.pt"))
     tokenizer = sg.load_checkpoint(str(run / "ckpt.pt"))[1]
     pairs = tasks.for_tokenizer(tokenizer, "single_double_quote",
