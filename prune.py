@@ -47,13 +47,16 @@ DEFAULTS = dict(
     seed=0,  # mask initialisation, the shuffled-answer control, the random-set check
     seeds=2,  # searches from seeds seed, seed + 1, ...; the smallest circuit wins (README: why 2)
     steer=False,  # a bridged checkpoint: then steer its dense model through the circuit (A.4)
+    steer_node="",  # the residual read to steer, e.g. 1.attn.resid_in.37; empty = picked
     device="auto",  # auto | cpu | cuda | mps
 )
 RULES = dict(  # what each value must be (see sparse_gpt.RULES); tasks: see tasks.task_names
     ckpt=(lambda v, c: v != "", "a checkpoint file"), solved_acc=sparse_gpt.FRACTION,
     **dict.fromkeys(["k_coef", "target_loss", "heaviside_temp", "lr"], sparse_gpt.POSITIVE),
     steps=sparse_gpt.up_to(10**6), n_pairs=sparse_gpt.up_to(10**4), seeds=sparse_gpt.up_to(100),
-    mean_batches=sparse_gpt.up_to(10**4), seed=sparse_gpt.SEED, device=sparse_gpt.DEVICE)
+    mean_batches=sparse_gpt.up_to(10**4), seed=sparse_gpt.SEED, device=sparse_gpt.DEVICE,
+    steer_node=(lambda v, c: v == "" or re.fullmatch(r"\d+\.(attn|mlp)\.resid_in\.\d+", v),
+                "empty or a residual read such as 1.attn.resid_in.37"))
 LOG_EVERY = 100  # mask-training steps (or drop-pass nodes) between progress lines
 MAX_SCALE = 4.0  # the calibration may scale the logit difference by at most this much
 K_AIM = 0.5  # mask training aims k_coef at this fraction of the target loss (see train_masks)
@@ -755,15 +758,15 @@ def steer(model, bridged, tokenizer, keep, test: dict, task: str, cfg) -> dict:
     last, rows, record = test["last"], torch.arange(len(test["last"])), {}
     with hooked(model, lambda name, x: record.setdefault(name, x)):  # stores x, returns it
         model(test["idx"])
-    # at the last block's read the paper steers, the channel (of the circuit's, if any) that
-    # best separates the two prompts at the answer: |mean on a - mean on b| / std
+    # by default: at the last block's read the paper steers, the channel (of the circuit's, if
+    # any) that best separates the two prompts at the answer: |mean on a - mean on b| / std
     loc = f"{model.cfg.n_layer - 1}.{'mlp' if task == 'while_return_true' else 'attn'}.resid_in"
     v, (a, b) = record[loc][rows, last], node_spans(model)[loc]
     score = (v[0::2].mean(0) - v[1::2].mean(0)).abs() / (v.std(0) + 1e-6)
     if keep is not None and (keep[a:b] > 0).any():
         score[keep[a:b] <= 0] = -1.0
-    c = score.argmax().item()
-    site, x = 2 * int(loc.split(".")[0]) + loc.endswith("mlp.resid_in"), record[loc][..., c]
+    loc, c = (cfg.steer_node or f"{loc}.{score.argmax().item()}").rsplit(".", 1)
+    site, x = 2 * int(loc.split(".")[0]) + loc.endswith("mlp.resid_in"), record[loc][..., int(c)]
     delta = x.view(-1, 2, x.shape[1]).flip(1).reshape(x.shape) - x
     same = (last.view(-1, 2)[:, 0] == last.view(-1, 2)[:, 1]).repeat_interleave(2).float()
     gen, h_s, h_d = torch.Generator().manual_seed(cfg.seed), [], []
@@ -772,7 +775,7 @@ def steer(model, bridged, tokenizer, keep, test: dict, task: str, cfg) -> dict:
     model(batch, resids=h_s)
     bridged.dense(batch, resids=h_d)
     ratio = (h_s[site].pow(2).mean() / h_d[site].pow(2).mean()).sqrt().item()
-    row = bridged.dec[site].weight[:, c] * ratio
+    row = bridged.dec[site].weight[:, int(c)] * ratio
     other = torch.where(test["sign"] > 0, test["tok_b"], test["tok_a"])
 
     def p_other(direction, strength) -> list[float]:  # means over prompt_a rows, prompt_b rows
@@ -943,6 +946,8 @@ def main(argv):
             sys.exit(f"error: no task is solved at accuracy >= {cfg.solved_acc:.0%}; "
                      "name some with --tasks=a,b or lower --solved_acc")
     bridged = sparse_gpt.load_bridged(path, device) if cfg.steer else None
+    if cfg.steer_node and cfg.steer_node not in node_names(model):
+        sys.exit(f"error: --steer_node={cfg.steer_node} is not a node of {path}")
     model.requires_grad_(False)  # only the masks learn
     val = os.path.join(cfg_model.data_path or release_tokens(tokenizer, cfg), "val.bin")
     tokens = np.fromfile(sparse_gpt.regular(val), np.uint16) if os.path.exists(val) else []
