@@ -1243,6 +1243,19 @@ def test_core_is_the_intersection_of_the_seeds_circuits():
     assert spread["core_sufficiency"] == {"loss": loss.item(), "acc": acc}
 
 
+def test_a_looser_target_never_gives_a_larger_circuit(monkeypatch):
+    strict = search_backup_model()[2][1]
+    loose = search_backup_model("--target_loss=0.3")[2][1]
+    assert (loose["n_edges"], loose["n_nodes"]) <= (strict["n_edges"], strict["n_nodes"])
+    # even when the search at the looser target itself finds nothing, the stricter one's
+    # circuit (which reaches the looser target too) is the answer, after its own drop pass
+    search = prune.smallest_circuit
+    monkeypatch.setattr(prune, "smallest_circuit", lambda *a: None if a[4] == 0.3 else search(*a))
+    loose = search_backup_model("--target_loss=0.3")[2][1]
+    assert (loose["n_edges"], loose["n_nodes"]) <= (strict["n_edges"], strict["n_nodes"])
+    assert all(s["nodes"] is None for s in loose["seeds"].values())
+
+
 def test_calibration_scale_is_bounded_so_separation_alone_cannot_reach_zero_loss():
     data = planted_data(16)
     z = 0.1 * data["sign"]  # every pair separated, by a tiny margin
