@@ -764,23 +764,28 @@ STRENGTHS = [i / 10 for i in range(11)]
 
 @torch.no_grad()
 def steer(model, bridged, tokenizer, keep, test: dict, task: str, cfg) -> dict:
-    """Per test prompt: the channel's counterfactual delta at every token (its value under the
-    pair's other prompt minus this one's; pairs of two lengths left out) x its decoder row x
-    RMS(sparse) / RMS(dense) at the site over val text (the read is after RMSNorm, the bridge
-    before it) x a strength, added to the dense model's read -> its mean P(the other answer)."""
+    """Per test prompt: each steered channel's counterfactual delta at every token (its value
+    under the pair's other prompt minus this one's; pairs of two lengths left out) x its decoder
+    column x RMS(sparse) / RMS(dense) at the site over val text (the read is after RMSNorm, the
+    bridge before it) x a strength, added to the dense model's read -> its mean P(the other
+    answer), beside random directions of the same norms and no steering."""
     last, rows, record = test["last"], torch.arange(len(test["last"])), {}
     with hooked(model, lambda name, x: record.setdefault(name, x)):  # stores x, returns it
         model(test["idx"])
-    # by default: at the last block's read the paper steers, the channel (of the circuit's, if
-    # any) that best separates the two prompts at the answer: |mean on a - mean on b| / std
+    # at the last block's read the paper steers: the circuit's reads there, together (on our
+    # bridged model one of them alone moved nothing: README, Bridges); a circuit without one
+    # steers the channel that best separates the two prompts at the answer (|mean on a - mean
+    # on b| / std); --steer_node names a single one
     loc = f"{model.cfg.n_layer - 1}.{'mlp' if task == 'while_return_true' else 'attn'}.resid_in"
     v, (a, b) = record[loc][rows, last], node_spans(model)[loc]
+    chans = [] if keep is None else (keep[a:b] > 0).nonzero()[:, 0].tolist()
     score = (v[0::2].mean(0) - v[1::2].mean(0)).abs() / (v.std(0) + 1e-6)
-    if keep is not None and (keep[a:b] > 0).any():
-        score[keep[a:b] <= 0] = -1.0
-    loc, c = (cfg.steer_node or f"{loc}.{score.argmax().item()}").rsplit(".", 1)
-    site, x = 2 * int(loc.split(".")[0]) + loc.endswith("mlp.resid_in"), record[loc][..., int(c)]
-    delta = x.view(-1, 2, x.shape[1]).flip(1).reshape(x.shape) - x
+    chans = chans or [score.argmax().item()]
+    if cfg.steer_node:
+        loc, c = cfg.steer_node.rsplit(".", 1)
+        chans = [int(c)]
+    site, x = 2 * int(loc.split(".")[0]) + loc.endswith("mlp.resid_in"), record[loc][..., chans]
+    delta = x.view(-1, 2, *x.shape[1:]).flip(1).reshape(x.shape) - x  # (prompts, tokens, chans)
     same = (last.view(-1, 2)[:, 0] == last.view(-1, 2)[:, 1]).repeat_interleave(2).float()
     gen, h_s, h_d = torch.Generator().manual_seed(cfg.seed), [], []
     val = np.fromfile(os.path.join(bridged.cfg.data_path, "val.bin"), np.uint16)
@@ -788,21 +793,22 @@ def steer(model, bridged, tokenizer, keep, test: dict, task: str, cfg) -> dict:
     model(batch, resids=h_s)
     bridged.dense(batch, resids=h_d)
     ratio = (h_s[site].pow(2).mean() / h_d[site].pow(2).mean()).sqrt().item()
-    row = bridged.dec[site].weight[:, int(c)] * ratio
+    cols = bridged.dec[site].weight[:, chans] * ratio  # each channel's decoder column
     other = torch.where(test["sign"] > 0, test["tok_b"], test["tok_a"])
 
-    def p_other(direction, strength) -> list[float]:  # means over prompt_a rows, prompt_b rows
-        with hooked(bridged.dense, lambda name, h: h + strength * delta[..., None] * direction
+    def p_other(cols, strength) -> list[float]:  # means over prompt_a rows, prompt_b rows
+        with hooked(bridged.dense, lambda name, h: h + strength * delta @ cols.T
                     if name == loc else h):
             p = bridged.dense(test["idx"])[0][rows, last].float().softmax(-1)[rows, other] * same
         return [(p[i::2].sum() / same[i::2].sum()).item() for i in (0, 1)]
 
-    randoms = [torch.randn(len(row), generator=gen).to(row) for _ in range(5)]
-    curves = {"steered": [p_other(row, s) for s in STRENGTHS], "none": p_other(row, 0.0),
-              "random": [np.mean([p_other(r * row.norm() / r.norm(), s) for r in randoms], 0)
-                         .tolist() for s in STRENGTHS]}
+    randoms = [torch.randn(cols.shape, generator=gen).to(cols) for _ in range(5)]
+    curves = {"steered": [p_other(cols, s) for s in STRENGTHS], "none": p_other(cols, 0.0),
+              "random": [np.mean([p_other(r * cols.norm(dim=0) / r.norm(dim=0), s)
+                                  for r in randoms], 0).tolist() for s in STRENGTHS]}
     a, b = (tokenizer.decode([test[k][0].item()]) for k in ("tok_a", "tok_b"))
-    return {"task": task, "node": f"{loc}.{c}", "site": site, "rms_ratio": ratio,
+    node = f"{loc}.{chans[0]}" if len(chans) == 1 else f"{loc}.{{{','.join(map(str, chans))}}}"
+    return {"task": task, "node": node, "site": site, "rms_ratio": ratio,
             "strength": STRENGTHS, "n_pairs": int(same.sum().item()) // 2, "directions": {
                 f"{x!r} -> {y!r}": {k: v[i] if k == "none" else [p[i] for p in v]
                                 for k, v in curves.items()} for i, x, y in ((0, a, b), (1, b, a))}}

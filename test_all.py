@@ -2840,5 +2840,18 @@ def test_steering_writes_its_curves_and_strength_zero_changes_nothing(bridged_ru
         assert len(v["steered"]) == len(v["random"]) == 11
         assert v["steered"][0] == v["none"] == pytest.approx(p[i::2].mean().item(), rel=1e-6)
     assert any(v["steered"][-1] != v["none"] for v in r["directions"].values())
+    # the circuit's reads at the site are steered together, each through its own decoder column
+    model = sg.load_checkpoint(str(run / "ckpt.pt"))[0].requires_grad_(False)
+    keep, start = torch.zeros(len(prune.node_names(model))), prune.node_spans(model)[
+        "1.attn.resid_in"][0]
+    keep[[start + 3, start + 7]] = 1.0
+    cfg = sg.Config(prune.DEFAULTS, steer_node="")
+    two = prune.steer(model, bridged, tokenizer, keep, test, "single_double_quote", cfg)
+    one = prune.steer(model, bridged, tokenizer, keep, test, "single_double_quote",
+                      sg.Config(cfg, steer_node="1.attn.resid_in.3"))  # --steer_node: that one
+    assert two["node"] == "1.attn.resid_in.{3,7}" and one["node"] == "1.attn.resid_in.3"
+    assert one["directions"] != two["directions"]
+    with pytest.raises(SystemExit, match="steer_node=1.attn.resid_in.999 is not a node of"):
+        prune.main(argv + ["--steer_node=1.attn.resid_in.999"])
     with pytest.raises(SystemExit, match="has no bridges; train one with --bridge_to="):
         sg.load_bridged(dense_run)
