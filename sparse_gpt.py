@@ -969,10 +969,10 @@ def start_run(cfg, ckpt, model, optimizer, device, rank: int, world: int, bridge
         os.makedirs(cfg.out_dir, exist_ok=True)
         lock = claim_folder(cfg.out_dir)
         Path(ckpt_path + ".tmp").unlink(missing_ok=True)  # left by a killed save
-        for old in [os.path.join(cfg.out_dir, f) for f in ("circuits", "node_means.pt")]:
-            if cfg.overwrite and cfg.init_from == "scratch" and os.path.exists(old):
-                shutil.rmtree(old + ".old", ignore_errors=True)  # the replaced model's: aside
-                os.replace(old, old + ".old")
+        old = os.path.join(cfg.out_dir, "circuits")
+        if cfg.overwrite and cfg.init_from == "scratch" and os.path.exists(old):
+            shutil.rmtree(old + ".old", ignore_errors=True)  # the replaced model's: aside
+            os.replace(old, old + ".old")
         tok = Path(data_path, "tokenizer.tiktoken").read_bytes()
         atomic_write(os.path.join(cfg.out_dir, "tokenizer.tiktoken"), lambda f: f.write(tok))
     print(f"model: {cfg.n_layer} layers, d_model {cfg.d_model}, {n_weights(model) / 1e6:.2f}M "

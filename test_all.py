@@ -2185,12 +2185,10 @@ def test_scratch_run_keeps_a_trained_checkpoint_unless_told_to_overwrite(world, 
     assert snapshot(run) == before
     (run / "circuits").mkdir()
     (run / "circuits" / "for_while.json").write_text("{}")
-    (run / "node_means.pt").write_bytes(b"the old model's")
     sg.main(argv + ["--overwrite=True"])
     assert sg.read_checkpoint(str(run / "ckpt.pt"))["iter_num"] == 1
-    # the old model's circuits and node means are set aside
-    assert sorted(os.listdir(run)) == ["circuits.old", "ckpt.pt", "node_means.pt.old",
-                                       "tokenizer.tiktoken"]
+    # the old model's circuits are set aside
+    assert sorted(os.listdir(run)) == ["circuits.old", "ckpt.pt", "tokenizer.tiktoken"]
     assert (run / "circuits.old" / "for_while.json").read_text() == "{}"
 
 
