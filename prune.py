@@ -923,9 +923,10 @@ def print_summary(path: str, results: dict[str, dict]):
     print(f"\n{path}: circuits (<task>.txt and .json hold every number); test accuracy of the full "
           f"model, the circuit alone (calibrated: scale, '!' = at its bound {MAX_SCALE:g}) and the "
           "circuit ablated; control = the search on shuffled answers (nodes/edges; fail = no "
-          "circuit); seeds = the nodes of every seed's circuit, min/median/max\n"
+          "circuit); seeds = every seed's circuit: nodes and edges min/median/max, the core they "
+          "all keep (its size, its test acc alone) and their mean Jaccard overlap\n"
           f"{'task':<28}{'nodes':>6}{'edges':>7}{'full':>6}{'alone':>7}{'scale':>7}{'ablated':>8}"
-          f"{'control':>17}{'seeds':>10}")
+          f"{'control':>17}{'seeds: nodes':>13}{'edges':>10}{'core':>5}{'acc':>5}{'overlap':>8}")
     edges = []
     for name, r in results.items():
         ctrl = r.get("control")
@@ -935,12 +936,13 @@ def print_summary(path: str, results: dict[str, dict]):
         if "circuit" not in r:
             print(f"{name:<28}  no circuit reaches the target loss; control {ctrl}{unsolved}")
             continue
-        c, ch, scale = r["circuit"], r["checks"], r["calibration"]["scale"]
+        c, ch, scale, s = r["circuit"], r["checks"], r["calibration"]["scale"], r["seeds"]
         edges.append(max(c["n_edges"], 1))  # an empty circuit (the bigram table did it) counts as 1
         flag = "!" if scale > AT_BOUND * MAX_SCALE else " "
         print(f"{name:<28}{c['n_nodes']:>6}{c['n_edges']:>7}{ch['full']['acc']:>6.0%}"
               f"{ch['sufficiency']['acc']:>7.0%}{scale:>6.2f}{flag}{ch['necessity']['acc']:>8.0%}"
-              f"{ctrl:>17}{spread(r['seeds']['n_nodes']):>10}{unsolved}")
+              f"{ctrl:>17}{spread(s['n_nodes']):>13}{spread(s['n_edges']):>10}{len(s['core']):>5}"
+              f"{s['core_sufficiency']['acc']:>5.0%}{spread(s['overlap']):>8}{unsolved}")
     if edges:
         print(f"geometric mean of edges over {len(edges)} tasks: {geometric_mean(edges):.1f}")
 

@@ -1687,6 +1687,11 @@ def test_main_writes_json_txt_and_svg(planted_ckpt, capsys, tmp_path):
     # 72 nodes: one layer of d_model 8, d_mlp 8, q/k/v 8 each: 8 locations of 8 + final 8
     assert "node means: 72 nodes" in out and "accuracy >= 90% on 32 train pairs (tasks.py's table: test pairs): planted" in out
     assert "geometric mean of edges over 1 tasks: 4.0" in out  # the 4 planted edges
+    row = next(line.split() for line in out.splitlines() if line.startswith("planted "))
+    seeds = json.loads((planted_ckpt.parent / "circuits" / "planted.json").read_text())["seeds"]
+    assert row[-5:] == [prune.spread(seeds["n_nodes"]), prune.spread(seeds["n_edges"]),
+                        str(len(seeds["core"])), f"{seeds['core_sufficiency']['acc']:.0%}",
+                        prune.spread(seeds["overlap"])]  # the seeds' spread, core and overlap
     circuits = planted_ckpt.parent / "circuits"
     result = json.loads((circuits / "planted.json").read_text())
     assert sorted(result["circuit"]["nodes"]) == sorted(PLANTED)
