@@ -47,7 +47,7 @@ DEFAULTS = dict(
     seed=0,  # mask initialisation, the shuffled-answer control, the random-set check
     seeds=2,  # searches from seeds seed, seed + 1, ...; the smallest circuit wins (README: why 2)
     steer=False,  # a bridged checkpoint: then steer its dense model through the circuit (A.4)
-    steer_node="",  # the residual read to steer, e.g. 1.attn.resid_in.37; empty = picked
+    steer_node="",  # steer this read alone, e.g. 1.attn.resid_in.37; empty = the circuit's there
     device="auto",  # auto | cpu | cuda | mps
 )
 RULES = dict(  # what each value must be (see sparse_gpt.RULES); tasks: see tasks.task_names
